@@ -1,0 +1,1 @@
+"""Demand-response gateway: domain and orchestration (imports no protocol library)."""

@@ -1,0 +1,1 @@
+"""Equipment mapping files (YAML), one per equipment model."""

@@ -1,0 +1,1 @@
+"""Wire protocols and device families; the only code that imports their libraries."""
