@@ -1,0 +1,126 @@
+"""The `drgw` command line: run, demo, check-config, audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.logs import configure_logging, get_logger
+
+EXIT_CONFIG = 2
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file and say so."""
+    try:
+        load_config(args.file)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Run the simulated site through one event and print the summary."""
+    from gateway.demo import print_summary, run_demo
+
+    if args.speed <= 0:
+        print("demo: --speed must be positive", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging("warning" if not args.verbose else "info", "console" if sys.stderr.isatty() else "json")
+    res = asyncio.run(run_demo(speed=args.speed, db_url=args.db, level=args.level,
+                               duration_min=args.duration_min))
+    print_summary(res)
+    return 0 if res.released else 1
+
+
+async def _run_gateway(cfg: GatewayConfig) -> int:
+    """Run the gateway from config until SIGINT/SIGTERM, then release everything."""
+    from gateway.audit import AuditLog
+    from gateway.clock import SystemClock
+    from gateway.wiring import build_devices
+
+    log = get_logger("gateway.run")
+    clock = SystemClock()
+    audit = await AuditLog.open(cfg.audit.db_url, clock=clock, batch_max=cfg.audit.batch_max)
+    meter, battery, fleet, closers = await build_devices(cfg, clock)
+    from gateway.app import Gateway
+
+    gw = Gateway(cfg, clock, audit, meter, battery, fleet)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gw.start()
+    log.info("gateway running", site=cfg.site.name, vtn=cfg.openadr.vtn_url)
+    await stop.wait()
+    await gw.stop("signal")
+    for close in closers:
+        with contextlib.suppress(GatewayError):
+            await close()
+    await audit.close()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Load config and run the gateway."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.db:
+        cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"db_url": args.db})})
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    return asyncio.run(_run_gateway(cfg))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser for every subcommand."""
+    from gateway.audit.cli import add_audit_commands
+
+    p = argparse.ArgumentParser(prog="drgw", description="Demand-response gateway for AI factories")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+    c.set_defaults(func=_cmd_check_config)
+
+    r = sub.add_parser("run", help="run the gateway from a config file")
+    r.add_argument("--config", required=True)
+    r.add_argument("--db", help="audit database URL (overrides the config)")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="run the simulated site through one event")
+    d.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second (default 60)")
+    d.add_argument("--db", default="drgw-demo.db", help="audit database URL or SQLite path")
+    d.add_argument("--level", type=int, choices=[1, 2, 3], default=2, help="SIMPLE level of the event")
+    d.add_argument("--duration-min", type=float, default=30.0, help="event length in simulated minutes")
+    d.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log")
+    d.set_defaults(func=_cmd_demo)
+
+    add_audit_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the drgw command line and return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

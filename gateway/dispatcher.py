@@ -1,0 +1,144 @@
+"""The dispatcher: the only code that writes to equipment.
+
+It writes, reads back, audits both, renews leases, and releases everything at event end,
+cancellation and shutdown. A device fault is audited and the rest keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.clock import Clock
+from gateway.errors import DeviceError, GatewayError
+from gateway.interfaces import AuditSink, Battery, GpuFleet
+from gateway.logs import get_logger
+
+log = get_logger("gateway.dispatcher")
+
+BATTERY_DEADBAND_W = 50.0  # smaller changes are not re-sent (they are still leased)
+CAP_DEADBAND_W = 1.0
+CAP_READBACK_TOLERANCE_W = 1.0
+
+
+class Dispatcher:
+    """Applies setpoints to the battery and the GPU fleet, with read-back and leases."""
+
+    def __init__(self, battery: Battery | None, fleet: GpuFleet | None, audit: AuditSink,
+                 clock: Clock, lease_s: float) -> None:
+        self.battery = battery
+        self.fleet = fleet
+        self._audit = audit
+        self._clock = clock
+        self._lease_s = lease_s
+        self.battery_w: float | None = None  # last setpoint the battery confirmed
+        self.caps_w: dict[str, float] = {}  # last caps the fleet confirmed (only capped GPUs)
+        self._battery_sent_at = -1e18
+        self._caps_sent_at = -1e18
+        self.active = False
+        self.faults: dict[str, str] = {}
+
+    async def apply(self, battery_w: float | None, caps_w: Mapping[str, float], event_id: str | None,
+                    default_caps_w: Mapping[str, float]) -> None:
+        """Apply setpoints; re-send when changed or when half the lease has passed."""
+        self.active = True
+        now = self._clock.monotonic()
+        if self.battery is not None and battery_w is not None:
+            due = now - self._battery_sent_at >= self._lease_s / 2
+            changed = self.battery_w is None or abs(battery_w - self.battery_w) >= BATTERY_DEADBAND_W
+            if due or changed:
+                await self._set_battery(battery_w, event_id)
+        if self.fleet is not None:
+            capped = {g: c for g, c in caps_w.items()
+                      if c < default_caps_w.get(g, float("inf")) - CAP_DEADBAND_W}
+            changed_caps = {g: c for g, c in caps_w.items()
+                            if abs(c - self.caps_w.get(g, default_caps_w.get(g, c))) >= CAP_DEADBAND_W}
+            due = bool(capped) and now - self._caps_sent_at >= self._lease_s / 2
+            to_send = dict(caps_w) if due else changed_caps
+            if to_send:
+                await self._set_caps(to_send, event_id, default_caps_w)
+
+    async def _set_battery(self, power_w: float, event_id: str | None) -> None:
+        """Command the battery, read back, and audit both values."""
+        assert self.battery is not None
+        dev = self.battery.device_id
+        try:
+            readback = await self.battery.set_discharge_w(power_w, self._lease_s)
+        except DeviceError as err:
+            await self._fault(dev, "command.battery", err, event_id, {"requested_w": power_w})
+            return
+        self._battery_sent_at = self._clock.monotonic()
+        self.battery_w = readback
+        self._recovered(dev)
+        await self._audit.append("command.battery",
+                                 {"requested_w": round(power_w, 1), "readback_w": round(readback, 1),
+                                  "lease_s": self._lease_s},
+                                 event_id=event_id, device_id=dev)
+
+    async def _set_caps(self, caps_w: Mapping[str, float], event_id: str | None,
+                        default_caps_w: Mapping[str, float]) -> None:
+        """Command GPU caps in one call, audit requested against enforced."""
+        assert self.fleet is not None
+        try:
+            enforced = await self.fleet.set_caps(caps_w, self._lease_s)
+        except GatewayError as err:
+            await self._fault("gpus", "command.gpus", err, event_id, {"requested": _round(caps_w)})
+            return
+        self._caps_sent_at = self._clock.monotonic()
+        mismatched = {g: {"requested_w": round(c, 1), "enforced_w": round(enforced.get(g, float("nan")), 1)}
+                      for g, c in caps_w.items()
+                      if abs(enforced.get(g, float("inf")) - c) > CAP_READBACK_TOLERANCE_W}
+        for g, c in enforced.items():
+            if c < default_caps_w.get(g, float("inf")) - CAP_DEADBAND_W:
+                self.caps_w[g] = c
+            else:
+                self.caps_w.pop(g, None)
+        self._recovered("gpus")
+        await self._audit.append("command.gpus",
+                                 {"requested_w": _round(caps_w), "enforced_w": _round(enforced),
+                                  "lease_s": self._lease_s},
+                                 event_id=event_id, device_id="gpus")
+        if mismatched:
+            await self._audit.append("fault.readback", {"mismatched": mismatched},
+                                     event_id=event_id, device_id="gpus")
+
+    async def release(self, reason: str, event_id: str | None = None) -> None:
+        """Return every device to normal and audit the release; never raises on device faults."""
+        if self.battery is not None:
+            try:
+                await self.battery.release()
+                self.battery_w = None
+                await self._audit.append("release.battery", {"reason": reason}, event_id=event_id,
+                                         device_id=self.battery.device_id)
+            except DeviceError as err:
+                await self._fault(self.battery.device_id, "release.battery", err, event_id, {})
+        if self.fleet is not None:
+            try:
+                await self.fleet.release()
+                self.caps_w.clear()
+                await self._audit.append("release.gpus", {"reason": reason}, event_id=event_id,
+                                         device_id="gpus")
+            except GatewayError as err:
+                await self._fault("gpus", "release.gpus", err, event_id, {})
+        self.active = False
+        log.info("released", reason=reason, event_id=event_id)
+
+    async def _fault(self, device_id: str, action: str, err: Exception, event_id: str | None,
+                     extra: dict[str, Any]) -> None:
+        """Audit a device fault; log it once per change of state."""
+        if self.faults.get(device_id) != str(err):
+            log.warning("device fault", device_id=device_id, action=action, error=str(err))
+        self.faults[device_id] = str(err)
+        await self._audit.append("fault.device", {"action": action, "error": str(err),
+                                                  "error_type": type(err).__name__, **extra},
+                                 event_id=event_id, device_id=device_id)
+
+    def _recovered(self, device_id: str) -> None:
+        """Log once that a faulted device answers again."""
+        if self.faults.pop(device_id, None) is not None:
+            log.info("device recovered", device_id=device_id)
+
+
+def _round(caps: Mapping[str, float]) -> dict[str, float]:
+    """Round a caps mapping for the audit log."""
+    return {g: round(c, 1) for g, c in caps.items()}
