@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, GatewayError
@@ -107,12 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     add_audit_commands(sub)
+    bench = sub.add_parser("bench", help="measure speed targets (prints what it measured)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    _add_optional_commands(sub, bench_sub)
     return p
+
+
+def _add_optional_commands(sub: Any, bench_sub: Any) -> None:
+    """Register subcommands that live beside their protocol adapters."""
+    import importlib
+
+    for module in ("protocols.fleet.cli",):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        mod.add_commands(sub, bench_sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the drgw command line and return its exit code."""
     args = build_parser().parse_args(argv)
+    configure_logging("warning", "auto")  # to stderr; commands that run the gateway reconfigure
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -22,7 +22,7 @@ class SiteConfig(_Section):
 
 
 class AuditConfig(_Section):
-    db_url: str = "sqlite+aiosqlite:///var/lib/drgw/audit.db"
+    db_url: str = "sqlite+aiosqlite:////var/lib/drgw/audit.db"
     batch_max: int = Field(512, ge=1, le=100_000)
 
 
@@ -96,7 +96,10 @@ class GpuGroupConfig(_Section):
 
 
 class GpusConfig(_Section):
-    backend: Literal["sim", "nvml", "none"] = "sim"
+    backend: Literal["sim", "nvml", "nats", "none"] = "sim"
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = "drgw"
+    request_timeout_s: float = Field(1.0, gt=0, le=60)
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {
             "flex0": TierConfig(max_loss_fraction=0.0),

@@ -1,0 +1,144 @@
+"""The hash chain: canonical JSON, RFC 3339 timestamps and the row hash, shared by writer and verifier.
+
+``row_hash = sha256(0x00 || bytes.fromhex(prev_hash) || canonical_json(row))`` where ``row`` is
+``{seq, ts, kind, actor, event_id, device_id, data}`` exactly as stored; ``data`` enters the hash
+as its stored TEXT (a JSON string inside the row object), never re-parsed, so SQLite and
+PostgreSQL produce the same hash for the same row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from gateway.errors import AuditError
+
+GENESIS_HASH = "0" * 64
+ACTORS = frozenset({"utility", "policy", "operator", "bms", "gateway"})
+_MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One stored audit record; ``data`` is the stored canonical JSON text."""
+
+    seq: int
+    ts: str
+    kind: str
+    actor: str
+    event_id: str | None
+    device_id: str | None
+    data: str
+    prev_hash: str
+    row_hash: str
+
+    def data_obj(self) -> Any:
+        """Return ``data`` parsed from its JSON text."""
+        return json.loads(self.data)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Return the canonical UTF-8 JSON encoding of ``obj`` (sorted keys, no spaces)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def format_ts(t: datetime) -> str:
+    """Return ``t`` as RFC 3339 UTC text with microseconds, e.g. 2026-01-01T00:00:00.000000Z."""
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise AuditError(f"timestamp {t!r} is naive; the audit log needs aware UTC datetimes")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(s: str) -> datetime:
+    """Return the aware UTC datetime written by ``format_ts``."""
+    return datetime.fromisoformat(s).astimezone(UTC)
+
+
+def to_jsonable(value: Any, path: str = "data", depth: int = 0) -> Any:
+    """Return ``value`` as plain JSON types; raise AuditError naming the first value that is not."""
+    if depth > _MAX_DEPTH:
+        raise AuditError(f"{path}: nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, enum.Enum):  # before str: Opt and friends are str enums
+        return to_jsonable(value.value, path, depth + 1)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        # JSON has no NaN or infinity; keep the fact as text rather than lose the record.
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, datetime):
+        return format_ts(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            key = _json_key(k, path)
+            out[key] = to_jsonable(v, f"{path}.{key}", depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise AuditError(f"{path}: {type(value).__name__} value is not JSON-serialisable: {value!r:.80}")
+
+
+def _json_key(key: Any, path: str) -> str:
+    """Return a mapping key as a JSON object key (str); raise AuditError for other types."""
+    if isinstance(key, enum.Enum):
+        key = key.value
+    if isinstance(key, str):
+        return key
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return str(key)
+    raise AuditError(f"{path}: key {key!r:.40} of type {type(key).__name__} is not a string")
+
+
+def encode_data(data: Mapping[str, Any]) -> str:
+    """Return the canonical JSON text stored in the ``data`` column for ``data``."""
+    if not isinstance(data, Mapping):
+        raise AuditError(f"data must be a mapping, got {type(data).__name__}")
+    return canonical_json(to_jsonable(data)).decode("utf-8")
+
+
+def compute_row_hash(
+    prev_hash: str,
+    seq: int,
+    ts: str,
+    kind: str,
+    actor: str,
+    event_id: str | None,
+    device_id: str | None,
+    data: str,
+) -> str:
+    """Return the hex SHA-256 row hash chaining this row onto ``prev_hash``."""
+    row = {
+        "seq": seq,
+        "ts": ts,
+        "kind": kind,
+        "actor": actor,
+        "event_id": event_id,
+        "device_id": device_id,
+        "data": data,
+    }
+    digest = hashlib.sha256(b"\x00" + bytes.fromhex(prev_hash) + canonical_json(row))
+    return digest.hexdigest()
+
+
+def row_hash_of(row: AuditRow) -> str:
+    """Return the hash ``row`` should carry given its own ``prev_hash``."""
+    return compute_row_hash(
+        row.prev_hash, row.seq, row.ts, row.kind, row.actor, row.event_id, row.device_id, row.data
+    )

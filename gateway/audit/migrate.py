@@ -1,0 +1,163 @@
+"""Database URLs, engines and schema upgrades through Alembic (works from an installed wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gateway.errors import AuditError
+from gateway.logs import get_logger
+
+log = get_logger("gateway.audit.migrate")
+
+_SYNC_DRIVERS = {"", "pysqlite", "psycopg2", "pg8000", "psycopg2cffi"}
+_PG_LOCK_ID = 0x64726777  # "drgw": serialises concurrent upgrades on one PostgreSQL database
+
+
+def normalise_db_url(url_or_path: str | Path) -> str:
+    """Return an async SQLAlchemy URL for a URL (sqlite, postgresql) or a plain SQLite file path."""
+    raw = str(url_or_path).strip()
+    if not raw:
+        raise AuditError("empty database URL")
+    if "://" not in raw:
+        return "sqlite+aiosqlite:///" + str(Path(raw).expanduser().absolute())
+    scheme, rest = raw.split("://", 1)
+    backend, _, driver = scheme.lower().partition("+")
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend == "sqlite":
+        return f"sqlite+{'aiosqlite' if driver in _SYNC_DRIVERS else driver}://{rest}"
+    if backend == "postgresql":
+        return f"postgresql+{'asyncpg' if driver in _SYNC_DRIVERS else driver}://{rest}"
+    raise AuditError(f"unsupported database URL scheme {scheme!r}: use sqlite or postgresql")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """Return the file of a SQLite URL, or None for PostgreSQL and in-memory SQLite."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def make_engine(url_or_path: str | Path, **kwargs: Any) -> AsyncEngine:
+    """Return an async engine; SQLite gets WAL, synchronous=FULL and its parent directory created."""
+    url = normalise_db_url(url_or_path)
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise AuditError(f"cannot create directory {path.parent}: {err.strerror}") from err
+    engine = create_async_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def open_existing(db: str | Path | AsyncEngine) -> tuple[AsyncEngine, bool]:
+    """Return (engine, owned) for a database that must already exist; never creates a SQLite file."""
+    if isinstance(db, AsyncEngine):
+        return db, False
+    path = sqlite_path(normalise_db_url(db))
+    if path is not None and not path.is_file():
+        raise AuditError(f"no such database file: {path}")
+    return make_engine(db), True
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """Set the durability pragmas on every new SQLite connection."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def alembic_config(url: str) -> Config:
+    """Return an Alembic Config built in code, pointing at the installed ``migrations`` package."""
+    location = resources.files("migrations")
+    if not isinstance(location, Path):
+        raise AuditError(f"migrations package is not on a filesystem ({location!r}); install unzipped")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(location))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    """Return the newest migration revision shipped with this code."""
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise AuditError("no migrations found in the migrations package")
+    return head
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """Return the revision the database is at, or None before the first migration."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+
+
+async def upgrade(db_url: str | Path | AsyncEngine) -> None:
+    """Bring the database schema to the newest revision; back up an existing SQLite file first."""
+    own = not isinstance(db_url, AsyncEngine)
+    engine = make_engine(db_url) if not isinstance(db_url, AsyncEngine) else db_url
+    url = engine.url.render_as_string(hide_password=False)
+    try:
+        head = head_revision()
+        current = await current_revision(engine)
+        if current == head:
+            return
+        path = sqlite_path(url)
+        if path is not None:
+            await asyncio.to_thread(_backup_sqlite, path, current, head)
+        cfg = alembic_config(url)
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_LOCK_ID})"))
+            await conn.run_sync(_run_upgrade, cfg)
+        log.info("audit_schema_upgraded", from_revision=current, to_revision=head)
+    except AuditError:
+        raise
+    except (sa.exc.SQLAlchemyError, OSError, sqlite3.Error) as err:
+        raise AuditError(f"schema upgrade failed: {err}") from err
+    finally:
+        if own:
+            await engine.dispose()
+
+
+def _run_upgrade(connection: sa.Connection, cfg: Config) -> None:
+    """Run ``alembic upgrade head`` on an open synchronous connection."""
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def _backup_sqlite(path: Path, current: str | None, head: str) -> Path | None:
+    """Copy a SQLite file that already holds tables with VACUUM INTO; return the copy's path."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        n = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        if not n:
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        target = path.with_name(f"{path.name}.{current or 'base'}-to-{head}.{stamp}.bak")
+        conn.execute("VACUUM INTO ?", (str(target),))
+    finally:
+        conn.close()
+    log.info("audit_db_backed_up", path=str(path), backup=str(target))
+    return target
