@@ -11,8 +11,8 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
-from gateway.eventstore import EventStore
 from gateway.events import EventBook
+from gateway.eventstore import EventStore
 from gateway.interfaces import Battery, GpuFleet, Meter
 from gateway.logs import get_logger
 
@@ -22,8 +22,15 @@ log = get_logger("gateway.app")
 class Gateway:
     """One running gateway: VEN in, equipment out, everything audited."""
 
-    def __init__(self, cfg: GatewayConfig, clock: Clock, audit: AuditLog, meter: Meter | None,
-                 battery: Battery | None, fleet: GpuFleet | None) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        clock: Clock,
+        audit: AuditLog,
+        meter: Meter | None,
+        battery: Battery | None,
+        fleet: GpuFleet | None,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
         self.audit = audit

@@ -36,8 +36,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("demo: --speed must be positive", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging("warning" if not args.verbose else "info", "console" if sys.stderr.isatty() else "json")
-    res = asyncio.run(run_demo(speed=args.speed, db_url=args.db, level=args.level,
-                               duration_min=args.duration_min))
+    res = asyncio.run(
+        run_demo(speed=args.speed, db_url=args.db, level=args.level, duration_min=args.duration_min)
+    )
     print_summary(res)
     return 0 if res.released else 1
 
@@ -137,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":

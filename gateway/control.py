@@ -45,8 +45,17 @@ class TickRecord:
 class ControlLoop:
     """Runs the site toward the event book's target, tick by tick."""
 
-    def __init__(self, cfg: GatewayConfig, book: EventBook, meter: Meter | None, battery: Battery | None,
-                 fleet: GpuFleet | None, dispatcher: Dispatcher, audit: AuditSink, clock: Clock) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        book: EventBook,
+        meter: Meter | None,
+        battery: Battery | None,
+        fleet: GpuFleet | None,
+        dispatcher: Dispatcher,
+        audit: AuditSink,
+        clock: Clock,
+    ) -> None:
         self.cfg = cfg
         self.book = book
         self.meter = meter
@@ -70,6 +79,7 @@ class ControlLoop:
         self._last_tick_mono: float | None = None
         self._limit_w: float | None = None
         self._fresh = False
+        self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
 
     async def snapshot(self) -> Snapshot:
         """Read every device concurrently into one snapshot; a failed read becomes a fault."""
@@ -104,9 +114,37 @@ class ControlLoop:
 
         f, b, g = await asyncio.gather(meter(), battery(), gpus())
         snap = Snapshot(t=self.clock.now(), facility_w=f, battery=b, gpus=g, faults=tuple(faults))
+        await self._track_links(faults)
         self._calibrate(snap)
         self.last = snap
         return snap
+
+    async def _track_links(self, faults: list[str]) -> None:
+        """Audit and log a device read failing, and its recovery, once per change of state."""
+        now_down = {f.split(":", 1)[0]: f.split(":", 1)[1].strip() for f in faults}
+        for dev, err in now_down.items():
+            if dev not in self._down:
+                log.warning("device not answering; planning without it", device=dev, error=err)
+                await self.audit.append(
+                    "fault.device",
+                    {"action": "read", "error": err},
+                    event_id=self._event_id,
+                    device_id=self._device_id(dev),
+                )
+        for dev in set(self._down) - set(now_down):
+            log.info("device answering again", device=dev)
+            await self.audit.append(
+                "device.recovered",
+                {"down_since": self._down[dev][1]},
+                event_id=self._event_id,
+                device_id=self._device_id(dev),
+            )
+        self._down = {d: (e, self._down.get(d, (e, self.clock.now().isoformat()))[1]) for d, e in now_down.items()}
+
+    def _device_id(self, role: str) -> str:
+        """Return the device id behind a snapshot role (meter, battery, gpus)."""
+        dev = {"meter": self.meter, "battery": self.battery}.get(role)
+        return str(getattr(dev, "device_id", role))
 
     def _calibrate(self, snap: Snapshot) -> None:
         """Update each GPU's natural draw from readings taken while it was uncapped."""
@@ -114,8 +152,7 @@ class ControlLoop:
             uncapped = g.cap_w >= g.default_cap_w - 1.0 and g.gpu_id not in self.dispatcher.caps_w
             if uncapped or g.gpu_id not in self.natural_w:
                 old = self.natural_w.get(g.gpu_id)
-                self.natural_w[g.gpu_id] = g.power_w if old is None else (
-                    old + NATURAL_EWMA * (g.power_w - old))
+                self.natural_w[g.gpu_id] = g.power_w if old is None else (old + NATURAL_EWMA * (g.power_w - old))
                 if g.throughput is not None:
                     self.natural_tput[g.gpu_id] = g.throughput
         if self._event_id is None and snap.facility_w is not None:
@@ -140,9 +177,12 @@ class ControlLoop:
             return Feasibility(True, required, float("nan"), "no site snapshot yet: opting in")
         avail = planner.max_shed_w(snap.battery, snap.gpus, self.natural_w, self.ctx, ev.duration_s)
         ok = avail >= required
-        reason = (f"feasible: need {required:.0f} W, can shed {avail:.0f} W for {ev.duration_s:.0f} s"
-                  if ok else f"infeasible: need {required:.0f} W, can shed only {avail:.0f} W "
-                  f"for {ev.duration_s:.0f} s (shortfall {required - avail:.0f} W)")
+        reason = (
+            f"feasible: need {required:.0f} W, can shed {avail:.0f} W for {ev.duration_s:.0f} s"
+            if ok
+            else f"infeasible: need {required:.0f} W, can shed only {avail:.0f} W "
+            f"for {ev.duration_s:.0f} s (shortfall {required - avail:.0f} W)"
+        )
         return Feasibility(ok, required, avail, reason)
 
     async def tick(self) -> TickRecord:
@@ -172,10 +212,17 @@ class ControlLoop:
         self._limit_w = target.facility_limit_w(base)
         self._required_shed_w = max(0.0, base - self._limit_w)
         self._fresh = True  # this tick's meter reading predates the first dispatch
-        await self.audit.append("event.start", {"baseline_w": round(base, 1), "limit_w": round(self._limit_w, 1),
-                                                "target": target.kind.value, "value": target.value,
-                                                "modification_number": target.modification_number},
-                                event_id=target.event_id)
+        await self.audit.append(
+            "event.start",
+            {
+                "baseline_w": round(base, 1),
+                "limit_w": round(self._limit_w, 1),
+                "target": target.kind.value,
+                "value": target.value,
+                "modification_number": target.modification_number,
+            },
+            event_id=target.event_id,
+        )
         log.info("event active", event_id=target.event_id, baseline_w=round(base), limit_w=round(self._limit_w))
 
     async def _control(self, target: Target, snap: Snapshot, dt: float) -> None:
@@ -191,15 +238,30 @@ class ControlLoop:
         self._fresh = False
         self._required_shed_w = min(max(self._required_shed_w, 0.0), ceiling)
         p = planner.plan(self._required_shed_w, snap.battery, snap.gpus, self.natural_w, self.ctx, remaining)
-        lim = limit(p.battery_w if snap.battery else None, p.gpu_caps_w, snap.battery, snap.gpus,
-                    self.dispatcher.battery_w, self._current_caps(snap), self.cfg.limits, dt)
-        await self.audit.append("control.tick", {
-            "facility_w": None if snap.facility_w is None else round(snap.facility_w, 1),
-            "limit_w": round(limit_w, 1), "required_shed_w": round(self._required_shed_w, 1),
-            "battery_w": None if lim.battery_w is None else round(lim.battery_w, 1),
-            "gpus_capped": sum(1 for g in snap.gpus if lim.gpu_caps_w.get(g.gpu_id, g.max_cap_w) < g.max_cap_w),
-            "shortfall_w": round(p.shortfall_w, 1), "limit_notes": list(lim.notes), "faults": list(snap.faults),
-        }, event_id=target.event_id)
+        lim = limit(
+            p.battery_w if snap.battery else None,
+            p.gpu_caps_w,
+            snap.battery,
+            snap.gpus,
+            self.dispatcher.battery_w,
+            self._current_caps(snap),
+            self.cfg.limits,
+            dt,
+        )
+        await self.audit.append(
+            "control.tick",
+            {
+                "facility_w": None if snap.facility_w is None else round(snap.facility_w, 1),
+                "limit_w": round(limit_w, 1),
+                "required_shed_w": round(self._required_shed_w, 1),
+                "battery_w": None if lim.battery_w is None else round(lim.battery_w, 1),
+                "gpus_capped": sum(1 for g in snap.gpus if lim.gpu_caps_w.get(g.gpu_id, g.max_cap_w) < g.max_cap_w),
+                "shortfall_w": round(p.shortfall_w, 1),
+                "limit_notes": list(lim.notes),
+                "faults": list(snap.faults),
+            },
+            event_id=target.event_id,
+        )
         defaults = {g.gpu_id: g.default_cap_w for g in snap.gpus}
         await self.dispatcher.apply(lim.battery_w, lim.gpu_caps_w, target.event_id, defaults)
 
@@ -237,16 +299,26 @@ class ControlLoop:
                 e_shed += (base - a.facility_w) * h
             tput += a.throughput * h
             nat += a.natural_throughput * h
-        return {"battery_energy_wh": round(e_batt, 1), "facility_energy_shed_wh": round(e_shed, 1),
-                "throughput_kept_fraction": round(tput / nat, 4) if nat else 1.0}
+        return {
+            "battery_energy_wh": round(e_batt, 1),
+            "facility_energy_shed_wh": round(e_shed, 1),
+            "throughput_kept_fraction": round(tput / nat, 4) if nat else 1.0,
+        }
 
     def _record(self, snap: Snapshot) -> TickRecord:
         """Keep a bounded history of ticks."""
         tput = sum(g.throughput or 0.0 for g in snap.gpus)
         nat = sum(self.natural_tput.get(g.gpu_id, g.throughput or 0.0) for g in snap.gpus)
-        rec = TickRecord(t=snap.t, event_id=self._event_id, limit_w=self._limit_w, facility_w=snap.facility_w,
-                         battery_w=snap.battery.power_w if snap.battery else 0.0,
-                         gpu_w=sum(g.power_w for g in snap.gpus), throughput=tput, natural_throughput=nat)
+        rec = TickRecord(
+            t=snap.t,
+            event_id=self._event_id,
+            limit_w=self._limit_w,
+            facility_w=snap.facility_w,
+            battery_w=snap.battery.power_w if snap.battery else 0.0,
+            gpu_w=sum(g.power_w for g in snap.gpus),
+            throughput=tput,
+            natural_throughput=nat,
+        )
         self.records.append(rec)
         if len(self.records) > 100_000:
             del self.records[:50_000]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TextIO
 
 from gateway.app import Gateway
@@ -24,16 +24,28 @@ from gateway.simulation.site import ModelMeter
 DEMO_SITE: dict[str, Any] = {
     "site": {"name": "demo-ai-factory", "non_gpu_it_w": 15_000.0, "cooling_overhead": 0.30},
     "control": {"tick_s": 5.0, "lease_s": 60.0, "gain": 0.6},
-    "limits": {"soc_floor_pct": 20.0, "ups_reserve_pct": 5.0, "battery_ramp_w_per_s": 2_000.0,
-               "gpu_ramp_w_per_s": 50.0},
+    "limits": {
+        "soc_floor_pct": 20.0,
+        "ups_reserve_pct": 5.0,
+        "battery_ramp_w_per_s": 2_000.0,
+        "gpu_ramp_w_per_s": 50.0,
+    },
     "battery": {"device_id": "bess1", "mapping": "bess_generic", "revert_s": 60.0, "timeout_s": 1.0},
-    "gpus": {"backend": "sim", "groups": [
-        {"count": 32, "job_class": "training", "tier": "flex1", "host": "rack-a"},
-        {"count": 16, "job_class": "batch_inference", "tier": "flex2", "host": "rack-b"},
-        {"count": 16, "job_class": "decode", "tier": "flex0", "host": "rack-c"},
-    ]},
+    "gpus": {
+        "backend": "sim",
+        "groups": [
+            {"count": 32, "job_class": "training", "tier": "flex1", "host": "rack-a"},
+            {"count": 16, "job_class": "batch_inference", "tier": "flex2", "host": "rack-b"},
+            {"count": 16, "job_class": "decode", "tier": "flex0", "host": "rack-c"},
+        ],
+    },
 }
-BATTERY = {"capacity_wh": 40_000.0, "soc_pct": 80.0, "max_discharge_w": 8_000.0, "max_charge_w": 8_000.0}
+BATTERY: dict[str, Any] = {
+    "capacity_wh": 40_000.0,
+    "soc_pct": 80.0,
+    "max_discharge_w": 8_000.0,
+    "max_charge_w": 8_000.0,
+}
 
 
 @dataclass(frozen=True)
@@ -51,65 +63,144 @@ class DemoResult:
     records: list[TickRecord]
 
 
-def demo_config(db_url: str, vtn_url: str, battery_port: int) -> GatewayConfig:
+def demo_config(db_url: str, vtn_url: str, battery_port: int, battery_timeout_s: float = 1.0) -> GatewayConfig:
     """Return the demo site's config pointed at the in-process peers."""
     data = {k: dict(v) for k, v in DEMO_SITE.items()}
     data["audit"] = {"db_url": db_url}
-    data["openadr"] = {"vtn_url": vtn_url, "ven_name": "demo-ven", "opt_policy": "feasible",
-                       "registration_retry_initial_s": 0.5, "registration_retry_max_s": 5.0}
-    data["battery"] = {**data["battery"], "host": "127.0.0.1", "port": battery_port}
+    data["openadr"] = {
+        "vtn_url": vtn_url,
+        "ven_name": "demo-ven",
+        "opt_policy": "feasible",
+        "registration_retry_initial_s": 0.5,
+        "registration_retry_max_s": 5.0,
+    }
+    data["battery"] = {**data["battery"], "host": "127.0.0.1", "port": battery_port, "timeout_s": battery_timeout_s}
     return parse_config(data, "<demo>")
 
 
-async def run_demo(speed: float = 60.0, db_url: str = "drgw-demo.db", level: int = 2,
-                   duration_min: float = 30.0, lead_s: float | None = None,
-                   out: TextIO = sys.stdout) -> DemoResult:
-    """Run one SIMPLE event on the simulated site and return what was measured."""
-    from protocols.modbus import BatterySimulator, ModbusBattery, load_mapping
-    from protocols.openadr import SimVtn
+class DemoSite:
+    """The simulated site's peers and the gateway against them; an async context manager."""
 
-    clock = ScaledClock(speed)
-    vtn = SimVtn(poll_interval_s=min(1.0, max(0.2, 30.0 / speed)))
-    vtn_url = await vtn.start()
-    mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
-    bsim = BatterySimulator(mapping, clock=clock, **BATTERY)
-    port = await bsim.start()
-    cfg = demo_config(db_url, vtn_url, port)
-    fleet = SimGpuFleet(cfg.gpus, clock)
-    battery = ModbusBattery(cfg.battery.device_id, "127.0.0.1", port, cfg.battery.unit, mapping,
-                            timeout_s=cfg.battery.timeout_s, revert_s=cfg.battery.revert_s, clock=clock)
-    await battery.connect()
+    def __init__(self, speed: float = 60.0, db_url: str = "drgw-demo.db", battery_timeout_s: float = 1.0) -> None:
+        self.speed = speed
+        self.battery_timeout_s = battery_timeout_s
+        self.db_url = db_url
+        self.clock = ScaledClock(speed)
+        self.vtn: Any = None
+        self.bsim: Any = None
+        self.battery: Any = None
+        self.fleet: SimGpuFleet | None = None
+        self.audit: AuditLog | None = None
+        self.gateway: Gateway | None = None
 
-    async def gpu_w() -> float:
-        return fleet.total_power_w()
+    async def __aenter__(self) -> DemoSite:
+        """Start the VTN, the battery and GPU simulators, and the gateway."""
+        from protocols.modbus import BatterySimulator, ModbusBattery, load_mapping
+        from protocols.openadr import SimVtn
 
-    async def batt_w() -> float:
-        return bsim.power_w
+        clock = self.clock
+        # The VEN polls on the gateway's (scaled) clock: ask for a poll about every half real second.
+        self.vtn = SimVtn(poll_interval_s=max(1.0, round(self.speed / 2)))
+        vtn_url = await self.vtn.start()
+        mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
+        self.bsim = BatterySimulator(mapping, clock=clock, **BATTERY)
+        port = await self.bsim.start()
+        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s)
+        self.fleet = fleet = SimGpuFleet(cfg.gpus, clock)
+        self.battery = ModbusBattery(
+            cfg.battery.device_id,
+            "127.0.0.1",
+            port,
+            cfg.battery.unit,
+            mapping,
+            timeout_s=cfg.battery.timeout_s,
+            revert_s=cfg.battery.revert_s,
+            clock=clock,
+        )
+        await self.battery.connect()
+        bsim = self.bsim
 
-    meter = ModelMeter(gpu_w, batt_w, cfg.site.non_gpu_it_w, cfg.site.cooling_overhead, clock,
-                       disturbance_pct=3.0, disturbance_period_s=900.0)
-    audit = await AuditLog.open(cfg.audit.db_url, clock=clock)
-    gw = Gateway(cfg, clock, audit, meter, battery, fleet)
-    try:
-        await gw.start()
-        await _wait(lambda: bool(gw.ven.registered), 30.0 * speed, clock, "VEN registration")
-        lead = lead_s if lead_s is not None else max(60.0, 5.0 * speed)
-        start = clock.now() + timedelta(seconds=lead)
+        async def gpu_w() -> float:
+            return fleet.total_power_w()
+
+        async def batt_w() -> float:
+            return float(bsim.power_w)
+
+        meter = ModelMeter(
+            gpu_w,
+            batt_w,
+            cfg.site.non_gpu_it_w,
+            cfg.site.cooling_overhead,
+            clock,
+            disturbance_pct=3.0,
+            disturbance_period_s=900.0,
+        )
+        self.audit = await AuditLog.open(cfg.audit.db_url, clock=clock)
+        self.gateway = Gateway(cfg, clock, self.audit, meter, self.battery, fleet)
+        await self.gateway.start()
+        await _wait(
+            lambda: bool(self.gateway and self.gateway.ven.registered),
+            30.0 * self.speed,
+            clock,
+            "VEN registration",
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop the gateway (releasing everything), then the peers."""
+        if self.gateway is not None:
+            await self.gateway.stop("demo finished")
+        if self.audit is not None:
+            await self.audit.close()
+        if self.battery is not None:
+            await self.battery.close()
+        if self.bsim is not None:
+            await self.bsim.stop()
+        if self.vtn is not None:
+            await self.vtn.stop()
+
+    def issue_event(
+        self, level: int, duration_min: float, lead_s: float | None = None, out: TextIO | None = None
+    ) -> tuple[str, datetime, datetime]:
+        """Have the utility issue a SIMPLE event; return (event id, start, end) in simulated time."""
+        assert self.gateway is not None
+        lead = lead_s if lead_s is not None else max(60.0, 5.0 * self.speed)
+        start = self.clock.now() + timedelta(seconds=lead)
         duration_s = duration_min * 60.0
-        event_id = vtn.add_event(gw.ven.ven_id, signal="SIMPLE", value=float(level), start=start,
-                                 duration_s=duration_s)
-        print(f"utility: SIMPLE level {level} event {event_id} issued, starts {start:%H:%M:%S} "
-              f"(simulated time, x{speed:g}), lasts {duration_min:g} min", file=out)
-        await _progress(gw, clock, start + timedelta(seconds=duration_s), out)
-        await _wait(lambda: not gw.dispatcher.active, 60.0, clock, "release after event end")
-        released = not gw.dispatcher.active
-    finally:
-        await gw.stop("demo finished")
-        await audit.close()
-        await battery.close()
-        await bsim.stop()
-        await vtn.stop()
-    return _result(event_id, cfg.audit.db_url, gw, released)
+        event_id = self.vtn.add_event(
+            self.gateway.ven.ven_id, signal="SIMPLE", value=float(level), start=start, duration_s=duration_s
+        )
+        if out is not None:
+            print(
+                f"utility: SIMPLE level {level} event {event_id} issued, starts {start:%H:%M:%S} "
+                f"(simulated time, x{self.speed:g}), lasts {duration_min:g} min",
+                file=out,
+            )
+        return event_id, start, start + timedelta(seconds=duration_s)
+
+    async def run_until_released(self, end: datetime, out: TextIO | None) -> bool:
+        """Show progress until the event has ended; return whether everything was released."""
+        assert self.gateway is not None
+        await _progress(self.gateway, self.clock, end, out)
+        gw = self.gateway
+        await _wait(lambda: not gw.dispatcher.active, 60.0 * self.speed, self.clock, "release after event end")
+        return not gw.dispatcher.active
+
+
+async def run_demo(
+    speed: float = 60.0,
+    db_url: str = "drgw-demo.db",
+    level: int = 2,
+    duration_min: float = 30.0,
+    lead_s: float | None = None,
+    out: TextIO = sys.stdout,
+) -> DemoResult:
+    """Run one SIMPLE event on the simulated site and return what was measured."""
+    async with DemoSite(speed, db_url) as site:
+        event_id, _, end = site.issue_event(level, duration_min, lead_s, out)
+        released = await site.run_until_released(end, out)
+        assert site.gateway is not None and site.audit is not None
+        return _result(event_id, site.db_url, site.gateway, released)
 
 
 async def _wait(cond: Any, timeout_s: float, clock: ScaledClock, what: str) -> None:
@@ -121,7 +212,7 @@ async def _wait(cond: Any, timeout_s: float, clock: ScaledClock, what: str) -> N
         await asyncio.sleep(0.05)
 
 
-async def _progress(gw: Gateway, clock: ScaledClock, end: Any, out: TextIO) -> None:
+async def _progress(gw: Gateway, clock: ScaledClock, end: datetime, out: TextIO | None) -> None:
     """Print one progress line per simulated minute until the event has ended."""
     last = None
     while clock.now() < end + timedelta(seconds=2 * gw.cfg.control.tick_s):
@@ -133,30 +224,38 @@ async def _progress(gw: Gateway, clock: ScaledClock, end: Any, out: TextIO) -> N
         if last is not None and (r.t - last.t).total_seconds() < 60.0:
             continue
         last = r
+        if out is None:
+            continue
         state = f"event {r.event_id}" if r.event_id else "idle"
         target = f"{r.limit_w / 1000:7.1f} kW" if r.limit_w is not None else "      - "
         facility = f"{r.facility_w / 1000:7.1f} kW" if r.facility_w is not None else "   n/a "
         caps = gw.dispatcher.caps_w
-        print(f"{r.t:%H:%M:%S}  {state:<22} target {target}  facility {facility}  "
-              f"battery {r.battery_w / 1000:5.1f} kW  GPUs {r.gpu_w / 1000:5.1f} kW "
-              f"({len(caps):2d} capped)  throughput {100 * r.throughput / max(r.natural_throughput, 1e-9):5.1f} %",
-              file=out, flush=True)
+        print(
+            f"{r.t:%H:%M:%S}  {state:<22} target {target}  facility {facility}  "
+            f"battery {r.battery_w / 1000:5.1f} kW  GPUs {r.gpu_w / 1000:5.1f} kW "
+            f"({len(caps):2d} capped)  throughput {100 * r.throughput / max(r.natural_throughput, 1e-9):5.1f} %",
+            file=out,
+            flush=True,
+        )
 
 
 def _result(event_id: str, db_url: str, gw: Gateway, released: bool) -> DemoResult:
     """Summarise the event from the control loop's records."""
     recs = [r for r in gw.loop.records if r.event_id == event_id]
     acct = gw.loop.accounting(event_id)
-    settled = recs[len(recs) // 5:] or recs
+    settled = recs[len(recs) // 5 :] or recs
     facility = [r.facility_w for r in settled if r.facility_w is not None]
     limits = [r.limit_w for r in settled if r.limit_w is not None]
     return DemoResult(
-        event_id=event_id, db_url=db_url, baseline_w=gw.loop.baseline_w or 0.0,
+        event_id=event_id,
+        db_url=db_url,
+        baseline_w=gw.loop.baseline_w or 0.0,
         limit_w=sum(limits) / len(limits) if limits else 0.0,
         mean_facility_w=sum(facility) / len(facility) if facility else 0.0,
         battery_energy_wh=float(acct.get("battery_energy_wh", 0.0)),
         throughput_kept=float(acct.get("throughput_kept_fraction", 1.0)),
-        released=released, records=recs,
+        released=released,
+        records=recs,
     )
 
 
@@ -167,8 +266,11 @@ def print_summary(res: DemoResult, out: TextIO = sys.stdout) -> None:
     print(f"event                      {res.event_id}", file=out)
     print(f"baseline facility power    {res.baseline_w / 1000:8.1f} kW (metered before the event)", file=out)
     print(f"target (facility at most)  {res.limit_w / 1000:8.1f} kW", file=out)
-    print(f"measured facility (mean)   {res.mean_facility_w / 1000:8.1f} kW "
-          f"({'+' if err >= 0 else ''}{err / 1000:.2f} kW vs target, after the first fifth)", file=out)
+    print(
+        f"measured facility (mean)   {res.mean_facility_w / 1000:8.1f} kW "
+        f"({'+' if err >= 0 else ''}{err / 1000:.2f} kW vs target, after the first fifth)",
+        file=out,
+    )
     print(f"battery energy delivered   {res.battery_energy_wh / 1000:8.2f} kWh", file=out)
     print(f"GPU throughput kept        {100 * res.throughput_kept:8.1f} %", file=out)
     print(f"released at end            {'yes' if res.released else 'NO'}", file=out)

@@ -24,8 +24,9 @@ CAP_READBACK_TOLERANCE_W = 1.0
 class Dispatcher:
     """Applies setpoints to the battery and the GPU fleet, with read-back and leases."""
 
-    def __init__(self, battery: Battery | None, fleet: GpuFleet | None, audit: AuditSink,
-                 clock: Clock, lease_s: float) -> None:
+    def __init__(
+        self, battery: Battery | None, fleet: GpuFleet | None, audit: AuditSink, clock: Clock, lease_s: float
+    ) -> None:
         self.battery = battery
         self.fleet = fleet
         self._audit = audit
@@ -34,12 +35,17 @@ class Dispatcher:
         self.battery_w: float | None = None  # last setpoint the battery confirmed
         self.caps_w: dict[str, float] = {}  # last caps the fleet confirmed (only capped GPUs)
         self._battery_sent_at = -1e18
-        self._caps_sent_at = -1e18
+        self._cap_sent_at: dict[str, float] = {}  # per GPU: when its cap was last sent (lease renewal)
         self.active = False
         self.faults: dict[str, str] = {}
 
-    async def apply(self, battery_w: float | None, caps_w: Mapping[str, float], event_id: str | None,
-                    default_caps_w: Mapping[str, float]) -> None:
+    async def apply(
+        self,
+        battery_w: float | None,
+        caps_w: Mapping[str, float],
+        event_id: str | None,
+        default_caps_w: Mapping[str, float],
+    ) -> None:
         """Apply setpoints; re-send when changed or when half the lease has passed."""
         self.active = True
         now = self._clock.monotonic()
@@ -49,12 +55,17 @@ class Dispatcher:
             if due or changed:
                 await self._set_battery(battery_w, event_id)
         if self.fleet is not None:
-            capped = {g: c for g, c in caps_w.items()
-                      if c < default_caps_w.get(g, float("inf")) - CAP_DEADBAND_W}
-            changed_caps = {g: c for g, c in caps_w.items()
-                            if abs(c - self.caps_w.get(g, default_caps_w.get(g, c))) >= CAP_DEADBAND_W}
-            due = bool(capped) and now - self._caps_sent_at >= self._lease_s / 2
-            to_send = dict(caps_w) if due else changed_caps
+            half = self._lease_s / 2
+            to_send = {
+                g: c
+                for g, c in caps_w.items()
+                # changed since last confirmed, or capped and due for lease renewal
+                if abs(c - self.caps_w.get(g, default_caps_w.get(g, c))) >= CAP_DEADBAND_W
+                or (
+                    c < default_caps_w.get(g, float("inf")) - CAP_DEADBAND_W
+                    and now - self._cap_sent_at.get(g, -1e18) >= half
+                )
+            }
             if to_send:
                 await self._set_caps(to_send, event_id, default_caps_w)
 
@@ -70,13 +81,16 @@ class Dispatcher:
         self._battery_sent_at = self._clock.monotonic()
         self.battery_w = readback
         self._recovered(dev)
-        await self._audit.append("command.battery",
-                                 {"requested_w": round(power_w, 1), "readback_w": round(readback, 1),
-                                  "lease_s": self._lease_s},
-                                 event_id=event_id, device_id=dev)
+        await self._audit.append(
+            "command.battery",
+            {"requested_w": round(power_w, 1), "readback_w": round(readback, 1), "lease_s": self._lease_s},
+            event_id=event_id,
+            device_id=dev,
+        )
 
-    async def _set_caps(self, caps_w: Mapping[str, float], event_id: str | None,
-                        default_caps_w: Mapping[str, float]) -> None:
+    async def _set_caps(
+        self, caps_w: Mapping[str, float], event_id: str | None, default_caps_w: Mapping[str, float]
+    ) -> None:
         """Command GPU caps in one call, audit requested against enforced."""
         assert self.fleet is not None
         try:
@@ -84,23 +98,30 @@ class Dispatcher:
         except GatewayError as err:
             await self._fault("gpus", "command.gpus", err, event_id, {"requested": _round(caps_w)})
             return
-        self._caps_sent_at = self._clock.monotonic()
-        mismatched = {g: {"requested_w": round(c, 1), "enforced_w": round(enforced.get(g, float("nan")), 1)}
-                      for g, c in caps_w.items()
-                      if abs(enforced.get(g, float("inf")) - c) > CAP_READBACK_TOLERANCE_W}
+        sent_at = self._clock.monotonic()
+        for g in enforced:
+            self._cap_sent_at[g] = sent_at
+        mismatched = {
+            g: {"requested_w": round(c, 1), "enforced_w": round(enforced.get(g, float("nan")), 1)}
+            for g, c in caps_w.items()
+            if abs(enforced.get(g, float("inf")) - c) > CAP_READBACK_TOLERANCE_W
+        }
         for g, c in enforced.items():
             if c < default_caps_w.get(g, float("inf")) - CAP_DEADBAND_W:
                 self.caps_w[g] = c
             else:
                 self.caps_w.pop(g, None)
         self._recovered("gpus")
-        await self._audit.append("command.gpus",
-                                 {"requested_w": _round(caps_w), "enforced_w": _round(enforced),
-                                  "lease_s": self._lease_s},
-                                 event_id=event_id, device_id="gpus")
+        await self._audit.append(
+            "command.gpus",
+            {"requested_w": _round(caps_w), "enforced_w": _round(enforced), "lease_s": self._lease_s},
+            event_id=event_id,
+            device_id="gpus",
+        )
         if mismatched:
-            await self._audit.append("fault.readback", {"mismatched": mismatched},
-                                     event_id=event_id, device_id="gpus")
+            await self._audit.append(
+                "fault.readback", {"mismatched": mismatched}, event_id=event_id, device_id="gpus"
+            )
 
     async def release(self, reason: str, event_id: str | None = None) -> None:
         """Return every device to normal and audit the release; never raises on device faults."""
@@ -108,30 +129,37 @@ class Dispatcher:
             try:
                 await self.battery.release()
                 self.battery_w = None
-                await self._audit.append("release.battery", {"reason": reason}, event_id=event_id,
-                                         device_id=self.battery.device_id)
+                await self._audit.append(
+                    "release.battery", {"reason": reason}, event_id=event_id, device_id=self.battery.device_id
+                )
             except DeviceError as err:
                 await self._fault(self.battery.device_id, "release.battery", err, event_id, {})
         if self.fleet is not None:
             try:
                 await self.fleet.release()
                 self.caps_w.clear()
-                await self._audit.append("release.gpus", {"reason": reason}, event_id=event_id,
-                                         device_id="gpus")
+                self._cap_sent_at.clear()
+                await self._audit.append(
+                    "release.gpus", {"reason": reason}, event_id=event_id, device_id="gpus"
+                )
             except GatewayError as err:
                 await self._fault("gpus", "release.gpus", err, event_id, {})
         self.active = False
         log.info("released", reason=reason, event_id=event_id)
 
-    async def _fault(self, device_id: str, action: str, err: Exception, event_id: str | None,
-                     extra: dict[str, Any]) -> None:
+    async def _fault(
+        self, device_id: str, action: str, err: Exception, event_id: str | None, extra: dict[str, Any]
+    ) -> None:
         """Audit a device fault; log it once per change of state."""
         if self.faults.get(device_id) != str(err):
             log.warning("device fault", device_id=device_id, action=action, error=str(err))
         self.faults[device_id] = str(err)
-        await self._audit.append("fault.device", {"action": action, "error": str(err),
-                                                  "error_type": type(err).__name__, **extra},
-                                 event_id=event_id, device_id=device_id)
+        await self._audit.append(
+            "fault.device",
+            {"action": action, "error": str(err), "error_type": type(err).__name__, **extra},
+            event_id=event_id,
+            device_id=device_id,
+        )
 
     def _recovered(self, device_id: str) -> None:
         """Log once that a faulted device answers again."""

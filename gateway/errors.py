@@ -1,15 +1,15 @@
 """The gateway's error tree; protocol adapters translate their library's errors into it.
 
-    GatewayError
-    ├── ConfigError            bad config file: names the file, the key and the reason
-    ├── InputRejected          bad input from a peer (VTN, BMS, operator); nothing was changed
-    ├── DeviceError            equipment did not do what was asked (carries device_id)
-    │   ├── DeviceUnavailable  transport failure or timeout: the device did not answer
-    │   ├── DeviceRejected     the device answered with an error (exception code, NVML status)
-    │   ├── ReadbackMismatch   the device reports a value other than the one written
-    │   └── PermissionDenied   the gateway lacks the privilege to act (e.g. NVML without root)
-    └── AuditError             the audit log cannot be written or read
-        └── AuditIntegrityError  the chain does not verify (names the first bad row)
+GatewayError
+├── ConfigError            bad config file: names the file, the key and the reason
+├── InputRejected          bad input from a peer (VTN, BMS, operator); nothing was changed
+├── DeviceError            equipment did not do what was asked (carries device_id)
+│   ├── DeviceUnavailable  transport failure or timeout: the device did not answer
+│   ├── DeviceRejected     the device answered with an error (exception code, NVML status)
+│   ├── ReadbackMismatch   the device reports a value other than the one written
+│   └── PermissionDenied   the gateway lacks the privilege to act (e.g. NVML without root)
+└── AuditError             the audit log cannot be written or read
+    └── AuditIntegrityError  the chain does not verify (names the first bad row)
 """
 
 from __future__ import annotations

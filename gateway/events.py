@@ -84,32 +84,51 @@ class EventBook:
             if same is not None:
                 # A repeat (VTN re-send, or a restart): answer as before, act on nothing new.
                 await self._audit.append(
-                    "event.repeat", {"modification_number": ev.modification_number, "opt": same.opt.value},
-                    actor="utility", event_id=ev.event_id,
+                    "event.repeat",
+                    {"modification_number": ev.modification_number, "opt": same.opt.value},
+                    actor="utility",
+                    event_id=ev.event_id,
                 )
                 return Opt(same.opt)
             latest = await self._store.latest(ev.event_id)
             if latest is not None and latest.event.modification_number > ev.modification_number:
                 await self._audit.append(
                     "event.stale",
-                    {"modification_number": ev.modification_number,
-                     "known_modification_number": latest.event.modification_number},
-                    actor="utility", event_id=ev.event_id,
+                    {
+                        "modification_number": ev.modification_number,
+                        "known_modification_number": latest.event.modification_number,
+                    },
+                    actor="utility",
+                    event_id=ev.event_id,
                 )
-                log.warning("stale modification number", event_id=ev.event_id,
-                            modification_number=ev.modification_number)
+                log.warning(
+                    "stale modification number",
+                    event_id=ev.event_id,
+                    modification_number=ev.modification_number,
+                )
                 return Opt(latest.opt)
             opt, reason = self._decide(ev)
             await self._store.put(ev, opt, reason)
             await self._audit.append(
                 "opt.decided",
-                {"modification_number": ev.modification_number, "opt": opt.value, "reason": reason,
-                 "status": ev.status},
-                actor="policy", event_id=ev.event_id,
+                {
+                    "modification_number": ev.modification_number,
+                    "opt": opt.value,
+                    "reason": reason,
+                    "status": ev.status,
+                },
+                actor="policy",
+                event_id=ev.event_id,
             )
             self._events[ev.event_id] = (ev, opt)
-            log.info("event recorded", event_id=ev.event_id, modification_number=ev.modification_number,
-                     opt=opt.value, reason=reason, status=ev.status)
+            log.info(
+                "event recorded",
+                event_id=ev.event_id,
+                modification_number=ev.modification_number,
+                opt=opt.value,
+                reason=reason,
+                status=ev.status,
+            )
             self.changed.set()
             return opt
 
@@ -168,5 +187,8 @@ class EventBook:
 
     def active_event_ids(self, t: datetime) -> list[str]:
         """Return ids of opted-in events whose active period covers ``t``."""
-        return [ev.event_id for ev, opt in self._events.values()
-                if opt is Opt.IN and not ev.cancelled and ev.start <= t < ev.end]
+        return [
+            ev.event_id
+            for ev, opt in self._events.values()
+            if opt is Opt.IN and not ev.cancelled and ev.start <= t < ev.end
+        ]

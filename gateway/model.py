@@ -13,21 +13,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 
-class SignalName(str, enum.Enum):
+class SignalName(enum.StrEnum):
     """OpenADR 2.0b signal names the gateway understands."""
 
     SIMPLE = "SIMPLE"
     LOAD_DISPATCH = "LOAD_DISPATCH"
 
 
-class Opt(str, enum.Enum):
+class Opt(enum.StrEnum):
     """The answer to the utility for one event version."""
 
     IN = "optIn"
     OUT = "optOut"
 
 
-class TargetKind(str, enum.Enum):
+class TargetKind(enum.StrEnum):
     """How a directive expresses what the facility must do."""
 
     SHED_FRACTION = "shed_fraction"  # reduce by this fraction of the baseline

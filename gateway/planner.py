@@ -111,8 +111,9 @@ def allocate_gpu_caps(
     return caps, shed
 
 
-def _push_next(heap: list[tuple[float, int, int]], ladders: list[list[tuple[float, float, float]]],
-               i: int, k: int) -> None:
+def _push_next(
+    heap: list[tuple[float, int, int]], ladders: list[list[tuple[float, float, float]]], i: int, k: int
+) -> None:
     """Push GPU ``i``'s next ladder step with its marginal loss per watt."""
     ladder = ladders[i]
     if k + 1 >= len(ladder):
@@ -139,8 +140,13 @@ def plan(
     caps, it_shed = allocate_gpu_caps(gpus, natural_w, ctx, it_needed)
     gpu_facility = it_shed * (1.0 + ctx.cooling_overhead)
     shortfall = max(0.0, need - batt - gpu_facility)
-    return Plan(battery_w=batt if battery is not None else 0.0, gpu_caps_w=caps,
-                battery_shed_w=batt, gpu_facility_shed_w=gpu_facility, shortfall_w=shortfall)
+    return Plan(
+        battery_w=batt if battery is not None else 0.0,
+        gpu_caps_w=caps,
+        battery_shed_w=batt,
+        gpu_facility_shed_w=gpu_facility,
+        shortfall_w=shortfall,
+    )
 
 
 def max_shed_w(
@@ -151,6 +157,6 @@ def max_shed_w(
     duration_s: float,
 ) -> float:
     """Return the most facility power (W) the site can shed for ``duration_s``."""
-    return battery_available_w(battery, ctx.soc_floor_pct, duration_s) + gpu_flex_w(
-        gpus, natural_w, ctx
-    ) * (1.0 + ctx.cooling_overhead)
+    return battery_available_w(battery, ctx.soc_floor_pct, duration_s) + gpu_flex_w(gpus, natural_w, ctx) * (
+        1.0 + ctx.cooling_overhead
+    )

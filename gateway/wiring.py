@@ -15,8 +15,9 @@ from gateway.simulation.site import ModelMeter
 log = get_logger("gateway.wiring")
 
 
-async def build_devices(cfg: GatewayConfig, clock: Clock) -> tuple[
-        Meter | None, Battery | None, GpuFleet | None, list[Callable[[], Awaitable[Any]]]]:
+async def build_devices(
+    cfg: GatewayConfig, clock: Clock
+) -> tuple[Meter | None, Battery | None, GpuFleet | None, list[Callable[[], Awaitable[Any]]]]:
     """Return (meter, battery, fleet, closers) for the configured equipment."""
     closers: list[Callable[[], Awaitable[Any]]] = []
     battery: Any = None
@@ -24,8 +25,16 @@ async def build_devices(cfg: GatewayConfig, clock: Clock) -> tuple[
         from protocols.modbus import ModbusBattery, load_mapping
 
         b = cfg.battery
-        battery = ModbusBattery(b.device_id, b.host, b.port, b.unit, load_mapping(b.mapping),
-                                timeout_s=b.timeout_s, revert_s=b.revert_s, clock=clock)
+        battery = ModbusBattery(
+            b.device_id,
+            b.host,
+            b.port,
+            b.unit,
+            load_mapping(b.mapping),
+            timeout_s=b.timeout_s,
+            revert_s=b.revert_s,
+            clock=clock,
+        )
         try:
             await battery.connect()
         except GatewayError as err:

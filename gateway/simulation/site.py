@@ -18,10 +18,16 @@ class ModelMeter:
 
     device_id = "meter"
 
-    def __init__(self, gpu_power_w: Callable[[], Awaitable[float]],
-                 battery_power_w: Callable[[], Awaitable[float]], non_gpu_it_w: float,
-                 cooling_overhead: float, clock: Clock, disturbance_pct: float = 0.0,
-                 disturbance_period_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        gpu_power_w: Callable[[], Awaitable[float]],
+        battery_power_w: Callable[[], Awaitable[float]],
+        non_gpu_it_w: float,
+        cooling_overhead: float,
+        clock: Clock,
+        disturbance_pct: float = 0.0,
+        disturbance_period_s: float = 600.0,
+    ) -> None:
         self._gpu = gpu_power_w
         self._battery = battery_power_w
         self.non_gpu_it_w = non_gpu_it_w

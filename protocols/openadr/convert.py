@@ -114,7 +114,7 @@ def _signal(raw: Any, index: int, event_start: datetime, reject: _Reject) -> Sig
         raise reject(f"signal #{index} is not a mapping")
     name = raw.get("signal_name")
     try:
-        signal_name = SignalName(name)
+        signal_name = SignalName(name if isinstance(name, str) else "")
     except ValueError:
         raise reject(f"signal {name!r} is not supported") from None
     signal_type = raw.get("signal_type")

@@ -31,6 +31,11 @@ from gateway.model import DemandEvent, Opt
 from protocols.openadr.convert import to_demand_event
 from protocols.openadr.xmlguard import guarded_response_class, harden_openleadr_parser
 
+# openleadr's client module sets its logger to INFO at import (it logs every poll); the
+# application decides: keep it at WARNING unless someone asked for debug logging.
+if logging.getLogger().level > logging.DEBUG:
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+
 _log = get_logger("openadr.ven")
 _MIN_POLL_S = 1.0  # a VTN asking for PT0S must not turn the VEN into a busy loop
 _MAX_POLL_S = 86_400.0  # openleadr's own ceiling

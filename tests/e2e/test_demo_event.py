@@ -1,0 +1,107 @@
+"""End to end on the simulated site: a real VTN's event reaches the battery and the GPUs, and back.
+
+openleadr's own VTN on an ephemeral port, the battery behind a real pymodbus server, the
+simulated GPUs, and the gateway between them; the audit log must verify afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gateway.audit import event_rows, verify
+from gateway.demo import DemoSite, _result
+from gateway.model import Opt
+
+SPEED = 240.0
+
+
+async def _sample_during(site: DemoSite, until_s: float) -> tuple[float, int]:
+    """Return the highest battery setpoint and most capped GPUs seen for ``until_s`` simulated seconds."""
+    assert site.fleet is not None
+    best_setpoint, most_capped = 0.0, 0
+    t0 = site.clock.monotonic()
+    while site.clock.monotonic() - t0 < until_s:
+        best_setpoint = max(best_setpoint, float(site.bsim.setpoint_w))
+        gpus = await site.fleet.read()
+        most_capped = max(most_capped, sum(1 for g in gpus if g.cap_w < g.default_cap_w))
+        await asyncio.sleep(0.05)
+    return best_setpoint, most_capped
+
+
+async def test_event_from_vtn_to_battery_and_gpus_and_release(tmp_path: Path) -> None:
+    db = str(tmp_path / "audit.db")
+    async with DemoSite(SPEED, db) as site:
+        assert site.gateway is not None and site.fleet is not None
+        event_id, start, end = site.issue_event(level=2, duration_min=10.0, lead_s=120.0)
+        opt = await site.vtn.wait_for_response(event_id, timeout_s=20.0)
+        assert opt is Opt.IN
+        # Nothing moves before the event starts.
+        assert site.bsim.setpoint_w == 0
+        await asyncio.sleep(max(0.0, (start - site.clock.now()).total_seconds()) / SPEED)
+        best_setpoint, most_capped = await _sample_during(site, 240.0)
+        assert best_setpoint > 1000.0, "the battery's setpoint register never moved"
+        assert most_capped > 0, "no GPU cap changed"
+        released = await site.run_until_released(end, None)
+        assert released
+        res = _result(event_id, db, site.gateway, released)
+        # Facility power reaches the target: within 2 % once settled.
+        assert res.limit_w < res.baseline_w * 0.85
+        assert abs(res.mean_facility_w - res.limit_w) < 0.02 * res.limit_w
+        assert res.battery_energy_wh > 0
+        assert 0.5 < res.throughput_kept < 1.0
+        # Released: battery back to 0 W in local mode, every GPU back to its default cap.
+        await asyncio.sleep(0.2)
+        assert site.bsim.setpoint_w == 0 and site.bsim.control_mode == 0
+        assert all(g.cap_w == g.default_cap_w for g in await site.fleet.read())
+    result = await verify(db)
+    assert result.ok, result.reason
+    kinds = [r.kind for r in await event_rows(db, event_id)]
+    for kind in (
+        "event.received",
+        "opt.decided",
+        "opt.sent",
+        "event.start",
+        "command.battery",
+        "command.gpus",
+        "release.battery",
+        "release.gpus",
+        "event.end",
+    ):
+        assert kind in kinds, f"audit log lacks {kind}"
+    assert kinds.index("event.received") < kinds.index("event.start") < kinds.index("release.battery")
+
+
+async def test_battery_that_stops_answering_is_an_audited_fault_and_gpus_carry_on(tmp_path: Path) -> None:
+    db = str(tmp_path / "audit.db")
+    # Modbus timeouts are real seconds while the demo clock runs x240: keep them short here.
+    async with DemoSite(SPEED, db, battery_timeout_s=0.1) as site:
+        assert site.gateway is not None and site.fleet is not None
+        event_id, start, end = site.issue_event(level=2, duration_min=20.0, lead_s=120.0)
+        assert await site.vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
+        await asyncio.sleep(max(0.0, (start - site.clock.now()).total_seconds()) / SPEED + 0.3)
+        site.bsim.set_offline(True)
+        _, capped_while_offline = await _sample_during(site, 600.0)
+        site.bsim.set_offline(False)
+        assert capped_while_offline > 0
+        assert await site.run_until_released(end, None)
+    rows = await event_rows(db, event_id)
+    faults = [r for r in rows if r.kind == "fault.device" and r.device_id == "bess1"]
+    assert faults, "the unanswered battery was not audited as a fault"
+    assert any(r.kind == "command.gpus" for r in rows if r.seq > faults[0].seq)
+    assert (await verify(db)).ok
+
+
+async def test_event_the_site_cannot_deliver_is_opted_out_and_nothing_moves(tmp_path: Path) -> None:
+    db = str(tmp_path / "audit.db")
+    async with DemoSite(SPEED, db) as site:
+        assert site.fleet is not None
+        # Level 3 asks for 30 % of ~65 kW; battery plus tier-allowed GPU flexibility is ~19 kW.
+        event_id, start, end = site.issue_event(level=3, duration_min=10.0, lead_s=60.0)
+        assert await site.vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.OUT
+        await asyncio.sleep(max(0.0, (start - site.clock.now()).total_seconds()) / SPEED)
+        best_setpoint, most_capped = await _sample_during(site, 120.0)
+        assert best_setpoint == 0 and most_capped == 0
+    rows = await event_rows(db, event_id)
+    decided = [r.data_obj() for r in rows if r.kind == "opt.decided"]
+    assert decided and decided[0]["opt"] == "optOut" and "shortfall" in decided[0]["reason"]
