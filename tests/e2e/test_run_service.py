@@ -1,0 +1,96 @@
+"""`drgw run` as a process: it follows a real VTN's event and releases everything on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gateway.audit import event_rows, verify
+from gateway.clock import SystemClock
+from gateway.model import Opt
+from protocols.modbus import BatterySimulator
+from protocols.openadr import SimVtn
+
+CONFIG = """
+[site]
+name = "test-site"
+non_gpu_it_w = 15000.0
+cooling_overhead = 0.3
+[audit]
+db_url = "{db}"
+[openadr]
+vtn_url = "{vtn}"
+ven_name = "run-ven"
+registration_retry_initial_s = 0.2
+registration_retry_max_s = 1.0
+[control]
+tick_s = 0.5
+lease_s = 10.0
+[battery]
+port = {port}
+revert_s = 10.0
+[gpus]
+backend = "sim"
+[[gpus.groups]]
+count = 8
+job_class = "training"
+tier = "flex2"
+[logging]
+format = "json"
+"""
+
+
+async def _until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None:
+    vtn = SimVtn(poll_interval_s=1.0)
+    url = await vtn.start()
+    bsim = BatterySimulator(
+        "bess_generic",
+        capacity_wh=40_000.0,
+        soc_pct=80.0,
+        max_discharge_w=8_000.0,
+        max_charge_w=8_000.0,
+        clock=SystemClock(),
+    )
+    port = await bsim.start()
+    db = tmp_path / "audit.db"
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=port))
+    drgw = str(Path(sys.executable).parent / "drgw")
+    proc = await asyncio.create_subprocess_exec(
+        drgw, "run", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        ven_id = await vtn.wait_for_registration("run-ven", timeout_s=30.0)
+        start = datetime.now(UTC) + timedelta(seconds=3)
+        event_id = vtn.add_event(
+            ven_id, signal="LOAD_DISPATCH", signal_type="delta", value=5.0, start=start, duration_s=600.0
+        )
+        assert await vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
+        await _until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30.0)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        # Released before exit: setpoint 0, local control.
+        assert bsim.setpoint_w == 0 and bsim.control_mode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await bsim.stop()
+        await vtn.stop()
+    assert (await verify(str(db))).ok
+    rows = await event_rows(str(db), event_id)
+    kinds = [r.kind for r in rows]
+    assert "command.battery" in kinds and "release.battery" in kinds
+    release = next(r for r in rows if r.kind == "release.battery")
+    assert release.data_obj()["reason"] == "signal"
