@@ -30,7 +30,7 @@ def test_example_config_is_valid() -> None:
         ("[openadr]\nopt_policy = 'sometimes'\n", "openadr.opt_policy", "'feasible', 'always' or 'never'"),
         ("[gpus]\nbackend = 'sim'\nbogus = 1\n", "gpus.bogus", "unknown key"),
         ("[[gpus.groups]]\ncount = 2\ntier = 'flex9'\n", "gpus", "flex9"),
-        ("[openadr.simple_levels]\n\"4\" = 0.5\n", "openadr.simple_levels", "level '4'"),
+        ('[openadr.simple_levels]\n"4" = 0.5\n', "openadr.simple_levels", "level '4'"),
         ("[control\ntick_s = 1\n", "(syntax)", ""),
     ],
 )
@@ -62,7 +62,9 @@ def test_bad_config_through_the_installed_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[battery]\nunit = 'one'\n")
     drgw = Path(sys.executable).parent / "drgw"
-    proc = subprocess.run([str(drgw), "run", "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(drgw), "run", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "battery.unit" in proc.stderr and str(bad) in proc.stderr
     assert proc.stderr.count("\n") == 1  # one clear message, no traceback

@@ -16,13 +16,27 @@ from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName, Target
 T0 = datetime(2026, 7, 1, 14, 0, tzinfo=UTC)
 
 
-def _event(eid: str = "E1", mod: int = 0, level: float = 2.0, status: str = "far", priority: int = 0,
-           signal: SignalName = SignalName.SIMPLE, signal_type: str = "level",
-           test_event: bool = False) -> DemandEvent:
+def _event(
+    eid: str = "E1",
+    mod: int = 0,
+    level: float = 2.0,
+    status: str = "far",
+    priority: int = 0,
+    signal: SignalName = SignalName.SIMPLE,
+    signal_type: str = "level",
+    test_event: bool = False,
+) -> DemandEvent:
     iv = Interval(T0, 3600.0, level)
-    return DemandEvent(event_id=eid, modification_number=mod, status=status, start=T0, duration_s=3600.0,
-                       signals=(Signal(signal, signal_type, (iv,)),), priority=priority,
-                       test_event=test_event)
+    return DemandEvent(
+        event_id=eid,
+        modification_number=mod,
+        status=status,
+        start=T0,
+        duration_s=3600.0,
+        signals=(Signal(signal, signal_type, (iv,)),),
+        priority=priority,
+        test_event=test_event,
+    )
 
 
 @pytest.fixture
@@ -54,8 +68,12 @@ async def test_repeat_answers_as_before_and_restart_does_not_act_twice(env) -> N
 
 async def test_infeasible_event_opts_out_with_reason(env) -> None:  # type: ignore[no-untyped-def]
     audit, store = env
-    book = EventBook(OpenAdrConfig(), store, audit,
-                     lambda ev, b: Feasibility(False, 900.0, 100.0, "infeasible: shortfall 800 W"))
+    book = EventBook(
+        OpenAdrConfig(),
+        store,
+        audit,
+        lambda ev, b: Feasibility(False, 900.0, 100.0, "infeasible: shortfall 800 W"),
+    )
     assert await book.on_event(_event()) is Opt.OUT
     assert book.target_at(T0 + timedelta(minutes=1)) is None
     stored = await store.get("E1", 0)
@@ -86,10 +104,12 @@ async def test_directive_window_priority_and_signal_kinds(env) -> None:  # type:
     audit, store = env
     book = EventBook(OpenAdrConfig(opt_policy="always"), store, audit)
     await book.on_event(_event("LOW", priority=0, level=1.0))
-    await book.on_event(_event("HIGH", priority=1, signal=SignalName.LOAD_DISPATCH, signal_type="delta",
-                               level=5000.0))
-    await book.on_event(_event("CAP", priority=2, signal=SignalName.LOAD_DISPATCH, signal_type="setpoint",
-                               level=40_000.0))
+    await book.on_event(
+        _event("HIGH", priority=1, signal=SignalName.LOAD_DISPATCH, signal_type="delta", level=5000.0)
+    )
+    await book.on_event(
+        _event("CAP", priority=2, signal=SignalName.LOAD_DISPATCH, signal_type="setpoint", level=40_000.0)
+    )
     assert book.target_at(T0 - timedelta(seconds=1)) is None
     assert book.target_at(T0 + timedelta(hours=1)) is None
     t = book.target_at(T0)

@@ -10,8 +10,9 @@ GPU = GpuState("g0", power_w=600, cap_w=700, min_cap_w=200, max_cap_w=700, defau
 
 
 def _battery(soc: float) -> BatteryState:
-    return BatteryState("b", soc_pct=soc, power_w=0, setpoint_w=0, max_discharge_w=5000,
-                        max_charge_w=4000, capacity_wh=10_000)
+    return BatteryState(
+        "b", soc_pct=soc, power_w=0, setpoint_w=0, max_discharge_w=5000, max_charge_w=4000, capacity_wh=10_000
+    )
 
 
 def test_battery_clamped_to_device_range() -> None:

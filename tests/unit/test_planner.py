@@ -7,19 +7,37 @@ import pytest
 from gateway import gpumodel, planner
 from gateway.model import BatteryState, GpuState
 
-CTX = planner.PlanContext(tier_max_loss={"flex0": 0.0, "flex1": 0.10, "flex2": 0.25, "flex3": 0.5},
-                          cooling_overhead=0.25, soc_floor_pct=20.0)
+CTX = planner.PlanContext(
+    tier_max_loss={"flex0": 0.0, "flex1": 0.10, "flex2": 0.25, "flex3": 0.5},
+    cooling_overhead=0.25,
+    soc_floor_pct=20.0,
+)
 
 
 def _gpu(i: int, job: str = "training", tier: str = "flex1") -> GpuState:
     nat = gpumodel.job_class(job).natural_w(700.0)
-    return GpuState(gpu_id=f"g{i}", power_w=nat, cap_w=700.0, min_cap_w=200.0, max_cap_w=700.0,
-                    default_cap_w=700.0, job_class=job, tier=tier)
+    return GpuState(
+        gpu_id=f"g{i}",
+        power_w=nat,
+        cap_w=700.0,
+        min_cap_w=200.0,
+        max_cap_w=700.0,
+        default_cap_w=700.0,
+        job_class=job,
+        tier=tier,
+    )
 
 
 def _battery(soc: float = 80.0, max_w: float = 5000.0, cap_wh: float = 20_000.0) -> BatteryState:
-    return BatteryState("b", soc_pct=soc, power_w=0.0, setpoint_w=0.0, max_discharge_w=max_w,
-                        max_charge_w=max_w, capacity_wh=cap_wh)
+    return BatteryState(
+        "b",
+        soc_pct=soc,
+        power_w=0.0,
+        setpoint_w=0.0,
+        max_discharge_w=max_w,
+        max_charge_w=max_w,
+        capacity_wh=cap_wh,
+    )
 
 
 def _natural(gpus: tuple[GpuState, ...]) -> dict[str, float]:
