@@ -15,6 +15,14 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging, get_logger
 
 EXIT_CONFIG = 2
+# Modules that register their own subcommands with add_commands(sub, bench_sub).
+OPTIONAL_COMMANDS = (
+    "protocols.fleet.cli",  # drgw agent, drgw bench fleet
+    "protocols.modbus.cli",  # drgw probe modbus / opcua
+    "gateway.planning_cli",  # drgw bench allocation
+    "gateway.audit.more_cli",  # drgw audit export/report/..., drgw bench audit
+    "gateway.service_cli",  # drgw opt-out, drgw bench dispatch
+)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -119,10 +127,12 @@ def _add_optional_commands(sub: Any, bench_sub: Any) -> None:
     """Register subcommands that live beside their protocol adapters."""
     import importlib
 
-    for module in ("protocols.fleet.cli",):
+    for module in OPTIONAL_COMMANDS:
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a real missing dependency, not an absent command module
+                raise
             continue
         mod.add_commands(sub, bench_sub)
 
