@@ -43,9 +43,12 @@ class Gateway:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, with_ven: bool = True) -> None:
-        """Reconcile devices with the event book, then start the VEN and the control loop."""
-        resumed = await self.book.load(self.clock.now())
+    async def start(self, with_ven: bool = True, resume: bool = True) -> None:
+        """Reconcile devices with the event book, then start the VEN and the control loop.
+
+        ``resume=False`` (the demo's rehearsals) ignores events left open in the store.
+        """
+        resumed = await self.book.load(self.clock.now()) if resume else 0
         await self.audit.append("gateway.start", {"site": self.cfg.site.name, "open_events": resumed})
         # Reconcile before anything else: devices start from normal; the loop re-applies any
         # active event on its first tick.

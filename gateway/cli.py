@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +45,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("demo: --speed must be positive", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging("warning" if not args.verbose else "info", "console" if sys.stderr.isatty() else "json")
-    res = asyncio.run(
-        run_demo(speed=args.speed, db_url=args.db, level=args.level, duration_min=args.duration_min)
-    )
+    db = args.db or time.strftime("drgw-demo-%Y%m%d-%H%M%S.db", time.gmtime())
+    res = asyncio.run(run_demo(speed=args.speed, db_url=db, level=args.level, duration_min=args.duration_min))
     print_summary(res)
     return 0 if res.released else 1
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the simulated site through one event")
     d.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second (default 60)")
-    d.add_argument("--db", default="drgw-demo.db", help="audit database URL or SQLite path")
+    d.add_argument("--db", default=None, help="audit database URL or SQLite path (default: a new drgw-demo-<time>.db)")
     d.add_argument("--level", type=int, choices=[1, 2, 3], default=2, help="SIMPLE level of the event")
     d.add_argument("--duration-min", type=float, default=30.0, help="event length in simulated minutes")
     d.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log")

@@ -137,7 +137,7 @@ class DemoSite:
         )
         self.audit = await AuditLog.open(cfg.audit.db_url, clock=clock)
         self.gateway = Gateway(cfg, clock, self.audit, meter, self.battery, fleet)
-        await self.gateway.start()
+        await self.gateway.start(resume=False)  # a rehearsal never resumes an old rehearsal's event
         await _wait(
             lambda: bool(self.gateway and self.gateway.ven.registered),
             30.0 * self.speed,
