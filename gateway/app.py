@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from gateway import systemd
 from gateway.audit import AuditLog
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
@@ -13,8 +14,10 @@ from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
 from gateway.events import EventBook
 from gateway.eventstore import EventStore
+from gateway.health import AuditHealth, HealthReport, liveness, readiness
 from gateway.interfaces import Battery, GpuFleet, Meter
 from gateway.logs import get_logger
+from gateway.model import Opt
 
 log = get_logger("gateway.app")
 
@@ -33,17 +36,21 @@ class Gateway:
     ) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.audit = audit
+        self.audit_log = audit
+        self.audit_health = AuditHealth(audit, clock)
+        self.audit = self.audit_health  # every stage appends through the health-tracking wrapper
         self.store = EventStore(audit.engine)
-        self.dispatcher = Dispatcher(battery, fleet, audit, clock, cfg.control.lease_s)
-        self.book = EventBook(cfg.openadr, self.store, audit)
-        self.loop = ControlLoop(cfg, self.book, meter, battery, fleet, self.dispatcher, audit, clock)
+        self.dispatcher = Dispatcher(battery, fleet, self.audit, clock, cfg.control.lease_s)
+        self.book = EventBook(cfg.openadr, self.store, self.audit)
+        self.loop = ControlLoop(cfg, self.book, meter, battery, fleet, self.dispatcher, self.audit, clock)
         self.book._feasibility = self.loop.feasibility  # the loop owns the site model
         self.ven: Any = None
+        self.mgmt: Any = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
-    async def start(self, with_ven: bool = True, resume: bool = True) -> None:
+    async def start(self, with_ven: bool = True, resume: bool = True, with_mgmt: bool = True) -> None:
         """Reconcile devices with the event book, then start the VEN and the control loop.
 
         ``resume=False`` (the demo's rehearsals) ignores events left open in the store.
@@ -54,21 +61,108 @@ class Gateway:
         # active event on its first tick.
         await self.dispatcher.release("startup reconcile")
         await self.loop.snapshot()
+        if with_mgmt and self.cfg.management.enabled:
+            from protocols.mgmt import ManagementServer
+
+            m = self.cfg.management
+            self.mgmt = ManagementServer(self, m.host, m.port, m.max_body_bytes)
+            await self.mgmt.start()
         if with_ven:
             from protocols.openadr import Ven
 
             self.ven = Ven(self.cfg.openadr, self.book.on_event, self.audit, self.clock)
             await self.ven.start()
         self._task = asyncio.create_task(self.loop.run(self._stop), name="control-loop")
+        systemd.notify("READY=1\nSTATUS=gateway running")
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            self._watchdog = asyncio.create_task(self._ping_watchdog(interval), name="watchdog")
+
+    async def _ping_watchdog(self, interval_s: float) -> None:
+        """Ping systemd's watchdog from the event loop, only while the gateway is live."""
+        while not self._stop.is_set():
+            if self.liveness().ok and self._task is not None and not self._task.done():
+                systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
 
     async def stop(self, reason: str = "shutdown") -> None:
         """Stop the loop, release every actuation, stop the VEN and flush the log."""
+        systemd.notify("STOPPING=1")
         self._stop.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.loop.shutdown(reason)
         if self.ven is not None:
             await self.ven.stop()
+        if self.mgmt is not None:
+            await self.mgmt.stop()
         await self.audit.append("gateway.stop", {"reason": reason})
         log.info("gateway stopped", reason=reason)
+
+    # --- what the management endpoint and metrics read -------------------------------------
+
+    def devices_down(self) -> dict[str, str]:
+        """Return the peers (meter, battery, gpus) whose last read failed, with the error."""
+        down = getattr(self.loop, "_down", {})
+        return {role: err for role, (err, _since) in down.items()}
+
+    def vtn_ok(self) -> bool:
+        """Return whether the VTN answered a poll recently."""
+        if self.ven is None or not self.ven.registered or self.ven.last_poll_ok is None:
+            return False
+        age = (self.clock.now() - self.ven.last_poll_ok).total_seconds()
+        return age <= self.cfg.management.vtn_stale_s
+
+    def _writer_alive(self) -> bool:
+        """Return whether the audit log's writer task is running."""
+        alive = getattr(self.audit_log, "writer_alive", None)
+        if alive is not None:
+            return bool(alive)
+        writer = getattr(self.audit_log, "_writer", None)
+        return writer is not None and not writer.done()
+
+    def liveness(self) -> HealthReport:
+        """Return liveness: the audit writer runs and the database takes writes."""
+        return liveness(self.audit_health, self._writer_alive())
+
+    def readiness(self) -> HealthReport:
+        """Return readiness: liveness plus the VTN and every device answering."""
+        return readiness(
+            self.audit_health,
+            self._writer_alive(),
+            self.ven.last_poll_ok if self.ven is not None else None,
+            bool(self.ven is not None and self.ven.registered),
+            self.clock.now(),
+            self.cfg.management.vtn_stale_s,
+            self.devices_down(),
+        )
+
+    def metrics(self) -> bytes:
+        """Return Prometheus metrics."""
+        from gateway.metrics import render
+
+        return render(self)
+
+    async def operator_opt_out(self, event_id: str, reason: str, peer: str) -> dict[str, Any]:
+        """Opt out of an event on the operator's word: audited, applied at once, sent to the VTN."""
+        known = {ev.event_id: ev for ev, _ in self.book.events()}
+        ev = known.get(event_id)
+        if ev is None:
+            await self.audit.append(
+                "operator.opt_out_rejected",
+                {"reason": "unknown event", "peer": peer},
+                actor="operator",
+                event_id=event_id,
+            )
+            return {"ok": False, "error": f"event {event_id} is not known to this gateway"}
+        override = getattr(self.book, "override_opt", None)
+        if override is None:
+            return {"ok": False, "error": "operator overrides are not supported by this event book"}
+        await override(event_id, Opt.OUT, actor="operator", reason=f"{reason} (from {peer})")
+        sent = False
+        send = getattr(self.ven, "send_opt", None) if self.ven is not None else None
+        if send is not None:
+            sent = bool(await send(event_id, Opt.OUT, reason, ev.modification_number))
+        return {"ok": True, "event_id": event_id, "opt": Opt.OUT.value, "sent_to_vtn": sent}

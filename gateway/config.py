@@ -133,6 +133,14 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class ManagementConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+    vtn_stale_s: float = Field(120.0, gt=0)
+    max_body_bytes: int = Field(4096, ge=64, le=1_048_576)
+
+
 class GatewayConfig(_Section):
     site: SiteConfig = SiteConfig()
     audit: AuditConfig = AuditConfig()
@@ -142,6 +150,7 @@ class GatewayConfig(_Section):
     battery: BatteryConfig = BatteryConfig()
     gpus: GpusConfig = GpusConfig()
     logging: LoggingConfig = LoggingConfig()
+    management: ManagementConfig = ManagementConfig()
 
 
 def _key(loc: tuple[int | str, ...]) -> str:

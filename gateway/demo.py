@@ -67,6 +67,7 @@ def demo_config(db_url: str, vtn_url: str, battery_port: int, battery_timeout_s:
     """Return the demo site's config pointed at the in-process peers."""
     data = {k: dict(v) for k, v in DEMO_SITE.items()}
     data["audit"] = {"db_url": db_url}
+    data["management"] = {"port": 0}  # an ephemeral port: demos and tests run side by side
     data["openadr"] = {
         "vtn_url": vtn_url,
         "ven_name": "demo-ven",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import aiohttp
 
 from gateway.audit import event_rows, verify
 from gateway.clock import SystemClock
@@ -40,6 +44,8 @@ job_class = "training"
 tier = "flex2"
 [logging]
 format = "json"
+[management]
+port = {mgmt_port}
 """
 
 
@@ -64,7 +70,11 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
     port = await bsim.start()
     db = tmp_path / "audit.db"
     cfg = tmp_path / "gateway.toml"
-    cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=port))
+    with socket.socket() as s:  # a free port for the management endpoint
+        s.bind(("127.0.0.1", 0))
+        mgmt_port = s.getsockname()[1]
+    mgmt = f"http://127.0.0.1:{mgmt_port}"
+    cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=port, mgmt_port=mgmt_port))
     drgw = str(Path(sys.executable).parent / "drgw")
     proc = await asyncio.create_subprocess_exec(
         drgw, "run", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -77,6 +87,26 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
         )
         assert await vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
         await _until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{mgmt}/healthz") as r:
+                assert r.status == 200, await r.text()
+            async with http.get(f"{mgmt}/readyz") as r:
+                body = json.loads(await r.text())
+                assert r.status == 200, body
+                assert body["checks"]["vtn"]["ok"] and body["checks"]["devices"]["ok"]
+            async with http.get(f"{mgmt}/metrics") as r:
+                text = await r.text()
+                assert "drgw_event_active 1.0" in text
+                assert 'drgw_battery_soc_percent{device="bess1"}' in text
+                assert 'drgw_link_up{peer="battery"} 1.0' in text
+            # Bad operator input is refused with a reason, and changes nothing.
+            async with http.post(f"{mgmt}/events/{event_id}/opt-out", data=b"not json") as r:
+                assert r.status == 400 and "not JSON" in await r.text()
+            async with http.post(f"{mgmt}/events/{event_id}/opt-out", json={"reason": ""}) as r:
+                assert r.status == 400 and "reason" in await r.text()
+            async with http.post(f"{mgmt}/events/{event_id}/opt-out", data=b"x" * 10_000) as r:
+                assert r.status == 413
+        assert bsim.setpoint_w > 1000
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30.0)
         assert proc.returncode == 0, err.decode()[-2000:]

@@ -1,0 +1,118 @@
+"""Liveness and readiness of a running gateway, and the audit wrapper that feeds them.
+
+/healthz answers "is the process able to act?" (event loop turning, audit writer alive);
+/readyz also asks "is it connected to its world?" (database writable, VTN polled recently,
+devices answering). Both are computed from state the gateway already keeps; nothing here
+does I/O of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from gateway.clock import Clock
+from gateway.errors import AuditError
+from gateway.interfaces import AuditSink
+
+
+class AuditHealth:
+    """An AuditSink wrapper that counts appends by kind and remembers the last failure."""
+
+    def __init__(self, inner: AuditSink, clock: Clock) -> None:
+        self._inner = inner
+        self._clock = clock
+        self.by_kind: Counter[str] = Counter()
+        self.failures = 0
+        self.last_ok: datetime | None = None
+        self.last_error: str | None = None
+        self.last_seq = 0
+
+    async def append(
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        *,
+        actor: str = "gateway",
+        event_id: str | None = None,
+        device_id: str | None = None,
+    ) -> int:
+        """Append through the wrapped log; record the outcome."""
+        try:
+            seq = await self._inner.append(kind, data, actor=actor, event_id=event_id, device_id=device_id)
+        except AuditError as err:
+            self.failures += 1
+            self.last_error = str(err)
+            raise
+        self.by_kind[kind] += 1
+        self.last_ok = self._clock.now()
+        self.last_error = None
+        self.last_seq = seq
+        return seq
+
+    @property
+    def writable(self) -> bool:
+        """Return whether the last append succeeded."""
+        return self.last_error is None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health check's outcome."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """The outcome of every check; ready only when all pass."""
+
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Return whether every check passed."""
+        return all(c.ok for c in self.checks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view."""
+        return {"ok": self.ok, "checks": {k: {"ok": c.ok, "detail": c.detail} for k, c in self.checks.items()}}
+
+
+def liveness(audit: AuditHealth, writer_alive: bool) -> HealthReport:
+    """Return whether the process can still act and record what it does."""
+    return HealthReport(
+        {
+            "audit_writer": Check(writer_alive, "running" if writer_alive else "stopped"),
+            "database_writable": Check(audit.writable, audit.last_error or "last append committed"),
+        }
+    )
+
+
+def readiness(
+    audit: AuditHealth,
+    writer_alive: bool,
+    vtn_last_poll: datetime | None,
+    vtn_registered: bool,
+    now: datetime,
+    vtn_stale_s: float,
+    devices_down: Mapping[str, str],
+) -> HealthReport:
+    """Return whether the gateway is connected to its database, its VTN and its devices."""
+    checks = dict(liveness(audit, writer_alive).checks)
+    if not vtn_registered:
+        checks["vtn"] = Check(False, "not registered with the VTN")
+    elif vtn_last_poll is None:
+        checks["vtn"] = Check(False, "registered, no successful poll yet")
+    else:
+        age = (now - vtn_last_poll).total_seconds()
+        checks["vtn"] = Check(age <= vtn_stale_s, f"last poll answered {age:.0f} s ago (limit {vtn_stale_s:.0f} s)")
+    checks["devices"] = Check(
+        not devices_down,
+        "all answering" if not devices_down else "; ".join(f"{d}: {e}" for d, e in sorted(devices_down.items())),
+    )
+    return HealthReport(checks)

@@ -1,0 +1,82 @@
+"""Prometheus metrics, computed at scrape time from the running gateway's state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+class GatewayCollector(Collector):
+    """Reads the gateway's state on each scrape; keeps no copies of its own."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Yield every metric family."""
+        gw = self.gw
+        loop = gw.loop
+        rec = loop.records[-1] if loop.records else None
+        snap = loop.last
+        active = GaugeMetricFamily("drgw_event_active", "1 while a demand-response event is being delivered")
+        active.add_metric([], 1.0 if rec is not None and rec.event_id else 0.0)
+        yield active
+        target = GaugeMetricFamily("drgw_facility_target_watts", "facility power the active event allows (NaN idle)")
+        target.add_metric([], rec.limit_w if rec is not None and rec.limit_w is not None else float("nan"))
+        yield target
+        facility = GaugeMetricFamily("drgw_facility_power_watts", "facility import power, last reading")
+        facility.add_metric([], snap.facility_w if snap is not None and snap.facility_w is not None else float("nan"))
+        yield facility
+        baseline = GaugeMetricFamily("drgw_facility_baseline_watts", "facility baseline (meter-before)")
+        baseline.add_metric([], loop.baseline_w if loop.baseline_w is not None else float("nan"))
+        yield baseline
+        soc = GaugeMetricFamily("drgw_battery_soc_percent", "battery state of charge", labels=["device"])
+        bpower = GaugeMetricFamily("drgw_battery_power_watts", "battery power, + discharging", labels=["device"])
+        if snap is not None and snap.battery is not None:
+            soc.add_metric([snap.battery.device_id], snap.battery.soc_pct)
+            bpower.add_metric([snap.battery.device_id], snap.battery.power_w)
+        yield soc
+        yield bpower
+        caps = GaugeMetricFamily("drgw_gpu_cap_watts", "GPU power cap", labels=["gpu", "host"])
+        gpow = GaugeMetricFamily("drgw_gpu_power_watts", "GPU power draw", labels=["gpu", "host"])
+        for g in snap.gpus if snap is not None else ():
+            caps.add_metric([g.gpu_id, g.host], g.cap_w)
+            gpow.add_metric([g.gpu_id, g.host], g.power_w)
+        yield caps
+        yield gpow
+        capped = GaugeMetricFamily("drgw_gpus_capped", "GPUs held below their default limit")
+        capped.add_metric([], float(len(gw.dispatcher.caps_w)))
+        yield capped
+        commands = CounterMetricFamily("drgw_commands", "device commands by result", labels=["device", "result"])
+        by_kind = gw.audit_health.by_kind
+        commands.add_metric(["battery", "ok"], by_kind.get("command.battery", 0))
+        commands.add_metric(["gpus", "ok"], by_kind.get("command.gpus", 0))
+        commands.add_metric(["any", "fault"], by_kind.get("fault.device", 0))
+        commands.add_metric(["gpus", "readback_mismatch"], by_kind.get("fault.readback", 0))
+        yield commands
+        head = GaugeMetricFamily("drgw_audit_head_seq", "sequence number of the newest committed audit row")
+        head.add_metric([], float(gw.audit_health.last_seq))
+        yield head
+        failures = CounterMetricFamily("drgw_audit_failures", "audit appends that failed to commit")
+        failures.add_metric([], gw.audit_health.failures)
+        yield failures
+        links = GaugeMetricFamily("drgw_link_up", "1 when a peer answers, 0 when it does not", labels=["peer"])
+        down = gw.devices_down()
+        for peer in ("meter", "battery", "gpus"):
+            links.add_metric([peer], 0.0 if peer in down else 1.0)
+        links.add_metric(["vtn"], 1.0 if gw.vtn_ok() else 0.0)
+        yield links
+
+
+def render(gw: Gateway) -> bytes:
+    """Return the Prometheus text exposition of the gateway's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gw))
+    return generate_latest(registry)
