@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from gateway import systemd
@@ -17,7 +18,7 @@ from gateway.eventstore import EventStore
 from gateway.health import AuditHealth, HealthReport, liveness, readiness
 from gateway.interfaces import Battery, GpuFleet, Meter
 from gateway.logs import get_logger
-from gateway.model import Opt
+from gateway.model import DemandEvent, Opt
 
 log = get_logger("gateway.app")
 
@@ -49,6 +50,8 @@ class Gateway:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # Called with each event version as the VEN hands it over, before the book decides.
+        self.event_hooks: list[Callable[[DemandEvent], None]] = []
 
     async def start(self, with_ven: bool = True, resume: bool = True, with_mgmt: bool = True) -> None:
         """Reconcile devices with the event book, then start the VEN and the control loop.
@@ -70,13 +73,19 @@ class Gateway:
         if with_ven:
             from protocols.openadr import Ven
 
-            self.ven = Ven(self.cfg.openadr, self.book.on_event, self.audit, self.clock)
+            self.ven = Ven(self.cfg.openadr, self._on_event, self.audit, self.clock)
             await self.ven.start()
         self._task = asyncio.create_task(self.loop.run(self._stop), name="control-loop")
         systemd.notify("READY=1\nSTATUS=gateway running")
         interval = systemd.watchdog_interval_s()
         if interval:
             self._watchdog = asyncio.create_task(self._ping_watchdog(interval), name="watchdog")
+
+    async def _on_event(self, ev: DemandEvent) -> Opt:
+        """Hand one event version from the VEN to the event book."""
+        for hook in self.event_hooks:
+            hook(ev)
+        return await self.book.on_event(ev)
 
     async def _ping_watchdog(self, interval_s: float) -> None:
         """Ping systemd's watchdog from the event loop, only while the gateway is live."""

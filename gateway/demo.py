@@ -63,7 +63,13 @@ class DemoResult:
     records: list[TickRecord]
 
 
-def demo_config(db_url: str, vtn_url: str, battery_port: int, battery_timeout_s: float = 1.0) -> GatewayConfig:
+def demo_config(
+    db_url: str,
+    vtn_url: str,
+    battery_port: int,
+    battery_timeout_s: float = 1.0,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> GatewayConfig:
     """Return the demo site's config pointed at the in-process peers."""
     data = {k: dict(v) for k, v in DEMO_SITE.items()}
     data["audit"] = {"db_url": db_url}
@@ -76,14 +82,23 @@ def demo_config(db_url: str, vtn_url: str, battery_port: int, battery_timeout_s:
         "registration_retry_max_s": 5.0,
     }
     data["battery"] = {**data["battery"], "host": "127.0.0.1", "port": battery_port, "timeout_s": battery_timeout_s}
+    for section, values in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **values}
     return parse_config(data, "<demo>")
 
 
 class DemoSite:
     """The simulated site's peers and the gateway against them; an async context manager."""
 
-    def __init__(self, speed: float = 60.0, db_url: str = "drgw-demo.db", battery_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        speed: float = 60.0,
+        db_url: str = "drgw-demo.db",
+        battery_timeout_s: float = 1.0,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.speed = speed
+        self.overrides = overrides or {}
         self.battery_timeout_s = battery_timeout_s
         self.db_url = db_url
         self.clock = ScaledClock(speed)
@@ -106,7 +121,7 @@ class DemoSite:
         mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
         self.bsim = BatterySimulator(mapping, clock=clock, **BATTERY)
         port = await self.bsim.start()
-        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s)
+        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s, self.overrides)
         self.fleet = fleet = SimGpuFleet(cfg.gpus, clock)
         self.battery = ModbusBattery(
             cfg.battery.device_id,

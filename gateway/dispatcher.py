@@ -6,6 +6,7 @@ cancellation and shutdown. A device fault is audited and the rest keeps working.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,11 +50,12 @@ class Dispatcher:
         """Apply setpoints; re-send when changed or when half the lease has passed."""
         self.active = True
         now = self._clock.monotonic()
+        jobs = []  # battery and GPUs are independent devices: command them concurrently
         if self.battery is not None and battery_w is not None:
             due = now - self._battery_sent_at >= self._lease_s / 2
             changed = self.battery_w is None or abs(battery_w - self.battery_w) >= BATTERY_DEADBAND_W
             if due or changed:
-                await self._set_battery(battery_w, event_id)
+                jobs.append(self._set_battery(battery_w, event_id))
         if self.fleet is not None:
             half = self._lease_s / 2
             to_send = {
@@ -67,7 +69,9 @@ class Dispatcher:
                 )
             }
             if to_send:
-                await self._set_caps(to_send, event_id, default_caps_w)
+                jobs.append(self._set_caps(to_send, event_id, default_caps_w))
+        if jobs:
+            await asyncio.gather(*jobs)
 
     async def _set_battery(self, power_w: float, event_id: str | None) -> None:
         """Command the battery, read back, and audit both values."""

@@ -9,7 +9,7 @@ does I/O of its own.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,6 +30,8 @@ class AuditHealth:
         self.last_ok: datetime | None = None
         self.last_error: str | None = None
         self.last_seq = 0
+        # Called after each committed append with (kind, event_id, data); benchmarks and metrics listen.
+        self.observers: list[Callable[[str, str | None, Mapping[str, Any]], None]] = []
 
     async def append(
         self,
@@ -51,6 +53,8 @@ class AuditHealth:
         self.last_ok = self._clock.now()
         self.last_error = None
         self.last_seq = seq
+        for observe in self.observers:
+            observe(kind, event_id, data)
         return seq
 
     @property
