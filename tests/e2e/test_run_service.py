@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -76,8 +77,13 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
     mgmt = f"http://127.0.0.1:{mgmt_port}"
     cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=port, mgmt_port=mgmt_port))
     drgw = str(Path(sys.executable).parent / "drgw")
+    # Stand in for systemd: a notify socket, and a watchdog asking for a ping every 0.5 s.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     proc = await asyncio.create_subprocess_exec(
-        drgw, "run", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        drgw, "run", "--config", str(cfg), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         ven_id = await vtn.wait_for_registration("run-ven", timeout_s=30.0)
@@ -118,6 +124,16 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
             await proc.wait()
         await bsim.stop()
         await vtn.stop()
+    messages = []
+    while True:
+        try:
+            messages.append(notify.recv(4096).decode())
+        except BlockingIOError:
+            break
+    notify.close()
+    assert messages[0].startswith("READY=1"), messages
+    assert "WATCHDOG=1" in messages[1:-1], messages
+    assert messages[-1] == "STOPPING=1", messages
     assert (await verify(str(db))).ok
     rows = await event_rows(str(db), event_id)
     kinds = [r.kind for r in rows]
