@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,17 @@ class SiteConfig(_Section):
 class AuditConfig(_Section):
     db_url: str = "sqlite+aiosqlite:////var/lib/drgw/audit.db"
     batch_max: int = Field(512, ge=1, le=100_000)
+    signing_key: str | None = None  # Ed25519 private key (PEM) for checkpoints; kept outside the database
+    checkpoint_interval_s: float = Field(300.0, gt=0, le=86_400)
+    checkpoint_dir: str | None = None  # every checkpoint is also written here (ship it off the box)
+    baseline: str = Field("10-of-10", pattern=r"^(meter-before-after|[1-9][0-9]?-of-[1-9][0-9]?)$")
+
+    @field_validator("baseline")
+    @classmethod
+    def _x_of_y(cls, v: str) -> str:
+        if v != "meter-before-after" and int(v.split("-of-")[0]) > int(v.split("-of-")[1]):
+            raise ValueError(f"baseline {v!r}: X must not exceed Y in X-of-Y")
+        return v
 
 
 class OpenAdrConfig(_Section):
@@ -37,6 +49,34 @@ class OpenAdrConfig(_Section):
     registration_retry_initial_s: float = Field(1.0, gt=0)
     registration_retry_max_s: float = Field(300.0, gt=0)
     act_on_test_events: bool = False
+    # Which events are this VEN's (2.0b rules 22 and 48); an empty list accepts any value.
+    market_contexts: list[str] = Field(default_factory=list)
+    resource_ids: list[str] = Field(default_factory=list)
+    group_ids: list[str] = Field(default_factory=list)
+    party_ids: list[str] = Field(default_factory=list)
+    # Price signals: SIMPLE level -> lowest price at which it applies (empty: price signal not supported).
+    price_levels: dict[str, float] = Field(default_factory=dict)  # signalType price, currency/kWh
+    price_relative_levels: dict[str, float] = Field(default_factory=dict)  # signalType priceRelative
+    price_multiplier_levels: dict[str, float] = Field(default_factory=dict)  # signalType priceMultiplier
+    poll_interval_s: float = Field(10.0, gt=0, le=86_400)
+    min_poll_interval_s: float = Field(1.0, gt=0, le=86_400)
+    request_timeout_s: float = Field(10.0, gt=0, le=300)
+    # TLS and XML signatures.
+    client_cert: str | None = None
+    client_key: str | None = None
+    client_key_passphrase: str | None = None
+    ca_file: str | None = None
+    check_hostname: bool = True
+    ciphers: str | None = None
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = "1.2"
+    vtn_tls_fingerprint: str | None = None
+    vtn_fingerprint: str | None = None
+    sign_messages: bool = True
+    max_clock_skew_s: float = Field(5.0, gt=0)
+    # Reports.
+    report_min_period_s: float = Field(1.0, gt=0)
+    report_max_period_s: float = Field(3600.0, gt=0)
+    history_s: float = Field(7 * 86_400.0, gt=0)
 
     @field_validator("simple_levels")
     @classmethod
@@ -48,11 +88,31 @@ class OpenAdrConfig(_Section):
                 raise ValueError(f"level {level}: shed fraction {frac} is outside 0..1")
         return v
 
+    @field_validator("price_levels", "price_relative_levels", "price_multiplier_levels")
+    @classmethod
+    def _price_levels(cls, v: dict[str, float]) -> dict[str, float]:
+        for level in v:
+            if level not in {"1", "2", "3"}:
+                raise ValueError(f"level {level!r} is not one of 1, 2, 3")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> OpenAdrConfig:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if self.min_poll_interval_s > self.poll_interval_s:
+            raise ValueError(f"min_poll_interval_s {self.min_poll_interval_s} exceeds poll_interval_s")
+        if self.report_min_period_s > self.report_max_period_s:
+            raise ValueError("report_min_period_s exceeds report_max_period_s")
+        return self
+
 
 class ControlConfig(_Section):
     tick_s: float = Field(1.0, gt=0, le=60)
     lease_s: float = Field(30.0, gt=0, le=3600)
     gain: float = Field(0.6, gt=0, le=1)
+    ramp_up_s: float = Field(0.0, ge=0, le=86_400)  # default ramp into an event that names none (ends at start)
+    recovery_s: float = Field(0.0, ge=0, le=86_400)  # default ramp back to normal after an event that names none
 
 
 class LimitsConfig(_Section):
@@ -62,6 +122,7 @@ class LimitsConfig(_Section):
     battery_ramp_w_per_s: float = Field(1e12, gt=0)
     gpu_ramp_w_per_s: float = Field(1e12, gt=0)
     gpu_min_cap_fraction: float = Field(0.0, ge=0, le=1)
+    facility_ramp_w_per_s: float = Field(1e12, gt=0)  # fastest change of the total planned shed
 
 
 class BatteryConfig(_Section):
@@ -77,6 +138,14 @@ class BatteryConfig(_Section):
 
 class TierConfig(_Section):
     max_loss_fraction: float = Field(ge=0, le=1)
+    weight: float = Field(1.0, gt=0, le=1e6)  # value of this tier's throughput in the planner's objective
+
+
+class PlanningConfig(_Section):
+    battery_policy: Literal["deepest", "spread"] = "deepest"
+    tier_budget: Literal["event", "instant"] = "event"
+    tier_burst_factor: float = Field(2.0, ge=1, le=100)
+    tier_budget_margin: float = Field(0.02, ge=0, lt=1)
 
 
 class GpuGroupConfig(_Section):
@@ -141,6 +210,75 @@ class ManagementConfig(_Section):
     max_body_bytes: int = Field(4096, ge=64, le=1_048_576)
 
 
+class OpcuaClientConfig(_Section):
+    url: str = "opc.tcp://127.0.0.1:4840"
+    node_map: str = "opcua_substation"
+    security: Literal["Basic256Sha256_SignAndEncrypt", "none"] = "Basic256Sha256_SignAndEncrypt"
+    certificate: str | None = None
+    private_key: str | None = None
+    server_certificate: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    timeout_s: float = Field(4.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _secure(self) -> OpcuaClientConfig:
+        if self.security != "none":
+            for key in ("certificate", "private_key", "server_certificate"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key} is required with security {self.security}")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+class MeterConfig(_Section):
+    backend: Literal["estimate", "modbus", "opcua"] = "estimate"
+    device_id: str = "meter1"
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=247)
+    mapping: str = "meter_facility"
+    timeout_s: float = Field(1.0, gt=0)
+    opcua: OpcuaClientConfig | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> MeterConfig:
+        if self.backend == "opcua" and self.opcua is None:
+            raise ValueError("backend opcua needs a [meter.opcua] section")
+        return self
+
+
+class UpsConfig(_Section):
+    enabled: bool = False
+    device_id: str = "ups1"
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=247)
+    mapping: str = "ups_generic"
+    timeout_s: float = Field(1.0, gt=0)
+    min_runtime_s: float = Field(600.0, ge=0)
+    min_soc_pct: float = Field(50.0, ge=0, le=100)
+
+
+class BmsConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(1502, ge=0, le=65535)
+    unit: int = Field(1, ge=1, le=247)
+    input_ttl_s: float = Field(300.0, gt=0, le=86400)
+    max_flex_w: float = Field(100e6, ge=0)
+
+    @field_validator("host")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as err:
+            raise ValueError(f"{v!r} is not an IP address (the BMS face binds only to one address)") from err
+        return v
+
+
 class GatewayConfig(_Section):
     site: SiteConfig = SiteConfig()
     audit: AuditConfig = AuditConfig()
@@ -149,8 +287,12 @@ class GatewayConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     battery: BatteryConfig = BatteryConfig()
     gpus: GpusConfig = GpusConfig()
+    planning: PlanningConfig = PlanningConfig()
     logging: LoggingConfig = LoggingConfig()
     management: ManagementConfig = ManagementConfig()
+    meter: MeterConfig = MeterConfig()
+    ups: UpsConfig = UpsConfig()
+    bms: BmsConfig = BmsConfig()
 
 
 def _key(loc: tuple[int | str, ...]) -> str:

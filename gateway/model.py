@@ -18,6 +18,9 @@ class SignalName(enum.StrEnum):
 
     SIMPLE = "SIMPLE"
     LOAD_DISPATCH = "LOAD_DISPATCH"
+    LOAD_CONTROL = "LOAD_CONTROL"
+    ELECTRICITY_PRICE = "ELECTRICITY_PRICE"
+    ENERGY_PRICE = "ENERGY_PRICE"
 
 
 class Opt(enum.StrEnum):
@@ -85,6 +88,9 @@ class DemandEvent:
     recovery_s: float = 0.0
     start_after_s: float = 0.0
     created: datetime | None = None
+    # eiTarget criteria as (kind, value) pairs: ven_id, resource_id, group_id, party_id, ...
+    targets: tuple[tuple[str, str], ...] = ()
+    ven_id: str = ""  # the venID that received the event (to match venID targets)
 
     @property
     def end(self) -> datetime:
@@ -106,14 +112,19 @@ class Target:
     event_id: str
     modification_number: int
     baseline_w: float | None = None  # facility power before the event, for SHED_* kinds
+    ramp_fraction: float = 1.0  # share of the reduction asked now (< 1 during ramp-up and recovery)
 
     def facility_limit_w(self, baseline_w: float) -> float:
         """Return the facility power (W) this target allows, given a baseline."""
         if self.kind is TargetKind.CAP_W:
-            return self.value
-        if self.kind is TargetKind.SHED_W:
-            return max(0.0, baseline_w - self.value)
-        return max(0.0, baseline_w * (1.0 - self.value))
+            full = self.value
+        elif self.kind is TargetKind.SHED_W:
+            full = max(0.0, baseline_w - self.value)
+        else:
+            full = max(0.0, baseline_w * (1.0 - self.value))
+        if self.ramp_fraction >= 1.0:
+            return full
+        return baseline_w - max(0.0, self.ramp_fraction) * max(0.0, baseline_w - full)
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,21 @@ class Snapshot:
     battery: BatteryState | None
     gpus: tuple[GpuState, ...] = ()
     faults: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """What the utility may be told about the site now (OpenADR TELEMETRY_* reports)."""
+
+    t: datetime
+    facility_w: float | None  # facility import power, W
+    facility_energy_wh: float | None = None  # cumulative facility import energy, Wh
+    battery_w: float | None = None  # + discharge
+    gpu_w: float | None = None
+    online: bool = True
+    manual_override: bool = False  # a BMS or operator override is in force
+    limit_w: float | None = None  # facility limit in force (None: no event under control)
+    shed_pct: float | None = None  # reduction below the baseline now, percent
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ async def bench_dispatch(gpus: int, rounds: int) -> dict[str, Any]:
     from gateway.demo import DemoSite
     from gateway.model import Opt
 
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "gpus": {"groups": _groups(gpus)},
         "control": {"tick_s": 1.0, "lease_s": 30.0, "gain": 0.6},
         "limits": {"battery_ramp_w_per_s": 1e12, "gpu_ramp_w_per_s": 1e12},
