@@ -59,8 +59,7 @@ def event_to_json(ev: DemandEvent) -> str:
                 "signal_type": s.signal_type,
                 "unit": s.unit,
                 "intervals": [
-                    {"start": _dt(iv.start), "duration_s": iv.duration_s, "value": iv.value}
-                    for iv in s.intervals
+                    {"start": _dt(iv.start), "duration_s": iv.duration_s, "value": iv.value} for iv in s.intervals
                 ],
             }
             for s in ev.signals

@@ -1,4 +1,4 @@
-"""The ``drgw audit`` subcommands: verify the chain, list one event's rows."""
+"""The ``drgw audit`` subcommands: verify the log, list one event's rows (more in ``more_cli``)."""
 
 from __future__ import annotations
 
@@ -6,48 +6,151 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from gateway.audit.query import event_rows, format_rows, row_to_dict
-from gateway.audit.verify import verify
-from gateway.errors import AuditError
+from gateway.audit.signing import TrustedKeys, latest_exported, public_key_path
+from gateway.audit.verify import VerifyResult, verify
+from gateway.errors import AuditError, ConfigError
 
 
 def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit verify`` and ``audit event`` under an ``audit`` command."""
-    audit = subparsers.add_parser("audit", help="verify and query the audit log")
+    audit = subparsers.add_parser("audit", help="verify, query, export and report on the audit log")
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("verify", help="check the hash chain and the append-only guards")
-    p.add_argument("--db", required=True, help="database URL or SQLite file path")
+    p = sub.add_parser("verify", help="check the chain, the append-only guards, seals and signed checkpoints")
+    add_db_args(p)
+    p.add_argument("--pubkey", action="append", default=[], help="trusted Ed25519 public key (PEM); repeatable")
+    p.add_argument("--checkpoint", help="the newest exported checkpoint: a checkpoint file or a directory of them")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("event", help="list every audit row recorded for one event")
     p.add_argument("event_id", help="the OpenADR event id")
-    p.add_argument("--db", required=True, help="database URL or SQLite file path")
+    add_db_args(p)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=cmd_event)
 
 
+def add_db_args(p: argparse.ArgumentParser) -> None:
+    """Add --db and --config (a gateway config whose [audit] section supplies defaults)."""
+    p.add_argument("--db", help="database URL or SQLite file path (default: [audit] db_url of --config)")
+    p.add_argument("--config", help="gateway config file: its [audit] section gives the database, keys and baseline")
+
+
+def audit_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Any:
+    """Return the subcommand table of the ``audit`` command registered by ``add_audit_commands``."""
+    audit = sub.choices["audit"]
+    for action in audit._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("the audit command has no subcommands")
+
+
+def audit_config(args: argparse.Namespace) -> Any:
+    """Return the [audit] section of --config, or None."""
+    if not getattr(args, "config", None):
+        return None
+    from gateway.config import load_config
+
+    return load_config(args.config).audit
+
+
+def db_of(args: argparse.Namespace) -> str:
+    """Return the database named by --db, else by --config; raise AuditError when neither."""
+    if args.db:
+        return str(args.db)
+    cfg = audit_config(args)
+    if cfg is None:
+        raise AuditError("give the database with --db URL or --config FILE")
+    return str(cfg.db_url)
+
+
+def trusted_keys(args: argparse.Namespace) -> TrustedKeys | None:
+    """Return the trusted keys from --pubkey, else the public half of the config's signing key."""
+    paths: list[str | Path] = list(getattr(args, "pubkey", None) or [])
+    cfg = audit_config(args)
+    if not paths and cfg is not None and cfg.signing_key:
+        pub = public_key_path(cfg.signing_key)
+        paths.append(pub if pub.exists() else cfg.signing_key)
+    return TrustedKeys.load(paths) if paths else None
+
+
+def exported_of(args: argparse.Namespace) -> Any:
+    """Return the newest exported checkpoint from --checkpoint, else from the config's checkpoint_dir."""
+    where = getattr(args, "checkpoint", None)
+    cfg = audit_config(args)
+    if not where and cfg is not None and cfg.checkpoint_dir and Path(cfg.checkpoint_dir).expanduser().is_dir():
+        where = cfg.checkpoint_dir
+    return latest_exported(where) if where else None
+
+
+def run_verify(args: argparse.Namespace) -> VerifyResult:
+    """Verify the log with every check the arguments allow."""
+    cfg = audit_config(args)
+    return asyncio.run(
+        verify(
+            db_of(args),
+            trusted=trusted_keys(args),
+            exported=exported_of(args),
+            checkpoint_interval_s=cfg.checkpoint_interval_s if cfg is not None and cfg.signing_key else None,
+        )
+    )
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify the chain; print OK or TAMPERED; return 0 when intact, 1 when not, 2 on errors."""
+    """Verify the log; print OK or TAMPERED; return 0 when intact, 1 when not, 2 on errors."""
     try:
-        res = asyncio.run(verify(args.db))
-    except AuditError as err:
+        res = run_verify(args)
+    except (AuditError, ConfigError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
+    if getattr(args, "json", False):
+        print(json.dumps(verify_dict(res), sort_keys=True))
+        return 0 if res.ok else 1
     if res.ok:
-        print(f"OK: {res.rows} rows, head {res.head_hash}")
-        return 0
-    where = f"row {res.first_bad_seq}" if res.first_bad_seq is not None else "table"
-    print(f"TAMPERED: {where}: {res.reason}")
-    return 1
+        sealed = (
+            f", {res.checkpoints} signed checkpoints, sealed to row {res.last_checkpoint_seq}"
+            if res.checkpoints or res.last_checkpoint_seq
+            else ""
+        )
+        meas = f", {res.measurements} measurement rows" if res.measurements else ""
+        print(f"OK: {res.rows} rows, head {res.head_hash}{sealed}{meas}")
+    else:
+        where = f"row {res.first_bad_seq}" if res.first_bad_seq is not None else "log"
+        print(f"TAMPERED: {where}: {res.reason}")
+        for extra in res.problems[1:]:
+            print(f"  also: {extra}")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0 if res.ok else 1
+
+
+def verify_dict(res: VerifyResult) -> dict[str, Any]:
+    """Return a verification result as plain data."""
+    return {
+        "ok": res.ok,
+        "rows": res.rows,
+        "first_bad_seq": res.first_bad_seq,
+        "reason": res.reason,
+        "head_hash": res.head_hash,
+        "guards_ok": res.guards_ok,
+        "checkpoints": res.checkpoints,
+        "last_checkpoint_seq": res.last_checkpoint_seq,
+        "unsealed_rows": res.unsealed_rows,
+        "measurements": res.measurements,
+        "problems": list(res.problems),
+        "notes": list(res.notes),
+    }
 
 
 def cmd_event(args: argparse.Namespace) -> int:
     """Print every row for one event; return 0, or 2 when the log cannot be read."""
     try:
-        rows = asyncio.run(event_rows(args.db, args.event_id))
-    except AuditError as err:
+        rows = asyncio.run(event_rows(db_of(args), args.event_id))
+    except (AuditError, ConfigError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     if args.json:

@@ -1,37 +1,72 @@
-"""The audit log writer: one task drains a queue and commits hash-chained rows in batches."""
+"""The audit log writer: one task drains a queue and commits hash-chained rows in batches.
+
+Besides plain rows it commits, in the same transactions: measurement batches (rows in their own
+table, sealed by one chained ``measurements.batch`` row) and raw protocol messages (stored by the
+SHA-256 their chained row carries). With a signing key it signs the chain head every
+``checkpoint_interval_s`` and at close, and writes each checkpoint to ``checkpoint_dir`` too.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.chain import (
     ACTORS,
     GENESIS_HASH,
     AuditRow,
+    check_text,
     compute_row_hash,
     encode_data,
     format_ts,
+    parse_ts,
     row_hash_of,
 )
+from gateway.audit.measurements import (
+    BATCH_KIND,
+    POINTS,
+    MeasurementRow,
+    batch_record,
+    encode_row,
+    head_mseq,
+    to_measurement,
+)
 from gateway.audit.migrate import make_engine, upgrade
-from gateway.audit.schema import audit_log, missing_guards
+from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, missing_guards
+from gateway.audit.signing import Checkpoint, Signer, write_checkpoint_file
 from gateway.clock import Clock, SystemClock
+from gateway.config import AuditConfig
 from gateway.errors import AuditError, AuditIntegrityError
 from gateway.logs import get_logger
 
 log = get_logger("gateway.audit")
 
+_MEAS_KEYS = ("mseq", "ts", "event_id", *POINTS, "extra")
+_LOG_KEYS = ("seq", "ts", "kind", "actor", "event_id", "device_id", "data", "prev_hash", "row_hash")
+
+
+def _insert_sql(engine: AsyncEngine, table: str, keys: tuple[str, ...]) -> str:
+    """Return a plain INSERT in the driver's own parameter style (rows go in as tuples: no per-row compile)."""
+    if engine.dialect.paramstyle in ("numeric_dollar", "numeric"):
+        marks = ", ".join(f"${i}" for i in range(1, len(keys) + 1))
+    elif engine.dialect.paramstyle == "qmark":
+        marks = ", ".join("?" for _ in keys)
+    else:  # format / pyformat drivers
+        marks = ", ".join("%s" for _ in keys)
+    return f"INSERT INTO {table} ({', '.join(keys)}) VALUES ({marks})"
+
 
 @dataclass
 class _Pending:
-    """One append waiting for the writer."""
+    """One append waiting for the writer (a measurement seal when ``measurements`` is set)."""
 
     ts: str
     kind: str
@@ -40,23 +75,75 @@ class _Pending:
     device_id: str | None
     data: str
     future: asyncio.Future[int]
+    blob: bytes | None = None
+    measurements: list[MeasurementRow] = field(default_factory=list)
+
+
+@dataclass
+class _CheckpointRequest:
+    """A request to sign the head once everything queued before it is committed."""
+
+    future: asyncio.Future[Checkpoint | None]
+
+
+_Item = _Pending | _CheckpointRequest | None
 
 
 class AuditLog:
     """Append-only, hash-chained audit log; implements ``gateway.interfaces.AuditSink``."""
 
-    def __init__(self, engine: AsyncEngine, head: tuple[int, str], clock: Clock, batch_max: int) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        head: tuple[int, str],
+        clock: Clock,
+        batch_max: int,
+        *,
+        mhead: int = 0,
+        signer: Signer | None = None,
+        last_checkpoint: tuple[int, str] | None = None,
+        checkpoint_interval_s: float = 300.0,
+        checkpoint_dir: str | Path | None = None,
+        measurement_batch_rows: int = 60,
+        measurement_batch_s: float = 60.0,
+    ) -> None:
         self._engine = engine
         self._head = head
+        self._mhead = mhead
         self._clock = clock
         self._batch_max = max(1, batch_max)
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._closed = False
+        self._signer = signer
+        self._cp_seq = last_checkpoint[0] if last_checkpoint else 0
+        self._cp_at = parse_ts(last_checkpoint[1]) if last_checkpoint else clock.now()
+        self._cp_interval_s = checkpoint_interval_s
+        self._cp_dir = checkpoint_dir
+        self._mbuf: list[Any] = []
+        self._mbatch_rows = max(1, measurement_batch_rows)
+        self._mbatch_s = measurement_batch_s
+        self._insert_log = _insert_sql(engine, "audit_log", _LOG_KEYS)
+        self._insert_meas = _insert_sql(engine, "measurements", _MEAS_KEYS)
+        self._insert_blob = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(
+            audit_blobs
+        ).on_conflict_do_nothing()
         self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
 
     @classmethod
-    async def open(cls, db_url: str | Path, clock: Clock | None = None, batch_max: int = 512) -> AuditLog:
+    async def open(
+        cls,
+        db_url: str | Path,
+        clock: Clock | None = None,
+        batch_max: int = 512,
+        *,
+        signing_key: str | Path | Signer | None = None,
+        checkpoint_interval_s: float = 300.0,
+        checkpoint_dir: str | Path | None = None,
+        measurement_batch_rows: int = 60,
+        measurement_batch_s: float = 60.0,
+    ) -> AuditLog:
         """Migrate the database, check the append-only guards, read the chain head and start writing."""
+        signer = Signer.load(signing_key) if isinstance(signing_key, str | Path) else signing_key
         engine = make_engine(db_url)
         try:
             await upgrade(engine)
@@ -67,11 +154,43 @@ class AuditLog:
                     "run 'drgw audit verify' and restore them before starting"
                 )
             head = await _read_head(engine)
+            async with engine.connect() as conn:
+                mhead = await head_mseq(conn)
+                res = await conn.execute(
+                    sa.select(audit_checkpoints.c.seq, audit_checkpoints.c.signed_at)
+                    .order_by(audit_checkpoints.c.seq.desc())
+                    .limit(1)
+                )
+                last_cp = res.first()
         except BaseException:
             await engine.dispose()
             raise
-        log.info("audit_log_opened", url=engine.url.render_as_string(), seq=head[0])
-        return cls(engine, head, clock or SystemClock(), batch_max)
+        log.info("audit_log_opened", url=engine.url.render_as_string(), seq=head[0], signed=signer is not None)
+        return cls(
+            engine,
+            head,
+            clock or SystemClock(),
+            batch_max,
+            mhead=mhead,
+            signer=signer,
+            last_checkpoint=(int(last_cp[0]), str(last_cp[1])) if last_cp else None,
+            checkpoint_interval_s=checkpoint_interval_s,
+            checkpoint_dir=checkpoint_dir,
+            measurement_batch_rows=measurement_batch_rows,
+            measurement_batch_s=measurement_batch_s,
+        )
+
+    @classmethod
+    async def open_config(cls, cfg: AuditConfig, clock: Clock | None = None, db_url: str | None = None) -> AuditLog:
+        """Open the log the ``[audit]`` config section describes (``db_url`` overrides it)."""
+        return await cls.open(
+            db_url or cfg.db_url,
+            clock,
+            cfg.batch_max,
+            signing_key=cfg.signing_key,
+            checkpoint_interval_s=cfg.checkpoint_interval_s,
+            checkpoint_dir=cfg.checkpoint_dir,
+        )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -83,6 +202,11 @@ class AuditLog:
         """Return the last committed (seq, row_hash); (0, 64 zeros) when empty."""
         return self._head
 
+    @property
+    def last_checkpoint_seq(self) -> int:
+        """Return the seq of the newest signed checkpoint (0 when none)."""
+        return self._cp_seq
+
     async def append(
         self,
         kind: str,
@@ -93,25 +217,83 @@ class AuditLog:
         device_id: str | None = None,
     ) -> int:
         """Append one record; return its seq once committed. Raise AuditError if it cannot be."""
-        if self._closed or self._writer.done():
-            raise AuditError("audit log is closed")
-        if not isinstance(kind, str) or not kind:
-            raise AuditError(f"audit kind must be a non-empty string, got {kind!r}")
-        if actor not in ACTORS:
-            raise AuditError(f"unknown audit actor {actor!r}; one of {', '.join(sorted(ACTORS))}")
-        for name, val in (("event_id", event_id), ("device_id", device_id)):
-            if val is not None and not isinstance(val, str):
-                raise AuditError(f"{name} must be a string or None, got {type(val).__name__}")
-        text = encode_data(data)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        ts = format_ts(self._clock.now())
-        self._queue.put_nowait(_Pending(ts, kind, actor, event_id, device_id, text, fut))
+        return await self._submit(self._pending(kind, data, actor, event_id, device_id))
+
+    async def append_message(
+        self,
+        kind: str,
+        body: str | bytes,
+        data: Mapping[str, Any] | None = None,
+        *,
+        actor: str = "gateway",
+        event_id: str | None = None,
+    ) -> int:
+        """Append a row for a raw protocol message and store the message by its SHA-256; return the seq.
+
+        The row's data is ``data`` plus ``size`` (bytes) and ``sha256`` of ``body`` (text is taken
+        as UTF-8), the same digest the VEN's ``xml.in`` / ``xml.out`` rows carry.
+        """
+        if isinstance(body, str):
+            check_text(body, "message body")
+        raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        full = {**(data or {}), "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        p = self._pending(kind, full, actor, event_id, None)
+        p.blob = raw
+        return await self._submit(p)
+
+    async def store_evidence(self, sha256: str, body: bytes) -> None:
+        """Keep a raw protocol message by its SHA-256 (an ``EvidenceSink`` for the VEN's wire log).
+
+        The chained row that carries the digest is appended by the caller; storing the same body
+        twice stores it once. Raise AuditError when the digest does not match the body.
+        """
+        raw = bytes(body)
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise AuditError("evidence body does not match its sha256")
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(self._insert_blob, [{"sha256": sha256, "size": len(raw), "body": raw}])
+        except sa.exc.SQLAlchemyError as err:
+            raise AuditError(f"cannot store evidence {sha256[:12]}: {err}") from err
+
+    async def record_measurements(self, rows: Iterable[Any]) -> int:
+        """Store a batch of measurements sealed by one chained row; return that row's seq.
+
+        Each item is a ``Measurement``, a mapping or a dataclass such as ``TickRecord``
+        (see ``gateway.audit.measurements.to_measurement``).
+        """
+        return await self._submit(self._seal([to_measurement(r) for r in rows]))
+
+    def measure(self, reading: Any) -> None:
+        """Buffer one measurement; the buffer is sealed every ``measurement_batch_rows`` rows or
+        ``measurement_batch_s`` seconds, and at close. Never blocks; errors are logged."""
+        self._check_open()
+        m = to_measurement(reading)
+        self._mbuf.append(m)
+        first = self._mbuf[0].t
+        if len(self._mbuf) >= self._mbatch_rows or (m.t - first).total_seconds() >= self._mbatch_s:
+            self._flush_buffer()
+
+    async def flush_measurements(self) -> int | None:
+        """Seal the buffered measurements now; return the seal's seq (None when the buffer was empty)."""
+        if not self._mbuf:
+            return None
+        batch, self._mbuf = self._mbuf, []
+        return await self._submit(self._seal(batch))
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign the head after everything queued so far is committed; None without a signing key."""
+        self._check_open()
+        fut: asyncio.Future[Checkpoint | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_CheckpointRequest(fut))
         return await fut
 
     async def close(self) -> None:
-        """Commit everything queued, stop the writer and dispose of the engine."""
+        """Seal buffered measurements, commit everything queued, sign a last checkpoint, stop."""
         if self._closed:
             return
+        if self._mbuf and not self._writer.done():
+            self._flush_buffer()
         self._closed = True
         self._queue.put_nowait(None)
         try:
@@ -128,6 +310,57 @@ class AuditLog:
         """Close on leaving ``async with``."""
         await self.close()
 
+    def _check_open(self) -> None:
+        """Raise AuditError when the log no longer accepts records."""
+        if self._closed or self._writer.done():
+            raise AuditError("audit log is closed")
+
+    def _pending(
+        self, kind: str, data: Mapping[str, Any], actor: str, event_id: str | None, device_id: str | None
+    ) -> _Pending:
+        """Validate one record and return it ready for the queue."""
+        self._check_open()
+        if not isinstance(kind, str) or not kind:
+            raise AuditError(f"audit kind must be a non-empty string, got {kind!r}")
+        if actor not in ACTORS:
+            raise AuditError(f"unknown audit actor {actor!r}; one of {', '.join(sorted(ACTORS))}")
+        check_text(kind, "kind")
+        for name, val in (("event_id", event_id), ("device_id", device_id)):
+            if val is not None:
+                if not isinstance(val, str):
+                    raise AuditError(f"{name} must be a string or None, got {type(val).__name__}")
+                check_text(val, name)
+        text = encode_data(data)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        return _Pending(format_ts(self._clock.now()), kind, actor, event_id, device_id, text, fut)
+
+    def _seal(self, batch: list[Any]) -> _Pending:
+        """Return the pending seal row of a batch of Measurements (validated now, numbered at commit)."""
+        if not batch:
+            raise AuditError("no measurements to record")
+        rows = [encode_row(m, 0) for m in batch]
+        ids = {m.event_id for m in batch}
+        event_id = next(iter(ids)) if len(ids) == 1 else None
+        p = self._pending(BATCH_KIND, {}, "gateway", event_id, None)
+        p.measurements = rows
+        return p
+
+    def _flush_buffer(self) -> None:
+        """Queue the buffered measurements as one seal whose failure is logged, not raised."""
+        batch, self._mbuf = self._mbuf, []
+        try:
+            p = self._seal(batch)
+        except AuditError as err:
+            log.error("measurements_dropped", rows=len(batch), error=str(err))
+            return
+        p.future.add_done_callback(_log_seal_failure)
+        self._queue.put_nowait(p)
+
+    async def _submit(self, p: _Pending) -> int:
+        """Queue one pending row and wait for its commit."""
+        self._queue.put_nowait(p)
+        return await p.future
+
     async def _run(self) -> None:
         """Drain the queue batch by batch until the stop marker; fail leftovers if stopped early."""
         batch: list[_Pending] = []
@@ -137,74 +370,142 @@ class AuditLog:
                 item = await self._queue.get()
                 if item is None:
                     break
-                batch = [item]
-                while len(batch) < self._batch_max:
+                batch = []
+                request: _CheckpointRequest | None = None
+                while True:
+                    if isinstance(item, _CheckpointRequest):
+                        request = item
+                        break
+                    batch.append(item)
+                    if len(batch) >= self._batch_max:
+                        break
                     try:
-                        nxt = self._queue.get_nowait()
+                        item = self._queue.get_nowait()
                     except asyncio.QueueEmpty:
                         break
-                    if nxt is None:
+                    if item is None:
                         stop = True
                         break
-                    batch.append(nxt)
-                await self._commit(batch)
-                batch = []
+                if batch:
+                    await self._commit(batch)
+                    batch = []
+                if request is not None:
+                    cp = await self._checkpoint_now()
+                    if not request.future.done():
+                        request.future.set_result(cp)
+                elif self._checkpoint_due():
+                    await self._checkpoint_now()
+            if self._signer is not None and self._head[0] > self._cp_seq:
+                await self._checkpoint_now()
         finally:
             self._closed = True
-            leftovers = batch + [p for p in _drain(self._queue) if p is not None]
+            leftovers = batch + list(_drain(self._queue))
             _fail(leftovers, AuditError("audit writer stopped before this record was committed"))
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """Insert one batch in one transaction; resolve its futures only after COMMIT."""
         seq, prev = self._head
-        rows: list[dict[str, Any]] = []
+        mseq = self._mhead
+        rows: list[tuple[Any, ...]] = []
+        meas: list[tuple[Any, ...]] = []
+        blobs: list[dict[str, Any]] = []
         for p in batch:
             seq += 1
+            if p.measurements:
+                numbered = [(mseq + i + 1, *r[1:]) for i, r in enumerate(p.measurements)]
+                mseq += len(numbered)
+                p.data = encode_data(batch_record(numbered))  # type: ignore[arg-type]
+                meas.extend(numbered)
+            if p.blob is not None:
+                blobs.append({"sha256": hashlib.sha256(p.blob).hexdigest(), "size": len(p.blob), "body": p.blob})
             h = compute_row_hash(prev, seq, p.ts, p.kind, p.actor, p.event_id, p.device_id, p.data)
-            rows.append(
-                {
-                    "seq": seq,
-                    "ts": p.ts,
-                    "kind": p.kind,
-                    "actor": p.actor,
-                    "event_id": p.event_id,
-                    "device_id": p.device_id,
-                    "data": p.data,
-                    "prev_hash": prev,
-                    "row_hash": h,
-                }
-            )
+            rows.append((seq, p.ts, p.kind, p.actor, p.event_id, p.device_id, p.data, prev, h))
             prev = h
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(audit_log.insert(), rows)
+                await conn.exec_driver_sql(self._insert_log, rows)  # type: ignore[arg-type]
+                if meas:
+                    await conn.exec_driver_sql(self._insert_meas, meas)  # type: ignore[arg-type]
+                if blobs:
+                    await conn.execute(self._insert_blob, blobs)
         except Exception as err:  # the writer must survive any driver error and report it
-            first, last = rows[0]["seq"], rows[-1]["seq"]
+            first, last = rows[0][0], rows[-1][0]
             log.error("audit_commit_failed", first_seq=first, last_seq=last, error=str(err))
             _fail(batch, AuditError(f"audit commit of seq {first}..{last} failed: {err}"), err)
             await self._resync_head()
             return
         self._head = (seq, prev)
+        self._mhead = mseq
         for p, row in zip(batch, rows, strict=True):
             if not p.future.done():
-                p.future.set_result(row["seq"])
+                p.future.set_result(row[0])
+
+    def _checkpoint_due(self) -> bool:
+        """Return whether a periodic checkpoint should be signed now."""
+        if self._signer is None or self._head[0] <= self._cp_seq:
+            return False
+        return (self._clock.now() - self._cp_at).total_seconds() >= self._cp_interval_s
+
+    async def _checkpoint_now(self) -> Checkpoint | None:
+        """Sign the committed head, store the checkpoint and export it; None without a key or rows."""
+        if self._signer is None or self._head[0] == 0:
+            return None
+        now = self._clock.now()
+        seq, row_hash = self._head
+        cp = self._signer.sign(seq, row_hash, format_ts(now))
+        if seq > self._cp_seq:
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(
+                        audit_checkpoints.insert().values(
+                            seq=cp.seq,
+                            row_hash=cp.row_hash,
+                            signed_at=cp.signed_at,
+                            key_id=cp.key_id,
+                            signature=cp.signature,
+                        )
+                    )
+            except Exception as err:  # the writer must survive; the next due checkpoint retries
+                log.error("audit_checkpoint_failed", seq=seq, error=str(err))
+                return None
+            self._cp_seq = seq
+        self._cp_at = now
+        if self._cp_dir is not None:
+            try:
+                await asyncio.to_thread(write_checkpoint_file, self._cp_dir, cp)
+            except OSError as err:
+                log.error("audit_checkpoint_export_failed", seq=seq, dir=str(self._cp_dir), error=str(err))
+        log.debug("audit_checkpoint", seq=seq)
+        return cp
 
     async def _resync_head(self) -> None:
         """Re-read the head after a failed commit, so an ambiguous COMMIT cannot fork the chain."""
         try:
             self._head = await _read_head(self._engine)
+            async with self._engine.connect() as conn:
+                self._mhead = await head_mseq(conn)
         except (AuditError, sa.exc.SQLAlchemyError, OSError) as err:
             log.warning("audit_head_resync_failed", error=str(err))
 
 
-def _drain(queue: asyncio.Queue[_Pending | None]) -> list[_Pending | None]:
-    """Return everything left in ``queue`` without waiting."""
-    out: list[_Pending | None] = []
+def _log_seal_failure(fut: asyncio.Future[int]) -> None:
+    """Log a buffered measurement batch that could not be committed."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("measurements_not_committed", error=str(fut.exception()))
+
+
+def _drain(queue: asyncio.Queue[_Item]) -> list[_Pending]:
+    """Return every pending row left in ``queue``; answer checkpoint requests with None."""
+    out: list[_Pending] = []
     while True:
         try:
-            out.append(queue.get_nowait())
+            item = queue.get_nowait()
         except asyncio.QueueEmpty:
             return out
+        if isinstance(item, _Pending):
+            out.append(item)
+        elif isinstance(item, _CheckpointRequest) and not item.future.done():
+            item.future.set_result(None)
 
 
 def _fail(batch: list[_Pending], error: AuditError, cause: BaseException | None = None) -> None:

@@ -50,9 +50,7 @@ def row_to_dict(row: AuditRow) -> dict[str, Any]:
 def format_rows(rows: Sequence[AuditRow]) -> str:
     """Return a human table: seq, ts, kind, actor, device and the compact data of each row."""
     header = ("seq", "ts", "kind", "actor", "device", "data")
-    table = [header] + [
-        (str(r.seq), r.ts, r.kind, r.actor, r.device_id or "-", _compact(r.data)) for r in rows
-    ]
+    table = [header] + [(str(r.seq), r.ts, r.kind, r.actor, r.device_id or "-", _compact(r.data)) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
     out = []
     for line in table:

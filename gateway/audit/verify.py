@@ -1,20 +1,43 @@
-"""Offline verification of the audit chain: walks every row in seq order, page by page."""
+"""Offline verification: the chain, the append-only guards, measurement seals and signed checkpoints.
+
+What each check catches:
+- the chain walk (seq contiguous from 1, each prev_hash the previous row_hash, each row_hash
+  recomputed): an edited row, a deleted middle row, a forged row that breaks the next link;
+- the guards: append-only triggers dropped or disabled;
+- measurement seals: an edited, deleted or inserted measurement row;
+- checkpoints in the database, with a trusted public key: a chain recomputed after signing, or a
+  checkpoint forged without the key;
+- the newest exported checkpoint (a file kept off the box): deleted newest rows, and a chain
+  recomputed by someone without the key even when every stored checkpoint was deleted too;
+- ``checkpoint_interval_s`` (from config): rows left unsealed much longer than checkpoints are due.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from json.encoder import encode_basestring
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from gateway.audit.chain import GENESIS_HASH, AuditRow, row_hash_of
+from gateway.audit.chain import GENESIS_HASH, parse_ts
+from gateway.audit.measurements import BATCH_KIND, batch_digest, rows_by_mseq
 from gateway.audit.migrate import open_existing
-from gateway.audit.schema import audit_log, missing_guards, table_exists
+from gateway.audit.schema import audit_checkpoints, measurements, missing_guards, table_exists
+from gateway.audit.signing import Checkpoint, TrustedKeys
 from gateway.errors import AuditError
 
-PAGE_ROWS = 5000
+PAGE_ROWS = 20000
+MEASUREMENT_PAGE_BATCHES = 200
+_SELECT = (
+    "SELECT seq, ts, kind, actor, event_id, device_id, data, prev_hash, row_hash "
+    "FROM audit_log WHERE seq >= {start} ORDER BY seq LIMIT {limit}"
+)
 
 
 @dataclass(frozen=True)
@@ -27,72 +50,285 @@ class VerifyResult:
     reason: str
     head_hash: str  # row_hash of the last row that verified (64 zeros when none)
     guards_ok: bool = True
+    checkpoints: int = 0  # stored checkpoints whose signature and chain position verified
+    last_checkpoint_seq: int | None = None  # newest verified checkpoint (stored or exported)
+    unsealed_rows: int = 0  # rows after the newest verified checkpoint
+    measurements: int = 0  # measurement rows whose batch seal verified
+    problems: tuple[str, ...] = ()  # every failure found (reason holds the first)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # what was not checked, and why
 
 
-async def verify(db: str | Path | AsyncEngine, page_rows: int = PAGE_ROWS) -> VerifyResult:
-    """Recompute every row hash, check links and seq contiguity from 1, and check the guards."""
+@dataclass
+class _Walk:
+    """State carried through the chain walk."""
+
+    rows: int = 0
+    head: str = GENESIS_HASH
+    bad_seq: int | None = None
+    reason: str = ""
+    batches: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    hashes: dict[int, str] = field(default_factory=dict)  # row_hash at the seqs checkpoints name
+    ts_of: dict[int, str] = field(default_factory=dict)
+    first_ts: str | None = None
+    last_ts: str | None = None
+
+
+async def verify(
+    db: str | Path | AsyncEngine,
+    page_rows: int = PAGE_ROWS,
+    *,
+    trusted: TrustedKeys | None = None,
+    exported: Checkpoint | None = None,
+    checkpoint_interval_s: float | None = None,
+) -> VerifyResult:
+    """Verify the whole log; every check that can run does, and all failures are listed."""
     engine, own = open_existing(db)
     try:
         async with engine.connect() as conn:
             if not await table_exists(conn, "audit_log"):
                 return VerifyResult(False, 0, None, "no audit_log table in this database", GENESIS_HASH)
-            result = await _walk(conn, max(1, page_rows))
+            stored = await _stored_checkpoints(conn)
+            wanted = {cp.seq for cp in stored} | ({exported.seq} if exported else set())
+            walk = await _walk(conn, max(1, page_rows), wanted)
+            meas_ok, meas_problems = await _check_measurements(conn, walk)
             missing = await missing_guards(conn)
     except sa.exc.SQLAlchemyError as err:
         raise AuditError(f"cannot read the audit log: {err}") from err
     finally:
         if own:
             await engine.dispose()
-    if not missing:
-        return result
-    note = f"append-only guards missing: {', '.join(sorted(missing))}"
-    reason = f"{result.reason}; {note}" if not result.ok else note
-    return VerifyResult(False, result.rows, result.first_bad_seq, reason, result.head_hash, False)
+    problems: list[str] = []
+    if walk.bad_seq is not None:
+        problems.append(f"row {walk.bad_seq}: {walk.reason}")
+    problems += meas_problems
+    cps, last_cp, cp_problems, notes = _check_checkpoints(walk, stored, trusted, exported, checkpoint_interval_s)
+    problems += cp_problems
+    if missing:
+        problems.append(f"append-only guards missing: {', '.join(sorted(missing))}")
+    unsealed = walk.rows - (last_cp or 0) if walk.bad_seq is None else 0
+    if walk.bad_seq is None:
+        reason = "intact" if not problems else problems[0]
+    else:
+        reason = walk.reason
+        if missing:
+            reason += f"; append-only guards missing: {', '.join(sorted(missing))}"
+    return VerifyResult(
+        ok=not problems,
+        rows=walk.rows,
+        first_bad_seq=walk.bad_seq,
+        reason=reason,
+        head_hash=walk.head,
+        guards_ok=not missing,
+        checkpoints=cps,
+        last_checkpoint_seq=last_cp,
+        unsealed_rows=max(0, unsealed),
+        measurements=meas_ok,
+        problems=tuple(problems),
+        notes=tuple(notes),
+    )
 
 
-async def _walk(conn: AsyncConnection, page_rows: int) -> VerifyResult:
-    """Walk the chain in pages; stop at the first bad row."""
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
-    good = 0
-    while True:
-        res = await conn.execute(
-            sa.select(audit_log)
-            .where(audit_log.c.seq >= expected_seq)
-            .order_by(audit_log.c.seq)
-            .limit(page_rows)
-        )
-        page = [AuditRow(**m) for m in res.mappings()]
-        if not page:
-            return VerifyResult(True, good, None, "intact", prev_hash)
-        for row in page:
-            reason = _check(row, expected_seq, prev_hash)
+async def _stored_checkpoints(conn: AsyncConnection) -> list[Checkpoint]:
+    """Return the checkpoints stored in the database (none before revision 0002)."""
+    if not await table_exists(conn, "audit_checkpoints"):
+        return []
+    res = await conn.execute(sa.select(audit_checkpoints).order_by(audit_checkpoints.c.seq))
+    return [Checkpoint.from_mapping(dict(m)) for m in res.mappings()]
+
+
+async def _walk(conn: AsyncConnection, page_rows: int, wanted: set[int]) -> _Walk:
+    """Walk the chain in pages; stop at the first bad row; collect seals and checkpointed hashes."""
+    w = _Walk()
+
+    raw = (await conn.get_raw_connection()).driver_connection
+    sql = _SELECT.format(start="{start}", limit=int(page_rows))
+
+    async def fetch(start: int) -> list[Any]:
+        # Straight from the driver: plain tuples (asyncpg Records), no Row objects per row.
+        if conn.dialect.name == "sqlite" and raw is not None:
+            return list(await raw.execute_fetchall(sql.format(start=int(start))))
+        if conn.dialect.name == "postgresql" and raw is not None:
+            return list(await raw.fetch(sql.format(start=int(start))))
+        res = await conn.exec_driver_sql(sql.format(start=int(start)))
+        return list(res.all())
+
+    page = await fetch(1)
+    while page:
+        # Fetch the next page while this one is hashed (the driver works in its own thread or socket).
+        nxt = asyncio.ensure_future(fetch(int(page[-1][0]) + 1)) if len(page) == page_rows else None
+        ok = _walk_page(w, page, wanted)
+        if not ok or nxt is None:
+            if nxt is not None:
+                await nxt  # let the query finish before the connection is used again
+            return w
+        page = await nxt
+    return w
+
+
+def _walk_page(w: _Walk, page: list[Any], wanted: set[int]) -> bool:
+    """Check one page of rows continuing the walk in ``w``; return False at the first bad row.
+
+    The row hash is computed inline here (the rule of ``chain.compute_row_hash``, which a unit
+    test holds this to): this loop is the verifier's whole cost.
+    """
+    enc = encode_basestring
+    sha256 = hashlib.sha256
+    fromhex = bytes.fromhex
+    names: dict[str | None, str] = {None: "null"}  # kinds, actors and ids repeat: encode each once
+    expected = w.rows + 1
+    prev = w.head
+    try:
+        for seq, ts, kind, actor, event_id, device_id, data, prev_hash, stored in page:
+            reason = None
+            if seq != expected:
+                reason = f"row {expected} is missing (the next stored row is {seq})"
+            elif prev_hash != prev:
+                reason = (
+                    "prev_hash is not the genesis hash"
+                    if expected == 1
+                    else f"prev_hash does not match row {expected - 1}'s hash (that row may have been rewritten)"
+                )
+            else:
+                try:
+                    k = names.get(kind) or names.setdefault(kind, enc(kind))
+                    a = names.get(actor) or names.setdefault(actor, enc(actor))
+                    e = names.get(event_id) or names.setdefault(event_id, enc(event_id))
+                    d = names.get(device_id) or names.setdefault(device_id, enc(device_id))
+                    body = (
+                        f'{{"actor":{a},"data":{enc(data)},"device_id":{d},"event_id":{e},'
+                        f'"kind":{k},"seq":{seq},"ts":{enc(ts)}}}'
+                    )
+                    if sha256(b"\x00" + fromhex(prev_hash) + body.encode("utf-8")).hexdigest() != stored:
+                        reason = "row_hash does not match the row's contents (the row was altered)"
+                except (ValueError, UnicodeEncodeError, TypeError):
+                    reason = "row cannot be hashed (prev_hash not hexadecimal or a field not text)"
+                if reason is None and not (data.startswith("{") and data.endswith("}")):
+                    reason = "data is not a JSON object"
+            if reason is None and kind == BATCH_KIND:
+                try:
+                    w.batches.append((seq, json.loads(data)))
+                except ValueError:
+                    reason = "measurement seal is not valid JSON"
             if reason is not None:
-                bad = expected_seq if row.seq != expected_seq else row.seq
-                return VerifyResult(False, good, bad, reason, prev_hash)
-            prev_hash = row.row_hash
-            expected_seq += 1
-            good += 1
+                w.bad_seq, w.reason = expected, reason
+                return False
+            if seq in wanted:
+                w.hashes[seq] = stored
+                w.ts_of[seq] = ts
+            prev = stored
+            expected += 1
+            if w.first_ts is None:
+                w.first_ts = ts
+        w.last_ts = page[-1][1]
+        return True
+    finally:
+        w.rows = expected - 1
+        w.head = prev
 
 
-def _check(row: AuditRow, expected_seq: int, prev_hash: str) -> str | None:
-    """Return why ``row`` breaks the chain, or None when it holds."""
-    if row.seq != expected_seq:
-        return f"row {expected_seq} is missing (the next stored row is {row.seq})"
-    if row.prev_hash != prev_hash:
-        if expected_seq == 1:
-            return "prev_hash is not the genesis hash"
-        return f"prev_hash does not match row {expected_seq - 1}'s hash (that row may have been rewritten)"
-    try:
-        recomputed = row_hash_of(row)
-    except ValueError:
-        return "prev_hash is not hexadecimal"
-    if recomputed != row.row_hash:
-        return "row_hash does not match the row's contents (the row was altered)"
-    try:
-        data = json.loads(row.data)
-    except ValueError:
-        return "data is not valid JSON"
-    if not isinstance(data, dict):
-        return "data is not a JSON object"
+async def _check_measurements(conn: AsyncConnection, walk: _Walk) -> tuple[int, list[str]]:
+    """Recompute every seal over the stored measurement rows; return (rows verified, problems)."""
+    if not await table_exists(conn, "measurements"):
+        return 0, []
+    problems: list[str] = []
+    verified = 0
+    expected_first = 1
+    for i in range(0, len(walk.batches), MEASUREMENT_PAGE_BATCHES):
+        group = walk.batches[i : i + MEASUREMENT_PAGE_BATCHES]
+        try:
+            first = int(group[0][1]["first_mseq"])
+            last = int(group[-1][1]["last_mseq"])
+        except (KeyError, TypeError, ValueError):
+            return verified, [f"row {group[0][0]}: measurement seal lacks first_mseq/last_mseq"]
+        rows = await rows_by_mseq(conn, first, last)
+        by_mseq = {int(r[0]): r for r in rows}
+        for seq, rec in group:
+            lo, hi = int(rec["first_mseq"]), int(rec["last_mseq"])
+            if lo != expected_first:
+                problems.append(f"row {seq}: measurement seal starts at mseq {lo}, expected {expected_first}")
+            expected_first = hi + 1
+            batch = [by_mseq[m] for m in range(lo, hi + 1) if m in by_mseq]
+            if len(batch) != hi - lo + 1 or len(batch) != int(rec.get("count", -1)):
+                problems.append(f"row {seq}: measurement rows {lo}..{hi} sealed here are missing ({len(batch)} found)")
+            elif batch_digest(batch) != rec.get("sha256"):
+                problems.append(f"row {seq}: measurement rows {lo}..{hi} do not match their seal (altered)")
+            else:
+                verified += len(batch)
+    res = await conn.execute(
+        sa.select(sa.func.count(), sa.func.max(measurements.c.mseq)).where(measurements.c.mseq >= expected_first)
+    )
+    extra, top = res.one()
+    if extra:
+        problems.append(f"{extra} measurement rows (mseq {expected_first}..{top}) are not sealed by any chained row")
+    return verified, problems
+
+
+def _check_checkpoints(
+    walk: _Walk,
+    stored: list[Checkpoint],
+    trusted: TrustedKeys | None,
+    exported: Checkpoint | None,
+    interval_s: float | None,
+) -> tuple[int, int | None, list[str], list[str]]:
+    """Check stored and exported checkpoints; return (verified, newest verified seq, problems, notes)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    verified = 0
+    last: int | None = None
+    if trusted is None:
+        if stored or exported:
+            notes.append("checkpoint signatures not checked: no public key given")
+        return 0, None, problems, notes
+    for cp in stored:
+        why = _check_one(cp, walk, trusted, "stored")
+        if why:
+            problems.append(why)
+        else:
+            verified += 1
+            last = cp.seq
+    if exported is not None:
+        why = _check_one(exported, walk, trusted, "exported")
+        if why:
+            problems.append(why)
+        elif last is None or exported.seq > last:
+            last = exported.seq
+    else:
+        notes.append("no exported checkpoint given: deletion of the newest rows cannot be detected")
+    if walk.rows and last is None and walk.bad_seq is None:
+        notes.append("no verified checkpoint covers any row")
+    if interval_s is not None and walk.bad_seq is None and walk.rows > (last or 0) and walk.last_ts:
+        first_unsealed = walk.ts_of.get(last) if last else walk.first_ts
+        if first_unsealed is not None:
+            start = parse_ts(first_unsealed)
+            gap = (parse_ts(walk.last_ts) - start).total_seconds()
+            if gap > 2 * interval_s + 60:
+                problems.append(
+                    f"rows after seq {last or 0} span {gap:.0f} s with no signed checkpoint "
+                    f"(due every {interval_s:.0f} s): checkpoints may have been deleted"
+                )
+    return verified, last, problems, notes
+
+
+def _check_one(cp: Checkpoint, walk: _Walk, trusted: TrustedKeys, where: str) -> str | None:
+    """Return why one checkpoint fails, or None."""
+    why = trusted.check(cp)
+    if why:
+        return f"{where} {why}"
+    if cp.seq > walk.rows:
+        if walk.bad_seq is None:
+            return (
+                f"{where} checkpoint seals row {cp.seq} but the log ends at row {walk.rows}: "
+                f"rows {walk.rows + 1}..{cp.seq} were deleted"
+            )
+        return None  # the walk stopped early; that failure is already reported
+    if walk.hashes.get(cp.seq) != cp.row_hash:
+        return (
+            f"{where} checkpoint at seq {cp.seq} does not match row {cp.seq}'s hash: "
+            "the chain was recomputed after it was signed"
+        )
     return None
+
+
+def with_note(res: VerifyResult, note: str) -> VerifyResult:
+    """Return ``res`` with one more note."""
+    return replace(res, notes=(*res.notes, note))

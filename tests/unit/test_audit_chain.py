@@ -40,9 +40,7 @@ def test_canonical_json_ignores_insertion_order() -> None:
 
 def test_row_hash_matches_the_written_rule() -> None:
     row = {"seq": 1, "ts": T0, "kind": "k", "actor": "gateway", "event_id": None, "device_id": None}
-    body = json.dumps(
-        {**row, "data": '{"a":1}'}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
+    body = json.dumps({**row, "data": '{"a":1}'}, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     expected = hashlib.sha256(b"\x00" + bytes(32) + body).hexdigest()
     assert compute_row_hash(GENESIS_HASH, 1, T0, "k", "gateway", None, None, '{"a":1}') == expected
 
