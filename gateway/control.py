@@ -1,8 +1,17 @@
 """The control loop: snapshot -> plan (pure) -> limits (pure) -> dispatch, once a tick.
 
 It ticks every ``control.tick_s`` and at once when the event book changes. Closed loop on
-the facility meter: the planner's model gives the feedforward, an integral term on the
-meter error corrects for what the model does not know (cooling, CPU load, lag).
+the facility meter: the planner's model gives the feedforward (baseline minus target), and a
+disturbance observer learns what the model misses (cooling, CPU load, a natural draw that
+drifted, a device that dropped out) by comparing the meter with what the model predicts for
+the setpoints really in force. Because the observer compares against the applied (ramp- and
+limit-clamped) setpoints, it does not wind up while a ramp holds the plant back, and with a
+gain in (0, 1] it converges without overshoot when the model is right.
+
+Reductions and recoveries are ramps, never cliffs: a ramp fraction (0..1) of the event's
+reduction moves at the event's (or config's) ramp-up and recovery rates, and the total planned
+shed moves at most ``limits.facility_ramp_w_per_s``. Devices are released when the recovery
+ramp is done.
 """
 
 from __future__ import annotations
@@ -10,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
-from gateway import planner
+from gateway import planner, shedprofile
+from gateway.accounting import EventAccount
+from gateway.allocation import it_shed_at_caps_w
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
@@ -21,16 +33,18 @@ from gateway.events import EventBook, Feasibility
 from gateway.interfaces import AuditSink, Battery, GpuFleet, Meter
 from gateway.limits import limit
 from gateway.logs import get_logger
-from gateway.model import BatteryState, DemandEvent, GpuState, SignalName, Snapshot, Target, TargetKind
+from gateway.model import BatteryState, DemandEvent, GpuState, Opt, Snapshot, Target
 
 log = get_logger("gateway.control")
 
 NATURAL_EWMA = 0.3  # weight of a new uncapped reading in each GPU's natural-draw estimate
+RELEASE_BELOW_W = 1.0  # a recovery is done when the planned shed is below this
+BASELINE_HOLD_S = 60.0  # after a release the site takes a while to return to normal: keep the baseline
 
 
 @dataclass(frozen=True)
 class TickRecord:
-    """What one tick saw and did; kept for the demo summary and accounting."""
+    """What one tick saw and did; kept for the demo summary and metrics."""
 
     t: datetime
     event_id: str | None
@@ -40,6 +54,7 @@ class TickRecord:
     gpu_w: float
     throughput: float
     natural_throughput: float
+    phase: str = ""  # ramp_up | active | recovery while an event is under control
 
 
 class ControlLoop:
@@ -64,22 +79,29 @@ class ControlLoop:
         self.dispatcher = dispatcher
         self.audit = audit
         self.clock = clock
-        self.ctx = planner.PlanContext(
-            tier_max_loss={k: t.max_loss_fraction for k, t in cfg.gpus.tiers.items()},
-            cooling_overhead=cfg.site.cooling_overhead,
-            soc_floor_pct=cfg.limits.soc_floor_pct + cfg.limits.ups_reserve_pct,
-        )
+        self.ctx = planner.context_from_config(cfg)
         self.natural_w: dict[str, float] = {}
         self.natural_tput: dict[str, float] = {}
         self.baseline_w: float | None = None
         self.last: Snapshot | None = None
+        self.last_plan: planner.Plan | None = None
         self.records: list[TickRecord] = []
+        self.account: EventAccount | None = None
+        self.accounts: dict[str, dict[str, Any]] = {}  # finished events' accounting by event id
         self._event_id: str | None = None
+        self._phase = ""
+        self._frac = 0.0  # share of the event's reduction asked now (ramps)
+        self._bias_w = 0.0  # observer: facility power the model misses (W)
         self._required_shed_w = 0.0
-        self._last_tick_mono: float | None = None
+        self._limit_full_w: float | None = None
         self._limit_w: float | None = None
-        self._fresh = False
+        self._last_tick_mono: float | None = None
+        self._battery_seen_mono: float | None = None  # when the battery last answered a read
+        self._gpus_seen_mono: float | None = None  # when the GPU fleet last answered a read
+        self._baseline_hold_until = -1e18  # monotonic time before which the baseline is not updated
         self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
+
+    # -- reading the site -------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
         """Read every device concurrently into one snapshot; a failed read becomes a fault."""
@@ -155,35 +177,43 @@ class ControlLoop:
                 self.natural_w[g.gpu_id] = g.power_w if old is None else (old + NATURAL_EWMA * (g.power_w - old))
                 if g.throughput is not None:
                     self.natural_tput[g.gpu_id] = g.throughput
-        if self._event_id is None and snap.facility_w is not None:
+        if (
+            self._event_id is None
+            and snap.facility_w is not None
+            and self.clock.monotonic() >= self._baseline_hold_until
+        ):
             b = self.baseline_w
             self.baseline_w = snap.facility_w if b is None else b + 0.3 * (snap.facility_w - b)
 
+    # -- the opt decision -------------------------------------------------------------------------
+
+    def profile(self, ev: DemandEvent, baseline_w: float) -> list[tuple[datetime, float, float]]:
+        """Return the event's intervals as (start, duration_s, facility shed W)."""
+        ask_at = getattr(self.book, "ask_at", None)
+        return shedprofile.event_profile(
+            ev, baseline_w, self.cfg.openadr.simple_levels, ask_at if callable(ask_at) else None
+        )
+
     def feasibility(self, ev: DemandEvent, book: EventBook) -> Feasibility:
-        """Estimate whether the site can deliver this event, from the latest snapshot."""
+        """Estimate whether the site can deliver this event for its whole length, from the latest snapshot."""
         snap = self.last
         base = self.baseline_w or (snap.facility_w if snap and snap.facility_w else 0.0)
-        required = 0.0
-        for sig in ev.signals:
-            peak = max((iv.value for iv in sig.intervals), default=0.0)
-            if sig.name is SignalName.SIMPLE:
-                required = max(required, self.cfg.openadr.simple_levels.get(str(int(peak)), 0.0) * base)
-            elif sig.signal_type == "setpoint":
-                low = min((iv.value for iv in sig.intervals), default=base)
-                required = max(required, base - low)
-            else:
-                required = max(required, peak)
+        prof = [(d, shed) for _, d, shed in self.profile(ev, base)]
+        required = max((shed for _, shed in prof), default=0.0)
         if snap is None:
             return Feasibility(True, required, float("nan"), "no site snapshot yet: opting in")
-        avail = planner.max_shed_w(snap.battery, snap.gpus, self.natural_w, self.ctx, ev.duration_s)
-        ok = avail >= required
-        reason = (
-            f"feasible: need {required:.0f} W, can shed {avail:.0f} W for {ev.duration_s:.0f} s"
-            if ok
-            else f"infeasible: need {required:.0f} W, can shed only {avail:.0f} W "
-            f"for {ev.duration_s:.0f} s (shortfall {required - avail:.0f} W)"
-        )
-        return Feasibility(ok, required, avail, reason)
+        rep = planner.feasibility(prof, snap.battery, snap.gpus, self.natural_w, self.ctx)
+        if rep.feasible and required > self.cfg.limits.max_shed_w:
+            return Feasibility(
+                False,
+                required,
+                self.cfg.limits.max_shed_w,
+                f"infeasible: need {required:.0f} W, limits.max_shed_w allows {self.cfg.limits.max_shed_w:.0f} W "
+                f"(shortfall {required - self.cfg.limits.max_shed_w:.0f} W)",
+            )
+        return Feasibility(rep.feasible, rep.required_w, rep.available_w, rep.reason(ev.duration_s))
+
+    # -- the tick ---------------------------------------------------------------------------------
 
     async def tick(self) -> TickRecord:
         """Run one control cycle and return what it saw and did."""
@@ -193,51 +223,151 @@ class ControlLoop:
         dt = self.cfg.control.tick_s if self._last_tick_mono is None else mono - self._last_tick_mono
         self._last_tick_mono = mono
         target = self.book.target_at(now)
-        if target is None or snap.facility_w is None and self._event_id is None:
+        upcoming = self._upcoming(now) if target is None else None
+        lead = target if target is not None else (upcoming[0] if upcoming else None)
+        can_start = snap.facility_w is not None or self.baseline_w is not None
+        if lead is not None and lead.event_id != self._event_id and can_start:
             if self._event_id is not None:
-                await self._end_event("event ended or cancelled")
-        else:
-            if self._event_id != target.event_id:
-                if self._event_id is not None:
-                    await self._end_event(f"superseded by {target.event_id}")
-                await self._start_event(target, snap)
-            await self._control(target, snap, dt)
-        rec = self._record(snap)
-        return rec
+                await self._close_event(f"superseded by {lead.event_id}")
+            await self._start_event(lead, snap)
+        if self._event_id is not None:
+            if target is not None and target.event_id == self._event_id:
+                goal, ours = shedprofile.ramp_fraction(target), target
+                self._phase = "active" if goal >= 1.0 else ("recovery" if self._past_end(now) else "ramp_up")
+            elif upcoming is not None and upcoming[0].event_id == self._event_id:
+                goal, ours, self._phase = upcoming[1], upcoming[0], "ramp_up"
+            else:
+                goal, ours, self._phase = 0.0, None, "recovery"
+            done = await self._control(ours, snap, dt, goal)
+            if done:
+                await self._end_event(self._end_reason())
+        return self._record(snap)
+
+    def _event(self, event_id: str | None) -> DemandEvent | None:
+        """Return the latest version of an event from the book."""
+        for ev, _ in self.book.events():
+            if ev.event_id == event_id:
+                return ev
+        return None
+
+    def _window(self, ev: DemandEvent) -> tuple[datetime, datetime]:
+        """Return the event's active period, shifted by the randomized start the book drew."""
+        delay = timedelta(seconds=self._start_delay_s(ev))
+        return ev.start + delay, ev.end + delay
+
+    def _past_end(self, now: datetime) -> bool:
+        """Return whether the event under control has passed its end."""
+        ev = self._event(self._event_id)
+        return ev is not None and now >= self._window(ev)[1]
+
+    def _upcoming(self, now: datetime) -> tuple[Target, float] | None:
+        """Return the target of an opted-in event about to start whose ramp-up window covers ``now``."""
+        best: tuple[datetime, Target, float] | None = None
+        for ev, opt in self.book.events():
+            if opt is not Opt.IN or ev.cancelled:
+                continue
+            start = ev.start + timedelta(seconds=self._start_delay_s(ev))
+            frac = shedprofile.ramp_window_fraction(now, start, ev.ramp_up_s or self.cfg.control.ramp_up_s)
+            if frac is None:
+                continue
+            target = self.book.target_at(start)
+            if target is None or target.event_id != ev.event_id:
+                continue
+            if best is None or start < best[0]:
+                best = (start, target, frac)
+        return (best[1], best[2]) if best else None
+
+    def _start_delay_s(self, ev: DemandEvent) -> float:
+        """Return the randomized start delay (s) the book drew for an event (``startafter``)."""
+        drawn = getattr(self.book, "start_delay_s", None)
+        delay = drawn(ev.event_id) if callable(drawn) else None
+        return float(delay) if delay is not None else ev.start_after_s
+
+    def _ramp_s(self) -> tuple[float, float]:
+        """Return the (ramp-up, recovery) durations (s) for the event under control."""
+        ev = self._event(self._event_id)
+        up = (ev.ramp_up_s if ev is not None else 0.0) or self.cfg.control.ramp_up_s
+        down = (ev.recovery_s if ev is not None else 0.0) or self.cfg.control.recovery_s
+        return up, down
+
+    def _end_reason(self) -> str:
+        """Return why the event under control ended."""
+        ev = self._event(self._event_id)
+        if ev is not None and ev.cancelled:
+            return "event cancelled"
+        return "event ended or cancelled"
 
     async def _start_event(self, target: Target, snap: Snapshot) -> None:
-        """Freeze the baseline and seed the shed integrator for a newly active event."""
+        """Freeze the baseline, open the event's accounting, and audit the start."""
         base = self.baseline_w if self.baseline_w is not None else (snap.facility_w or 0.0)
+        self.baseline_w = base
         self._event_id = target.event_id
-        self._limit_w = target.facility_limit_w(base)
-        self._required_shed_w = max(0.0, base - self._limit_w)
-        self._fresh = True  # this tick's meter reading predates the first dispatch
+        self._limit_full_w = shedprofile.full_limit_w(target, base)
+        self._limit_w = base
+        ev = self._event(target.event_id)
+        up, down = self._ramp_s()
+        start, end = self._window(ev) if ev is not None else (snap.t, snap.t + timedelta(hours=1))
+        self.account = EventAccount(
+            target.event_id,
+            start,
+            end,
+            base,
+            self.ctx.tier_max_loss,
+            self.ctx.cooling_overhead,
+            recovery_s=down,
+            mode=self.cfg.planning.tier_budget,
+            burst=self.cfg.planning.tier_burst_factor,
+            margin=self.cfg.planning.tier_budget_margin,
+        )
         await self.audit.append(
             "event.start",
             {
                 "baseline_w": round(base, 1),
-                "limit_w": round(self._limit_w, 1),
+                "limit_w": round(self._limit_full_w, 1),
                 "target": target.kind.value,
                 "value": target.value,
                 "modification_number": target.modification_number,
+                "ramp_up_s": up,
+                "recovery_s": down,
+                "battery_policy": self.ctx.battery_policy,
+                "tier_budget": self.cfg.planning.tier_budget,
             },
             event_id=target.event_id,
         )
-        log.info("event active", event_id=target.event_id, baseline_w=round(base), limit_w=round(self._limit_w))
+        log.info("event active", event_id=target.event_id, baseline_w=round(base), limit_w=round(self._limit_full_w))
 
-    async def _control(self, target: Target, snap: Snapshot, dt: float) -> None:
-        """Correct the required shed from the meter, plan, limit and dispatch."""
+    async def _control(self, target: Target | None, snap: Snapshot, dt: float, goal: float) -> bool:
+        """Update the observer and the ramp, plan, limit and dispatch; return True when recovery is done."""
         base = self.baseline_w or 0.0
-        limit_w = target.facility_limit_w(base) if target.kind is not TargetKind.CAP_W else target.value
-        self._limit_w = limit_w
-        remaining = self._remaining_s(target)
-        ceiling = planner.max_shed_w(snap.battery, snap.gpus, self.natural_w, self.ctx, remaining)
-        ceiling = min(ceiling, self.cfg.limits.max_shed_w)
-        if snap.facility_w is not None and not self._fresh:
-            self._required_shed_w += self.cfg.control.gain * (snap.facility_w - limit_w)
-        self._fresh = False
-        self._required_shed_w = min(max(self._required_shed_w, 0.0), ceiling)
-        p = planner.plan(self._required_shed_w, snap.battery, snap.gpus, self.natural_w, self.ctx, remaining)
+        if target is not None:
+            self._limit_full_w = shedprofile.full_limit_w(target, base)
+        full = self._limit_full_w if self._limit_full_w is not None else base
+        if snap.battery is not None:
+            self._battery_seen_mono = self.clock.monotonic()
+        if snap.gpus:
+            self._gpus_seen_mono = self.clock.monotonic()
+        if snap.facility_w is not None:
+            predicted = base + self._bias_w - self._applied_shed_w(snap)
+            self._bias_w += self.cfg.control.gain * (snap.facility_w - predicted)
+            self._bias_w = min(max(self._bias_w, -base), base)
+        if self.account is not None:
+            ev = self._event(self._event_id)
+            if ev is not None:  # a modification may move or stretch the event: budgets follow it
+                self.account.start, self.account.end = self._window(ev)
+            self.account.add(snap, dt, self.natural_w, self.natural_tput, set(self.dispatcher.caps_w))
+        up_s, down_s = self._ramp_s()
+        rise = dt / up_s if up_s > 0 else 1.0
+        fall = dt / down_s if down_s > 0 else 1.0
+        self._frac = min(1.0, max(0.0, self._frac + min(max(goal - self._frac, -fall), rise)))
+        nominal = max(0.0, base - full)
+        raw = min(max(self._frac * (nominal + self._bias_w), 0.0), self.cfg.limits.max_shed_w)
+        step = self.cfg.limits.facility_ramp_w_per_s * max(dt, 0.0)
+        prev = self._required_shed_w
+        self._required_shed_w = max(0.0, prev + min(max(raw - prev, -step), step))
+        self._limit_w = base - self._frac * nominal
+        if self._phase == "recovery" and self._frac <= 0.0 and self._required_shed_w < RELEASE_BELOW_W:
+            return True
+        p = self._plan(snap, base)
         lim = limit(
             p.battery_w if snap.battery else None,
             p.gpu_caps_w,
@@ -251,59 +381,125 @@ class ControlLoop:
         await self.audit.append(
             "control.tick",
             {
+                "phase": self._phase,
                 "facility_w": None if snap.facility_w is None else round(snap.facility_w, 1),
-                "limit_w": round(limit_w, 1),
+                "limit_w": round(self._limit_w, 1),
+                "ramp_fraction": round(self._frac, 4),
+                "bias_w": round(self._bias_w, 1),
                 "required_shed_w": round(self._required_shed_w, 1),
                 "battery_w": None if lim.battery_w is None else round(lim.battery_w, 1),
                 "gpus_capped": sum(1 for g in snap.gpus if lim.gpu_caps_w.get(g.gpu_id, g.max_cap_w) < g.max_cap_w),
+                "planned_throughput_kept": round(p.throughput_kept_fraction, 4),
                 "shortfall_w": round(p.shortfall_w, 1),
                 "limit_notes": list(lim.notes),
                 "faults": list(snap.faults),
             },
-            event_id=target.event_id,
+            event_id=self._event_id,
         )
         defaults = {g.gpu_id: g.default_cap_w for g in snap.gpus}
-        await self.dispatcher.apply(lim.battery_w, lim.gpu_caps_w, target.event_id, defaults)
+        await self.dispatcher.apply(lim.battery_w, lim.gpu_caps_w, self._event_id, defaults)
+        return False
+
+    def _plan(self, snap: Snapshot, base: float) -> planner.Plan:
+        """Plan this tick's setpoints: budgets from the account, the rest of the event for the battery."""
+        now = snap.t
+        ev = self._event(self._event_id)
+        remaining, horizon = 60.0, []
+        if ev is not None:
+            _, down_s = self._ramp_s()
+            end = self._window(ev)[1]
+            remaining = max(1.0, (end - now).total_seconds()) if now < end else max(1.0, down_s)
+            if self._phase == "active":
+                on_own_clock = now - timedelta(seconds=self._start_delay_s(ev))  # the profile is unrandomized
+                horizon = shedprofile.horizon_after(self.profile(ev, base), on_own_clock, self._bias_w)
+        allowance = self.account.allowances(snap.gpus, now) if self.account is not None else None
+        # A device that stopped answering may still hold its setpoint until its lease lapses: not ours to plan.
+        out_of_reach = self._battery_out_of_reach_w(snap) + self._gpus_out_of_reach_w(snap)
+        p = planner.plan(
+            max(0.0, self._required_shed_w - out_of_reach),
+            snap.battery,
+            snap.gpus,
+            self.natural_w,
+            self.ctx,
+            remaining,
+            allowance=allowance,
+            horizon=horizon,
+        )
+        self.last_plan = p
+        return p
+
+    def _battery_out_of_reach_w(self, snap: Snapshot) -> float:
+        """Return what an unanswering battery is assumed to still discharge (W): its last setpoint, until its lease."""
+        if snap.battery is not None or self._battery_seen_mono is None:
+            return 0.0
+        if self.clock.monotonic() - self._battery_seen_mono >= self.cfg.control.lease_s:
+            return 0.0
+        return self.dispatcher.battery_w or 0.0
+
+    def _caps_shed_w(self) -> float:
+        """Return the facility shed (W) the model expects from the GPU caps last confirmed."""
+        caps = self.dispatcher.caps_w
+        it = it_shed_at_caps_w([self.natural_w.get(g, 0.0) for g in caps], list(caps.values()))
+        return it * (1.0 + self.ctx.cooling_overhead)
+
+    def _gpus_out_of_reach_w(self, snap: Snapshot) -> float:
+        """Return the shed (W) of caps on an unanswering fleet: they hold until their lease lapses."""
+        if snap.gpus or self._gpus_seen_mono is None:
+            return 0.0
+        if self.clock.monotonic() - self._gpus_seen_mono >= self.cfg.control.lease_s:
+            return 0.0
+        return self._caps_shed_w()
+
+    def _applied_shed_w(self, snap: Snapshot) -> float:
+        """Return the facility shed (W) the model expects from the setpoints in force at ``snap``."""
+        battery_w = snap.battery.power_w if snap.battery is not None else self._battery_out_of_reach_w(snap)
+        gpus_w = self._caps_shed_w() if snap.gpus else self._gpus_out_of_reach_w(snap)
+        return battery_w + gpus_w
 
     def _current_caps(self, snap: Snapshot) -> dict[str, float]:
         """Return the caps last commanded (or read) per GPU, for ramp limiting."""
         return {g.gpu_id: self.dispatcher.caps_w.get(g.gpu_id, g.cap_w) for g in snap.gpus}
 
-    def _remaining_s(self, target: Target) -> float:
-        """Return seconds left in the target's event."""
-        for ev, _ in self.book.events():
-            if ev.event_id == target.event_id:
-                return max(1.0, (ev.end - self.clock.now()).total_seconds())
-        return 3600.0
+    # -- ending -----------------------------------------------------------------------------------
+
+    async def _close_event(self, reason: str) -> None:
+        """Audit the event's end and its accounting (totals and per job); keep its summary."""
+        ev_id = self._event_id
+        summary = self.account.summary() if self.account is not None else {}
+        totals = {k: v for k, v in summary.items() if k != "jobs"}
+        await self.audit.append("event.end", {"reason": reason, **totals}, event_id=ev_id)
+        if summary:
+            await self.audit.append("event.accounting", summary, event_id=ev_id)
+            log.info(
+                "event accounting",
+                event_id=ev_id,
+                facility_energy_shed_wh=summary["facility_energy_shed_wh"],
+                battery_energy_wh=summary["battery_energy_wh"],
+                throughput_kept_fraction=summary["throughput_kept_fraction"],
+                tier_violations=summary["tier_violations"],
+            )
+        if ev_id is not None:
+            self.accounts[ev_id] = summary
+        self.account = None
 
     async def _end_event(self, reason: str) -> None:
         """Release everything for the event that just ended and audit its accounting."""
-        ev_id = self._event_id
-        await self.dispatcher.release(reason, ev_id)
-        await self.audit.append("event.end", {"reason": reason, **self.accounting(ev_id)}, event_id=ev_id)
+        await self.dispatcher.release(reason, self._event_id)
+        self._baseline_hold_until = self.clock.monotonic() + max(BASELINE_HOLD_S, 3 * self.cfg.control.tick_s)
+        await self._close_event(reason)
         self._event_id = None
-        self._limit_w = None
-        self._required_shed_w = 0.0
+        self._phase = ""
+        self._limit_w = self._limit_full_w = None
+        self._required_shed_w = self._frac = self._bias_w = 0.0
 
-    def accounting(self, event_id: str | None) -> dict[str, float]:
-        """Return energy shed, battery energy and throughput kept over one event's ticks."""
-        recs = [r for r in self.records if r.event_id == event_id and r.event_id is not None]
-        if len(recs) < 2:
+    def accounting(self, event_id: str | None) -> dict[str, Any]:
+        """Return one event's accounting totals (energy shed, battery energy, throughput kept, ...)."""
+        if event_id is None:
             return {}
-        e_batt = e_shed = tput = nat = 0.0
-        base = self.baseline_w or 0.0
-        for a, b in zip(recs, recs[1:], strict=False):
-            h = (b.t - a.t).total_seconds() / 3600.0
-            e_batt += a.battery_w * h
-            if a.facility_w is not None:
-                e_shed += (base - a.facility_w) * h
-            tput += a.throughput * h
-            nat += a.natural_throughput * h
-        return {
-            "battery_energy_wh": round(e_batt, 1),
-            "facility_energy_shed_wh": round(e_shed, 1),
-            "throughput_kept_fraction": round(tput / nat, 4) if nat else 1.0,
-        }
+        summary = self.accounts.get(event_id)
+        if summary is None and self.account is not None and self.account.event_id == event_id:
+            summary = self.account.summary()
+        return dict(summary or {})
 
     def _record(self, snap: Snapshot) -> TickRecord:
         """Keep a bounded history of ticks."""
@@ -318,6 +514,7 @@ class ControlLoop:
             gpu_w=sum(g.power_w for g in snap.gpus),
             throughput=tput,
             natural_throughput=nat,
+            phase=self._phase,
         )
         self.records.append(rec)
         if len(self.records) > 100_000:
@@ -342,6 +539,8 @@ class ControlLoop:
                     await f
 
     async def shutdown(self, reason: str) -> None:
-        """Release everything on the way out."""
-        if self._event_id is not None or self.dispatcher.active:
-            await self._end_event(reason) if self._event_id else await self.dispatcher.release(reason)
+        """Release everything on the way out (no recovery ramp: the process is going away)."""
+        if self._event_id is not None:
+            await self._end_event(reason)
+        elif self.dispatcher.active:
+            await self.dispatcher.release(reason)

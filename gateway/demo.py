@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TextIO
 
@@ -61,6 +61,7 @@ class DemoResult:
     throughput_kept: float
     released: bool
     records: list[TickRecord]
+    accounting: dict[str, Any] = field(default_factory=dict)  # the control loop's event accounting
 
 
 def demo_config(
@@ -265,13 +266,14 @@ def _result(event_id: str, db_url: str, gw: Gateway, released: bool) -> DemoResu
     return DemoResult(
         event_id=event_id,
         db_url=db_url,
-        baseline_w=gw.loop.baseline_w or 0.0,
+        baseline_w=float(acct.get("baseline_w") or gw.loop.baseline_w or 0.0),  # frozen at the event's start
         limit_w=sum(limits) / len(limits) if limits else 0.0,
         mean_facility_w=sum(facility) / len(facility) if facility else 0.0,
         battery_energy_wh=float(acct.get("battery_energy_wh", 0.0)),
         throughput_kept=float(acct.get("throughput_kept_fraction", 1.0)),
         released=released,
         records=recs,
+        accounting=acct,
     )
 
 
@@ -289,7 +291,36 @@ def print_summary(res: DemoResult, out: TextIO = sys.stdout) -> None:
     )
     print(f"battery energy delivered   {res.battery_energy_wh / 1000:8.2f} kWh", file=out)
     print(f"GPU throughput kept        {100 * res.throughput_kept:8.1f} %", file=out)
+    _print_accounting(res.accounting, out)
     print(f"released at end            {'yes' if res.released else 'NO'}", file=out)
     print(f"\naudit log: {res.db_url}", file=out)
     print(f"  drgw audit verify --db {res.db_url}", file=out)
     print(f"  drgw audit event {res.event_id} --db {res.db_url}", file=out)
+
+
+def _print_accounting(acct: dict[str, Any], out: TextIO) -> None:
+    """Print the event's energy and per-job accounting lines (from the control loop)."""
+    if not acct:
+        return
+    print(
+        f"energy shed at the meter   {acct['facility_energy_shed_wh'] / 1000:8.2f} kWh (baseline minus metered)",
+        file=out,
+    )
+    print(f"  of which GPU caps        {acct['gpu_energy_shed_wh'] / 1000:8.2f} kWh (with cooling)", file=out)
+    before, during = acct.get("tokens_per_s_per_w_before"), acct.get("tokens_per_s_per_w_during")
+    if before and during:
+        print(f"work per watt (tokens/s/W) {before:8.3f} before, {during:.3f} during the event", file=out)
+    jobs = acct.get("jobs", [])
+    over = acct.get("tier_violations", 0)
+    verdict = f"all {len(jobs)} jobs within budget" if not over else f"{over} of {len(jobs)} jobs OVER budget"
+    label = f"tier budgets ({acct.get('tier_budget', 'event')})"
+    print(f"{label:<27}{verdict}", file=out)
+    for j in jobs:
+        eff = ""
+        if j.get("tokens_per_s_per_w_before") and j.get("tokens_per_s_per_w_during"):
+            eff = f"  tokens/s/W {j['tokens_per_s_per_w_before']:.2f} -> {j['tokens_per_s_per_w_during']:.2f}"
+        print(
+            f"  {j['job']:<28} {j['gpus']:3d} GPUs  lost {100 * j['throughput_lost_fraction']:5.1f} % "
+            f"of {100 * j['max_loss_fraction']:4.0f} % allowed{eff}",
+            file=out,
+        )

@@ -1,6 +1,8 @@
-"""The pure planner: battery first, GPU caps within tiers, least weighted loss."""
+"""The pure planner: battery by policy, GPU caps within tiers at least weighted loss, feasibility."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -85,11 +87,15 @@ def test_flex0_and_decode_never_capped_below_natural_loss() -> None:
         assert g.min_cap_w <= p.gpu_caps_w[g.gpu_id] <= g.max_cap_w
 
 
-def test_more_flexible_jobs_shed_first() -> None:
+def test_tier_weights_decide_who_sheds_first() -> None:
     gpus = (_gpu(0, tier="flex1"), _gpu(1, tier="flex3"))
-    p = planner.plan(150.0, None, gpus, _natural(gpus), CTX, remaining_s=600)
+    weighted = replace(CTX, tier_weight={"flex1": 10.0, "flex3": 1.0})
+    p = planner.plan(150.0, None, gpus, _natural(gpus), weighted, remaining_s=600)
     assert p.gpu_caps_w["g1"] < 700.0
     assert p.gpu_caps_w["g0"] == 700.0
+    # With equal weights (the default) identical jobs share the shed: the least total loss.
+    even = planner.plan(150.0, None, gpus, _natural(gpus), CTX, remaining_s=600)
+    assert even.gpu_caps_w["g0"] == pytest.approx(even.gpu_caps_w["g1"])
 
 
 @pytest.mark.parametrize("need", [500.0, 1500.0, 3000.0, 6000.0])
@@ -105,3 +111,64 @@ def test_max_shed_matches_plan_at_infinite_need() -> None:
     most = planner.max_shed_w(_battery(), gpus, _natural(gpus), CTX, duration_s=3600)
     p = planner.plan(1e9, _battery(), gpus, _natural(gpus), CTX, remaining_s=3600)
     assert p.expected_shed_w == pytest.approx(most, rel=1e-6)
+
+
+def test_allowance_overrides_the_tier_for_this_tick() -> None:
+    gpus = tuple(_gpu(i, tier="flex2") for i in range(4))
+    full = planner.plan(1e6, None, gpus, _natural(gpus), CTX, remaining_s=600)
+    spent = planner.plan(1e6, None, gpus, _natural(gpus), CTX, remaining_s=600, allowance={"g0": 0.0, "g1": 0.05})
+    assert spent.gpu_caps_w["g0"] == 700.0
+    kept1 = gpumodel.throughput_fraction_at_cap(spent.gpu_caps_w["g1"], gpus[1].power_w, 1.0)
+    assert kept1 == pytest.approx(0.95, abs=1e-9)
+    assert spent.gpu_facility_shed_w < full.gpu_facility_shed_w
+
+
+def test_min_cap_fraction_is_respected_by_the_plan() -> None:
+    gpus = tuple(_gpu(i, tier="flex3") for i in range(2))
+    ctx = replace(CTX, min_cap_fraction=0.8)
+    p = planner.plan(1e6, None, gpus, _natural(gpus), ctx, remaining_s=600)
+    assert all(c >= 560.0 - 1e-9 for c in p.gpu_caps_w.values())
+
+
+def test_deepest_policy_keeps_battery_energy_for_the_deeper_interval() -> None:
+    # 6 kWh usable, 5 kW max: an hour at 2 kW now, then an hour at 6 kW. Water-filling gives the
+    # GPUs the same 1 kW in both hours (battery 1 kW now, 5 kW later); spreading gives 2 kW, then 4 kW.
+    batt = _battery(max_w=5000.0, cap_wh=10_000.0)
+    gpus = tuple(_gpu(i, tier="flex3") for i in range(40))
+    nat = _natural(gpus)
+    later = [(3600.0, 6000.0)]
+    deep = planner.plan(2000.0, batt, gpus, nat, CTX, remaining_s=7200, horizon=later)
+    spread = planner.plan(2000.0, batt, gpus, nat, replace(CTX, battery_policy="spread"), 7200, horizon=later)
+    assert deep.battery_w < spread.battery_w
+    sched = planner.battery_schedule([(3600.0, 2000.0), (3600.0, 6000.0)], 5000.0, 6000.0, 1e9, "deepest")
+    assert sched[0] == pytest.approx(1000.0, abs=1.0) and sched[1] == pytest.approx(5000.0, abs=1.0)
+    assert 2000.0 - sched[0] == pytest.approx(6000.0 - sched[1], abs=1.0)
+    flat = planner.battery_schedule([(3600.0, 2000.0), (3600.0, 6000.0)], 5000.0, 6000.0, 1e9, "spread")
+    assert flat == pytest.approx([2000.0, 4000.0], abs=1.0)
+
+
+def test_battery_covers_what_the_gpus_cannot_before_anything_else() -> None:
+    # GPUs can give 3 kW; the second hour needs 7 kW: 4 kW of it must come from the battery.
+    sched = planner.battery_schedule([(3600.0, 2500.0), (3600.0, 7000.0)], 5000.0, 4500.0, 3000.0, "spread")
+    assert sched == pytest.approx([500.0, 4000.0], abs=1.0)
+    # Not even that much energy: shave the worst shortfall.
+    short = planner.battery_schedule([(3600.0, 5000.0), (3600.0, 7000.0)], 5000.0, 3000.0, 3000.0, "deepest")
+    assert short[1] > short[0] and sum(short) == pytest.approx(3000.0, abs=1.0)
+
+
+def test_feasibility_answers_for_the_whole_profile_with_the_shortfall() -> None:
+    gpus = tuple(_gpu(i, tier="flex2") for i in range(16))
+    nat = _natural(gpus)
+    gpu_w = planner.gpu_flex_w(gpus, nat, CTX) * 1.25
+    batt = _battery(max_w=5000.0, cap_wh=20_000.0)  # 12 kWh usable
+    ok = planner.feasibility([(3600.0, gpu_w + 4000.0)], batt, gpus, nat, CTX)
+    assert ok.feasible and ok.shortfall_w == 0.0 and "feasible" in ok.reason(3600)
+    # Three hours at +5 kW need 15 kWh: short by 3 kWh, i.e. 1 kW all along.
+    no = planner.feasibility([(3 * 3600.0, gpu_w + 5000.0)], batt, gpus, nat, CTX)
+    assert not no.feasible
+    assert no.shortfall_w == pytest.approx(1000.0, rel=1e-3)
+    assert no.shortfall_wh == pytest.approx(3000.0, rel=1e-3)
+    assert "shortfall" in no.reason(3 * 3600)
+    # A short deep interval is fine when the battery is kept for it.
+    peak = planner.feasibility([(3000.0, gpu_w), (600.0, gpu_w + 5000.0)], batt, gpus, nat, CTX)
+    assert peak.feasible and peak.required_w == pytest.approx(gpu_w + 5000.0)
