@@ -5,25 +5,30 @@ setpoint is written together with remote mode, the device's revert timer (``watc
 the lease or the configured revert period, whichever is shorter) and a heartbeat, then read
 back. If the gateway stops refreshing, the device reverts to 0 W on its own.
 
-A device that does not answer is backed off: after a failure every call fails fast with
-``DeviceUnavailable`` until the backoff window (doubling to a cap) has passed, and the
-driver logs "unavailable" once and "recovered" once.
+Before commanding, the device's local/remote switch (optional role ``remote_enabled``) is
+checked: in local control a setpoint is refused with ``DeviceRejected`` and nothing is sent.
+A map's ``control.max_ramp_w_per_s`` limits how fast the commanded setpoint moves. A UPS
+map is refused unless it says ``dispatchable: true``; a meter map always.
+
+A device that does not answer is backed off (``protocols.modbus.link``): every call fails
+fast with ``DeviceUnavailable`` until the backoff window has passed, and the driver logs
+"unavailable" once and "recovered" once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, InputRejected, ReadbackMismatch
-from gateway.logs import get_logger
+from gateway.errors import ConfigError, DeviceRejected, InputRejected, ReadbackMismatch
 from gateway.model import BatteryState
 from protocols.modbus import codec
+from protocols.modbus.lease import LeasedDevice
+from protocols.modbus.link import Link
 from protocols.modbus.mapping import Mapping, load_mapping
 from protocols.modbus.transport import ModbusTransport
 
@@ -45,11 +50,12 @@ MODE_REMOTE = 1
 STATUS_ONLINE = 1 << 0
 STATUS_FAULT = 1 << 1
 STATUS_WATCHDOG_EXPIRED = 1 << 2
+REMOTE_CHECK_MAX_AGE_S = 10.0  # a local/remote reading older than this is re-read before commanding
 
 T = TypeVar("T")
 
 
-class ModbusBattery:
+class ModbusBattery(LeasedDevice):
     """Implements ``gateway.interfaces.Battery`` for a Modbus battery described by a mapping."""
 
     def __init__(
@@ -69,33 +75,28 @@ class ModbusBattery:
     ) -> None:
         self.device_id = device_id
         self.mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
+        if not self.mapping.is_dispatchable:
+            raise ConfigError(
+                self.mapping.source or self.mapping.model,
+                "dispatchable",
+                f"a {self.mapping.kind} map is telemetry only; it cannot drive a battery",
+            )
         self._pts = self.mapping.require_roles(ROLES)
-        self.revert_s = revert_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self._clock: Clock = clock or SystemClock()
+        self._remote = self.mapping.by_role("remote_enabled")
+        super().__init__(clock or SystemClock(), revert_s)
         self._transport = ModbusTransport(
             device_id, host, port, unit, self.mapping, timeout_s=timeout_s, retries=retries
         )
-        self._log = get_logger(__name__).bind(device_id=device_id)
+        self._link = Link(
+            device_id, self._clock, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, logger=__name__
+        )
+        self._remote_seen: tuple[float, bool] | None = None  # (monotonic, remote accepted) as last read
         self._lock = asyncio.Lock()
-        self._lease_until: float | None = None  # clock.monotonic() when the lease lapses; None: released
-        self._watchdog_s = revert_s  # the revert timer most recently written
         self._heartbeat = 0
-        self._down = False
-        self._backoff_s = 0.0
-        self._retry_at: float | None = None
-        self._kick = asyncio.Event()
-        self._keepalive: asyncio.Task[None] | None = None
 
     def _name(self, role: str) -> str:
         """Return the mapping's point name for ``role``."""
         return self._pts[role].name
-
-    @property
-    def dispatched(self) -> bool:
-        """Return whether a leased setpoint is in force (set and neither released nor lapsed)."""
-        return self._lease_until is not None and self._clock.monotonic() < self._lease_until
 
     async def connect(self) -> None:
         """Open the connection; raise DeviceUnavailable if the device does not answer."""
@@ -110,8 +111,12 @@ class ModbusBattery:
     async def read(self) -> BatteryState:
         """Return state of charge, power, setpoint and limits in one coalesced read."""
         names = [self._name(r) for r in READ_ROLES]
+        if self._remote is not None:
+            names.append(self._remote.name)
         async with self._lock:
             v = await self._guarded("read", lambda: self._transport.read(names))
+            if self._remote is not None:
+                self._remote_seen = (self._clock.monotonic(), self._is_remote(v[self._remote.name]))
         status = int(v[self._name("status")])
         return BatteryState(
             device_id=self.device_id,
@@ -129,7 +134,10 @@ class ModbusBattery:
         if not lease_s > 0:
             raise InputRejected(f"{self.device_id}: lease_s must be positive, got {lease_s}")
         sp = self._name("setpoint_w")
+        self._transport.check_write({sp: power_w})  # refuse a bad setpoint before any traffic
         async with self._lock:
+            await self._check_remote()
+            power_w = self._ramped(power_w, self.mapping.control.max_ramp_w_per_s)
             watchdog_s = self._watchdog_value(min(self.revert_s, lease_s))
             values = {
                 self._name("control_mode"): float(MODE_REMOTE),
@@ -138,20 +146,34 @@ class ModbusBattery:
                 sp: power_w,
             }
             await self._guarded("set_discharge_w", lambda: self._transport.write(values))
-            self._lease_until = self._clock.monotonic() + lease_s
-            self._watchdog_s = watchdog_s
-            self._kick.set()
+            self._leased(lease_s, power_w, watchdog_s)
             reported = (await self._guarded("read back", lambda: self._transport.read([sp])))[sp]
         if abs(reported - power_w) > codec.lsb(self._pts["setpoint_w"]) * (1 + 1e-9):
             raise ReadbackMismatch(self.device_id, sp, power_w, reported)
         return reported
+
+    def _is_remote(self, value: float) -> bool:
+        """Return whether a local/remote reading means remote commands are accepted."""
+        return int(value) == self.mapping.control.remote_value
+
+    async def _check_remote(self) -> None:
+        """Refuse to command a device whose local/remote switch is on local (re-read if stale)."""
+        if self._remote is None:
+            return
+        seen = self._remote_seen
+        if seen is None or self._clock.monotonic() - seen[0] > REMOTE_CHECK_MAX_AGE_S:
+            name = self._remote.name
+            v = await self._guarded("read remote state", lambda: self._transport.read([name]))
+            seen = self._remote_seen = (self._clock.monotonic(), self._is_remote(v[name]))
+        if not seen[1]:
+            raise DeviceRejected(self.device_id, "device is in local control; remote setpoints are refused")
 
     async def release(self) -> None:
         """Write setpoint 0 and local mode, end the lease, and verify both by read-back."""
         sp, mode = self._name("setpoint_w"), self._name("control_mode")
         async with self._lock:
             await self._guarded("release", lambda: self._transport.write({sp: 0.0, mode: float(MODE_LOCAL)}))
-            self._lease_until = None
+            self._released()
             back = await self._guarded("read back", lambda: self._transport.read([sp, mode]))
         if abs(back[sp]) > codec.lsb(self._pts["setpoint_w"]) * (1 + 1e-9):
             raise ReadbackMismatch(self.device_id, sp, 0.0, back[sp])
@@ -178,45 +200,6 @@ class ModbusBattery:
             await self._guarded("refresh", lambda: self._transport.write(values))
             return True
 
-    def start_keepalive(self) -> asyncio.Task[None]:
-        """Start (once) a task that refreshes at half the revert timer while a lease is in force."""
-        if self._keepalive is None or self._keepalive.done():
-            self._keepalive = asyncio.create_task(self._keepalive_loop(), name=f"keepalive {self.device_id}")
-        return self._keepalive
-
-    async def stop_keepalive(self) -> None:
-        """Stop the keep-alive task if it runs."""
-        task, self._keepalive = self._keepalive, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _keepalive_loop(self) -> None:
-        """Refresh every half revert period while dispatched; idle until the next setpoint otherwise."""
-        while True:
-            self._kick.clear()
-            if not self.dispatched:
-                await self._kick.wait()
-                continue
-            await self._sleep_or_kick(self._watchdog_s / 2)
-            if self._kick.is_set() or not self.dispatched:
-                continue  # a new setpoint restarted the timer, or the lease lapsed
-            with contextlib.suppress(DeviceError):  # logged by _guarded; the next period retries
-                await self.refresh()
-
-    async def _sleep_or_kick(self, seconds: float) -> None:
-        """Wait ``seconds`` of clock time, or less if a new setpoint is written."""
-        waiters = [
-            asyncio.ensure_future(self._clock.sleep(seconds)),
-            asyncio.ensure_future(self._kick.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-
     def _watchdog_value(self, seconds: float) -> float:
         """Return the revert timer to write for ``seconds``: rounded up a step, within the map's limits."""
         p = self._pts["watchdog_s"]
@@ -235,34 +218,5 @@ class ModbusBattery:
         return float(self._heartbeat)
 
     async def _guarded(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run one device operation under the backoff rules; log outage and recovery once each."""
-        now = self._clock.monotonic()
-        if self._retry_at is not None and now < self._retry_at:
-            raise DeviceUnavailable(
-                self.device_id, f"{what}: not tried, backing off {self._retry_at - now:.1f} s after a failure"
-            )
-        try:
-            result = await op()
-        except DeviceUnavailable as err:
-            first = not self._down
-            self._backoff_s = (
-                self.backoff_initial_s if first else min(self._backoff_s * 2, self.backoff_max_s)
-            )
-            self._retry_at = self._clock.monotonic() + self._backoff_s
-            self._down = True
-            if first:
-                self._log.warning("unavailable", op=what, error=str(err), backoff_s=self._backoff_s)
-            raise
-        except DeviceRejected:
-            self._mark_up()  # it answered, so it is reachable
-            raise
-        self._mark_up()
-        return result
-
-    def _mark_up(self) -> None:
-        """Clear the backoff and log the recovery if the device was down."""
-        self._retry_at = None
-        self._backoff_s = 0.0
-        if self._down:
-            self._down = False
-            self._log.info("recovered")
+        """Run one device operation under the link's backoff rules."""
+        return await self._link.call(what, op)

@@ -1,8 +1,12 @@
 """Pure conversion between engineering values and Modbus registers, per mapping point.
 
 Register order uses pymodbus' converters; byte order inside each register is swapped here
-by hand (pymodbus has no option for it). ``value = raw * scale``; integer types round
-``value / scale`` to the nearest integer on encode. Out-of-range values raise ValueError.
+by hand (pymodbus has no option for it). ``value = raw * scale * 10**sf`` where ``sf`` is the
+value of the point's scale-factor point (0 when it has none); integer types round on encode.
+A ``bit`` point reads one bit (0 or 1) of its integer status word.
+A raw value listed in the point's ``invalid`` sentinels, a NaN, an empty string, or an
+invalid scale factor decodes to None: "not available", never 0. Out-of-range values raise
+ValueError.
 """
 
 from __future__ import annotations
@@ -15,20 +19,28 @@ from pymodbus.client.mixin import ModbusClientMixin
 
 from protocols.modbus.mapping import Point
 
+Value = float | str | None  # None: the device says "not available"
+
 _DT = ModbusClientMixin.DATATYPE
 DATATYPES = {
     "int16": _DT.INT16,
     "uint16": _DT.UINT16,
     "int32": _DT.INT32,
     "uint32": _DT.UINT32,
+    "int64": _DT.INT64,
+    "uint64": _DT.UINT64,
     "float32": _DT.FLOAT32,
+    "float64": _DT.FLOAT64,
 }
 RAW_RANGE: dict[str, tuple[int, int]] = {
     "int16": (-(2**15), 2**15 - 1),
     "uint16": (0, 2**16 - 1),
     "int32": (-(2**31), 2**31 - 1),
     "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
 }
+_FLOAT_MAX = {"float32": struct.unpack(">f", b"\x7f\x7f\xff\xff")[0], "float64": 1.7976931348623157e308}
 
 
 def swap_bytes(registers: Sequence[int]) -> list[int]:
@@ -36,54 +48,141 @@ def swap_bytes(registers: Sequence[int]) -> list[int]:
     return [((r & 0xFF) << 8) | ((r >> 8) & 0xFF) for r in registers]
 
 
-_FLOAT32_MAX = struct.unpack(">f", b"\x7f\x7f\xff\xff")[0]
+def factor(point: Point, sf: int = 0) -> float:
+    """Return what one raw unit of ``point`` is worth, given its scale-factor exponent."""
+    return point.scale * (10.0**sf)
 
 
-def value_range(point: Point) -> tuple[float, float]:
+def value_range(point: Point, sf: int = 0) -> tuple[float, float]:
     """Return the lowest and highest engineering value the point can hold."""
-    if point.type == "float32":
-        big = _FLOAT32_MAX * abs(point.scale)
+    f = factor(point, sf)
+    if point.type in _FLOAT_MAX:
+        big = _FLOAT_MAX[point.type] * abs(f)
         return -big, big
     lo, hi = RAW_RANGE[point.type]
-    a, b = lo * point.scale, hi * point.scale
+    a, b = lo * f, hi * f
     return min(a, b), max(a, b)
 
 
-def lsb(point: Point) -> float:
-    """Return the engineering size of one step of the point (its scale)."""
-    return abs(point.scale)
+def lsb(point: Point, sf: int = 0) -> float:
+    """Return the engineering size of one step of the point."""
+    return abs(factor(point, sf))
 
 
-def to_raw(point: Point, value: float) -> int | float:
+def to_raw(point: Point, value: float, sf: int = 0) -> int | float:
     """Return the unscaled number the point's registers carry for ``value``; raise ValueError if it cannot."""
     if not math.isfinite(value):
         raise ValueError(f"{point.name}: {value} is not a finite number")
-    raw = value / point.scale
-    if point.type == "float32":
-        if abs(raw) > _FLOAT32_MAX:
-            raise ValueError(f"{point.name}: {value} does not fit a float32")
+    raw = value / factor(point, sf)
+    if point.type in _FLOAT_MAX:
+        if abs(raw) > _FLOAT_MAX[point.type]:
+            raise ValueError(f"{point.name}: {value} does not fit a {point.type}")
         return raw
     n = round(raw)
     lo, hi = RAW_RANGE[point.type]
     if not lo <= n <= hi:
-        raise ValueError(f"{point.name}: {value} {point.unit} is outside {point.type} at scale {point.scale}")
+        raise ValueError(f"{point.name}: {value} {point.unit} is outside {point.type} at scale {factor(point, sf)}")
     return n
 
 
-def encode(point: Point, value: float) -> list[int]:
+def _text_registers(point: Point, text: str) -> list[int]:
+    """Return the registers carrying ``text`` (ASCII, NUL-padded to the point's size)."""
+    try:
+        data = text.encode("ascii")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{point.name}: text must be ASCII") from err
+    if len(data) > 2 * point.count:
+        raise ValueError(f"{point.name}: {len(data)} characters do not fit {point.count} registers")
+    data = data.ljust(2 * point.count, b"\0")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def encode(point: Point, value: float | str, sf: int = 0) -> list[int]:
     """Return the registers (wire order) that carry ``value`` for ``point``."""
-    regs = ModbusClientMixin.convert_to_registers(
-        to_raw(point, value), DATATYPES[point.type], word_order=point.word_order
-    )
-    return swap_bytes(regs) if point.byte_order == "little" else list(regs)
+    if point.type == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"{point.name}: a string point takes text, not {type(value).__name__}")
+        regs = _text_registers(point, value)
+    else:
+        if isinstance(value, str):
+            raise ValueError(f"{point.name}: a {point.type} point takes a number, not text")
+        regs = list(
+            ModbusClientMixin.convert_to_registers(
+                to_raw(point, value, sf), DATATYPES[point.type], word_order=point.word_order
+            )
+        )
+    return swap_bytes(regs) if point.byte_order == "little" else regs
 
 
-def decode(point: Point, registers: Sequence[int]) -> float:
-    """Return the engineering value ``point``'s registers (wire order) carry."""
+def encode_raw(point: Point, raw: int) -> list[int]:
+    """Return the registers (wire order) carrying the unscaled integer ``raw`` (a sentinel, say)."""
+    if point.type == "string" or point.type in _FLOAT_MAX:
+        raise ValueError(f"{point.name}: raw integers are for integer points")
+    regs = list(ModbusClientMixin.convert_to_registers(raw, DATATYPES[point.type], word_order=point.word_order))
+    return swap_bytes(regs) if point.byte_order == "little" else regs
+
+
+def encode_invalid(point: Point) -> list[int]:
+    """Return the registers (wire order) that say "not available": a sentinel, a NaN, or empty text."""
+    if point.type == "string":
+        return [0] * point.count
+    if point.type in _FLOAT_MAX:
+        regs = list(
+            ModbusClientMixin.convert_to_registers(math.nan, DATATYPES[point.type], word_order=point.word_order)
+        )
+    elif point.invalid:
+        return encode_raw(point, point.invalid[0])
+    else:
+        raise ValueError(f"{point.name}: the map lists no 'not available' value for this point")
+    return swap_bytes(regs) if point.byte_order == "little" else regs
+
+
+def raw_value(point: Point, registers: Sequence[int]) -> int | float | str:
+    """Return the unscaled number (or text) the point's registers (wire order) carry."""
     if len(registers) != point.count:
         raise ValueError(f"{point.name}: expected {point.count} registers, got {len(registers)}")
     regs = swap_bytes(registers) if point.byte_order == "little" else list(registers)
+    if point.type == "string":
+        data = b"".join(r.to_bytes(2, "big") for r in regs)
+        return data.split(b"\0", 1)[0].decode("ascii", errors="replace").strip()
     raw = ModbusClientMixin.convert_from_registers(regs, DATATYPES[point.type], word_order=point.word_order)
     if not isinstance(raw, int | float):
         raise TypeError(f"{point.name}: pymodbus returned {type(raw).__name__}, not a number")
-    return float(raw) * point.scale
+    return raw
+
+
+def is_invalid(point: Point, raw: int | float | str) -> bool:
+    """Return whether ``raw`` means "not available": a sentinel, a NaN, or empty text."""
+    if isinstance(raw, str):
+        return raw == ""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return True
+    return isinstance(raw, int) and raw in point.invalid
+
+
+def decode_value(point: Point, registers: Sequence[int], sf: int | None = 0) -> Value:
+    """Return the engineering value (or text) the registers carry; None if the device says not available.
+
+    ``sf`` is the value of the point's scale-factor point; None means that point was invalid,
+    which makes this value invalid too.
+    """
+    raw = raw_value(point, registers)
+    if is_invalid(point, raw):
+        return None
+    if isinstance(raw, str):
+        return raw
+    if point.bit is not None and isinstance(raw, int):
+        return float((raw >> point.bit) & 1)
+    if sf is None:
+        return None
+    return float(raw) * factor(point, sf)
+
+
+def decode(point: Point, registers: Sequence[int], sf: int = 0) -> float:
+    """Return the engineering value ``point``'s registers (wire order) carry, ignoring sentinels."""
+    raw = raw_value(point, registers)
+    if isinstance(raw, str):
+        raise ValueError(f"{point.name}: a string point has no numeric value")
+    if point.bit is not None and isinstance(raw, int):
+        return float((raw >> point.bit) & 1)
+    return float(raw) * factor(point, sf)

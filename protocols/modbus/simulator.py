@@ -53,19 +53,50 @@ class PointServer:
         self._offline = False
         self._server: ModbusTcpServer | None = None
         for p in self.mapping.points.values():
-            self.set(p.name, 0.0)
+            if p.bit is None:
+                self.set(p.name, 0.0 if p.numeric else "")
 
-    def get(self, name: str) -> float:
-        """Return the engineering value of point ``name`` as the device holds it."""
+    def registers(self, name: str) -> list[int]:
+        """Return the registers (wire order) of point ``name`` as the device holds them."""
         p = self.mapping.point(name)
         img = self._image[p.table]
-        return codec.decode(p, [img[a] for a in range(p.address, p.end)])
+        return [img.get(a, 0) for a in range(p.address, p.end)]
 
-    def set(self, name: str, value: float) -> None:
-        """Set point ``name`` from inside the device (whatever its access)."""
+    def get(self, name: str) -> float:
+        """Return the engineering value of numeric point ``name`` as the device holds it (sentinels as numbers)."""
         p = self.mapping.point(name)
-        for i, reg in enumerate(codec.encode(p, value)):
+        return codec.decode(p, self.registers(name), self._exponent(p) or 0)
+
+    def get_value(self, name: str) -> codec.Value:
+        """Return point ``name`` as a client decodes it: number, text, or None if not available."""
+        p = self.mapping.point(name)
+        return codec.decode_value(p, self.registers(name), self._exponent(p))
+
+    def set(self, name: str, value: float | str | None) -> None:
+        """Set point ``name`` from inside the device (whatever its access); None writes its sentinel."""
+        p = self.mapping.point(name)
+        if value is None:
+            regs = codec.encode_invalid(p)
+        elif p.bit is not None:
+            raw = codec.raw_value(p, self.registers(name))
+            assert isinstance(raw, int)
+            raw = raw | (1 << p.bit) if value else raw & ~(1 << p.bit)
+            regs = codec.encode_raw(p, raw)
+        else:
+            sf = self._exponent(p)
+            if sf is None:
+                raise ValueError(f"{name}: its scale factor {p.scale_factor} is not set")
+            regs = codec.encode(p, value, sf)
+        for i, reg in enumerate(regs):
             self._image[p.table][p.address + i] = reg
+
+    def _exponent(self, p: codec.Point) -> int | None:
+        """Return the exponent the device holds in ``p``'s scale-factor point (0 if it has none)."""
+        sf = self.mapping.scale_point(p)
+        if sf is None:
+            return 0
+        raw = codec.raw_value(sf, self.registers(sf.name))
+        return None if codec.is_invalid(sf, raw) or not isinstance(raw, int) else raw
 
     def set_offline(self, offline: bool) -> None:
         """Stop (or resume) answering: requests are then dropped unanswered and change nothing."""
@@ -97,15 +128,12 @@ class PointServer:
         """Return pymodbus blocks for one table: one per point, gaps filled with read-only zeros."""
         out: list[SimData] = []
         nxt: int | None = None
-        for p in sorted(
-            (p for p in self.mapping.points.values() if p.table == table), key=lambda p: p.address
-        ):
+        points = (p for p in self.mapping.points.values() if p.table == table and p.bit is None)  # bits share words
+        for p in sorted(points, key=lambda p: p.address):
             if nxt is not None and p.address > nxt:
                 # Coalesced reads span small gaps; answer them with zeros as many devices do.
                 out.append(SimData(nxt, count=p.address - nxt, datatype=DataType.REGISTERS, readonly=True))
-            out.append(
-                SimData(p.address, count=p.count, datatype=DataType.REGISTERS, readonly=not p.writable)
-            )
+            out.append(SimData(p.address, count=p.count, datatype=DataType.REGISTERS, readonly=not p.writable))
             nxt = p.end
         return out or [SimData(0, datatype=DataType.INVALID)]
 
@@ -192,6 +220,8 @@ class BatterySimulator:
             ("status", STATUS_ONLINE),
         ):
             self._set(role, value)
+        self._remote = self.mapping.by_role("remote_enabled")
+        self.set_local(False)
 
     @property
     def port(self) -> int:
@@ -231,6 +261,11 @@ class BatterySimulator:
     def set_offline(self, offline: bool) -> None:
         """Stop (or resume) answering Modbus; the physics keeps running."""
         self.server.set_offline(offline)
+
+    def set_local(self, local: bool) -> None:
+        """Turn the unit's local/remote switch (if its map has one) to local or to remote."""
+        if self._remote is not None:
+            self.server.set(self._remote.name, 0.0 if local else float(self.mapping.control.remote_value))
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start serving and the physics task; return the port bound."""

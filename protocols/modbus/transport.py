@@ -12,11 +12,17 @@ Errors, mapped here and nowhere else:
   never asked);
 - an exception response from the device: ``ModbusDeviceRejected`` (a ``DeviceRejected``
   carrying the Modbus exception code);
-- no connection, a timeout, a garbled reply: ``DeviceUnavailable``.
+- no connection, a timeout, a garbled reply: ``DeviceUnavailable``;
+- a strict ``read`` of a point the device reports as not available (a sentinel, NaN, or an
+  invalid scale factor): ``DeviceRejected``. ``read_values`` returns None for it instead.
+
+Points scaled by a scale-factor point (SunSpec) are read together with it; the last value
+seen of each scale factor is kept to encode writes (read first if never seen).
 """
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from pymodbus.exceptions import ModbusException
 
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from protocols.modbus import codec
+from protocols.modbus.codec import Value
 from protocols.modbus.mapping import Mapping, Point, Table
 
 MAX_WRITE_REGISTERS = 123  # the most registers one FC 16 request may carry
@@ -103,6 +110,14 @@ def quiet_pymodbus_logs() -> None:
         log.setLevel(logging.WARNING)
 
 
+def _exponent(sf_point: Point, registers: list[int]) -> int | None:
+    """Return a scale-factor point's exponent, or None if the device reports it not available."""
+    raw = codec.raw_value(sf_point, registers)
+    if codec.is_invalid(sf_point, raw) or not isinstance(raw, int) or not -20 <= raw <= 20:
+        return None  # SunSpec scale factors are -10..10; anything wild is as good as missing
+    return raw
+
+
 class ModbusTransport:
     """Reads and writes mapping points of one unit over one pymodbus TCP client."""
 
@@ -122,10 +137,10 @@ class ModbusTransport:
         self.unit = unit
         self.mapping = mapping
         # reconnect_delay=0: no background reconnect loop; the caller's backoff decides when to retry.
-        self._client = AsyncModbusTcpClient(
-            host, port=port, timeout=timeout_s, retries=retries, reconnect_delay=0
-        )
+        self._client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=retries, reconnect_delay=0)
         self._where = f"{host}:{port} unit {unit}"
+        self._sf: dict[str, int | None] = {}  # scale-factor point -> exponent last read (None: invalid)
+        self._sf_names = {p.scale_factor for p in mapping.points.values() if p.scale_factor}
 
     @property
     def connected(self) -> bool:
@@ -145,55 +160,96 @@ class ModbusTransport:
         """Close the TCP connection."""
         self._client.close()
 
+    def remap(self, mapping: Mapping) -> None:
+        """Speak ``mapping`` from now on (after SunSpec discovery found where the models really are)."""
+        self.mapping = mapping
+        self._sf.clear()
+        self._sf_names = {p.scale_factor for p in mapping.points.values() if p.scale_factor}
+
+    async def read_registers(self, table: Table, address: int, count: int) -> list[int]:
+        """Return ``count`` raw registers from ``address`` (discovery and probing)."""
+        return await self._read_block(ReadBlock(table, address, count, ()))
+
     async def read(self, names: Iterable[str] | None = None) -> dict[str, float]:
-        """Return the engineering value of each named point (all points if None), in coalesced reads."""
-        points = list(self.mapping.points.values()) if names is None else [self._point(n) for n in names]
+        """Return the engineering value of each named numeric point (all if None); strict about validity."""
+        if names is None:
+            names = [p.name for p in self.mapping.points.values() if p.numeric]
+        values = await self.read_values(names)
         out: dict[str, float] = {}
-        for blk in plan_reads(points, self.mapping.block.max_registers, self.mapping.block.max_gap):
+        for name, v in values.items():
+            if v is None:
+                raise DeviceRejected(self.device_id, f"{name}: the device reports it as not available")
+            if isinstance(v, str):
+                raise InputRejected(f"{self.device_id}: {name} is text; use read_values")
+            out[name] = v
+        return out
+
+    async def read_values(self, names: Iterable[str] | None = None) -> dict[str, Value]:
+        """Return each named point's value (all if None), None where the device says not available."""
+        points = list(self.mapping.points.values()) if names is None else [self._point(n) for n in names]
+        scales = {p.scale_factor: self.mapping.points[p.scale_factor] for p in points if p.scale_factor}
+        wanted = {p.name: p for p in (*points, *scales.values())}
+        raw: dict[str, list[int]] = {}
+        for blk in plan_reads(wanted.values(), self.mapping.block.max_registers, self.mapping.block.max_gap):
             regs = await self._read_block(blk)
             for p in blk.points:
                 off = p.address - blk.address
-                out[p.name] = codec.decode(p, regs[off : off + p.count])
-        return out
+                raw[p.name] = regs[off : off + p.count]
+        for name in raw.keys() & self._sf_names:
+            self._sf[name] = _exponent(self.mapping.points[name], raw[name])
+        return {p.name: codec.decode_value(p, raw[p.name], self._scale_of(p)) for p in points}
 
-    async def write(self, values: dict[str, float]) -> None:
+    async def write(self, values: cabc.Mapping[str, float | str]) -> None:
         """Write engineering values to writable points; check every one before sending any."""
-        encoded = [
-            (p, self._encode_for_write(p, v)) for p, v in ((self._point(n), v) for n, v in values.items())
-        ]
+        chosen = self.check_write(values)
+        missing = [p.scale_factor for p, _v in chosen if p.scale_factor and p.scale_factor not in self._sf]
+        if missing:
+            await self.read_values(missing)
+        encoded = [(p, self._encode_for_write(p, v)) for p, v in chosen]
         for run in plan_writes(encoded, self.mapping.block.coalesce_writes):
             what = f"write {'+'.join(p.name for p in run.points)}"
             request: Callable[[], Awaitable[Any]]
             if len(run.registers) == 1:
-                request = partial(
-                    self._client.write_register, run.address, run.registers[0], device_id=self.unit
-                )
+                request = partial(self._client.write_register, run.address, run.registers[0], device_id=self.unit)
             else:
-                request = partial(
-                    self._client.write_registers, run.address, list(run.registers), device_id=self.unit
-                )
+                request = partial(self._client.write_registers, run.address, list(run.registers), device_id=self.unit)
             await self._call(what, request)
+
+    def check_write(self, values: cabc.Mapping[str, float | str]) -> list[tuple[Point, float | str]]:
+        """Return the points and values of a write the map allows; raise InputRejected (nothing sent) if not."""
+        chosen = [(self._point(n), v) for n, v in values.items()]
+        for p, v in chosen:
+            if not p.writable:
+                raise InputRejected(f"{self.device_id}: point {p.name!r} is read-only (access {p.access!r})")
+            lim = self.mapping.limits.get(p.name)
+            if lim is not None and not isinstance(v, str) and not lim.min <= v <= lim.max:
+                raise InputRejected(
+                    f"{self.device_id}: {p.name} = {v} {p.unit} is outside its limits {lim.min}..{lim.max}"
+                )
+        return chosen
+
+    def scale_of(self, name: str) -> int | None:
+        """Return the scale-factor exponent of point ``name`` as last read (0 if fixed, None if unknown)."""
+        return self._scale_of(self._point(name))
+
+    def _scale_of(self, p: Point) -> int | None:
+        """Return the scale-factor exponent of ``p`` as last read (0 for a fixed scale, None if invalid)."""
+        return self._sf.get(p.scale_factor) if p.scale_factor else 0
 
     def _point(self, name: str) -> Point:
         """Return the mapping point ``name``; raise InputRejected if the map has none."""
         try:
             return self.mapping.points[name]
         except KeyError:
-            raise InputRejected(
-                f"{self.device_id}: mapping {self.mapping.model!r} has no point {name!r}"
-            ) from None
+            raise InputRejected(f"{self.device_id}: mapping {self.mapping.model!r} has no point {name!r}") from None
 
-    def _encode_for_write(self, p: Point, value: float) -> list[int]:
+    def _encode_for_write(self, p: Point, value: float | str) -> list[int]:
         """Return the registers for a write of ``value`` to ``p``; raise InputRejected if not allowed."""
-        if not p.writable:
-            raise InputRejected(f"{self.device_id}: point {p.name!r} is read-only (access {p.access!r})")
-        lim = self.mapping.limits.get(p.name)
-        if lim is not None and not lim.min <= value <= lim.max:
-            raise InputRejected(
-                f"{self.device_id}: {p.name} = {value} {p.unit} is outside its limits {lim.min}..{lim.max}"
-            )
+        sf = self._scale_of(p)
+        if sf is None:
+            raise DeviceRejected(self.device_id, f"{p.name}: its scale factor {p.scale_factor} is not available")
         try:
-            return codec.encode(p, value)
+            return codec.encode(p, value, sf)
         except ValueError as err:
             raise InputRejected(f"{self.device_id}: {err}") from err
 
@@ -203,9 +259,7 @@ class ModbusTransport:
         if blk.table == "holding":
             rr = await self._call(
                 what,
-                lambda: self._client.read_holding_registers(
-                    blk.address, count=blk.count, device_id=self.unit
-                ),
+                lambda: self._client.read_holding_registers(blk.address, count=blk.count, device_id=self.unit),
             )
         else:
             rr = await self._call(

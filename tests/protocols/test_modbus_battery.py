@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import yaml
 from structlog.testing import capture_logs
 
 from gateway.clock import Clock, ManualClock, ScaledClock
-from gateway.errors import DeviceUnavailable, InputRejected, ReadbackMismatch
+from gateway.errors import ConfigError, DeviceRejected, DeviceUnavailable, InputRejected, ReadbackMismatch
 from gateway.interfaces import Battery
 from protocols.modbus.battery import ModbusBattery
 from protocols.modbus.mapping import load_mapping, parse_mapping
@@ -19,6 +23,16 @@ from protocols.modbus.simulator import BatterySimulator, PointServer
 from protocols.modbus.transport import ModbusDeviceRejected, ModbusTransport
 
 Site = tuple[BatterySimulator, ModbusBattery]
+MAPS = Path(__file__).resolve().parents[2] / "mappings"
+
+
+@pytest.fixture(autouse=True)
+def _info_logs() -> Iterator[None]:
+    """Let info logs through even if an earlier test ran `drgw` in-process (it filters at WARNING)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    yield
+    structlog.configure(**saved)
 
 
 async def until(cond: Callable[[], bool], timeout_s: float = 3.0) -> None:
@@ -276,3 +290,54 @@ async def test_offline_backs_off_fails_fast_and_recovers() -> None:
     finally:
         await bat.close()
         await sim.stop()
+
+
+async def test_local_control_refuses_setpoints_and_sends_nothing() -> None:
+    """Check the unit's local/remote switch before commanding: in local control nothing is written."""
+    clock = ManualClock()
+    sim, bat = await make_site(clock)
+    try:
+        await bat.set_discharge_w(1_000, lease_s=30)  # remote: accepted
+        sim.set_local(True)
+        await bat.read()  # the tick's read sees the switch
+        before = sim.server.requests
+        with pytest.raises(DeviceRejected, match="local control"):
+            await bat.set_discharge_w(5_000, lease_s=30)
+        assert sim.server.requests == before
+        assert sim.setpoint_w == 1_000
+        sim.set_local(False)
+        clock.advance(11.0)  # the cached reading is stale: re-read before commanding
+        assert await bat.set_discharge_w(5_000, lease_s=30) == 5_000
+    finally:
+        await bat.close()
+        await sim.stop()
+
+
+async def test_the_maps_ramp_limit_moves_setpoints_gradually() -> None:
+    """Move the commanded setpoint no faster than the map's control.max_ramp_w_per_s, from 0 W."""
+    doc = yaml.safe_load((MAPS / "bess_generic.yaml").read_text(encoding="utf-8"))
+    doc["control"] = {"max_ramp_w_per_s": 1_000.0}
+    m = parse_mapping(doc, "ramped.yaml")
+    clock = ManualClock()
+    sim = BatterySimulator(m, clock=clock)
+    port = await sim.start()
+    bat = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
+    try:
+        assert await bat.set_discharge_w(50_000, lease_s=300) == 0  # no time has passed yet
+        clock.advance(2.0)
+        assert await bat.set_discharge_w(50_000, lease_s=300) == 2_000
+        clock.advance(10.0)
+        assert await bat.set_discharge_w(-5_000, lease_s=300) == -5_000  # within 10 000 W of 2 000 W
+        await bat.release()
+        assert await bat.set_discharge_w(50_000, lease_s=300) == 0  # after a release: from 0 W again
+    finally:
+        await bat.close()
+        await sim.stop()
+
+
+@pytest.mark.parametrize(("name", "reason"), [("ups_generic", "telemetry only"), ("meter_facility", "telemetry only")])
+def test_telemetry_maps_cannot_drive_a_battery(name: str, reason: str) -> None:
+    """Refuse a UPS map (unless it says dispatchable: true) and a meter map as a battery."""
+    with pytest.raises(ConfigError, match=reason) as info:
+        ModbusBattery("x", "127.0.0.1", 1502, 1, name)
+    assert info.value.key == "dispatchable"

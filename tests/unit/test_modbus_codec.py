@@ -61,17 +61,13 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("type_", "word", "byte", "scale", "value", "regs"), TABLE)
-def test_encode_matches_table(
-    type_: str, word: str, byte: str, scale: float, value: float, regs: list[int]
-) -> None:
+def test_encode_matches_table(type_: str, word: str, byte: str, scale: float, value: float, regs: list[int]) -> None:
     """Encode each table row to exactly the registers listed."""
     assert codec.encode(pt(type_, word, byte, scale), value) == regs
 
 
 @pytest.mark.parametrize(("type_", "word", "byte", "scale", "value", "regs"), TABLE)
-def test_decode_matches_table(
-    type_: str, word: str, byte: str, scale: float, value: float, regs: list[int]
-) -> None:
+def test_decode_matches_table(type_: str, word: str, byte: str, scale: float, value: float, regs: list[int]) -> None:
     """Decode each table row's registers back to its value."""
     assert codec.decode(pt(type_, word, byte, scale), regs) == pytest.approx(value, rel=1e-9)
 
@@ -164,3 +160,82 @@ def test_plan_writes_merges_contiguous_runs_in_address_order() -> None:
     assert [(r.address, r.registers) for r in runs] == [(200, (0, 1, 2)), (204, (3,))]
     single = plan_writes([(b, [2]), (a, [0, 1])], coalesce=False)
     assert [(r.address, r.registers) for r in single] == [(200, (0, 1)), (202, (2,))]
+
+
+# 64-bit types and text: (type, word order, byte order, value, registers on the wire)
+WIDE = [
+    ("int64", "big", "big", -2, [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]),
+    ("uint64", "big", "big", 2**40 + 5, [0x0000, 0x0100, 0x0000, 0x0005]),
+    ("uint64", "little", "big", 2**40 + 5, [0x0005, 0x0000, 0x0100, 0x0000]),
+    ("float64", "big", "big", 1.5, [0x3FF8, 0, 0, 0]),
+    ("float64", "big", "little", 1.5, [0xF83F, 0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize(("type_", "word", "byte", "value", "regs"), WIDE)
+def test_wide_types_encode_and_decode(type_: str, word: str, byte: str, value: float, regs: list[int]) -> None:
+    """Carry 64-bit integers and doubles in four registers, in either word and byte order."""
+    p = pt(type_, word, byte)
+    assert codec.encode(p, value) == regs
+    assert codec.decode_value(p, regs) == pytest.approx(value)
+
+
+def test_text_is_ascii_nul_padded_and_byte_order_aware() -> None:
+    """Encode text two characters a register, pad with NUL, read back without the padding."""
+    p = pt("string", size=3)
+    assert codec.encode(p, "SunS") == [0x5375, 0x6E53, 0]
+    assert codec.decode_value(p, [0x5375, 0x6E53, 0]) == "SunS"
+    swapped = pt("string", byte="little", size=2)
+    assert codec.encode(swapped, "ab") == [0x6261, 0]
+    assert codec.decode_value(swapped, [0x6261, 0]) == "ab"
+    with pytest.raises(ValueError, match="do not fit"):
+        codec.encode(p, "seven!!")
+    with pytest.raises(ValueError, match="ASCII"):
+        codec.encode(p, "é")
+
+
+@pytest.mark.parametrize(
+    ("type_", "invalid", "regs"),
+    [
+        ("uint16", (0xFFFF,), [0xFFFF]),
+        ("int16", (-32768,), [0x8000]),
+        ("uint32", (0xFFFFFFFF,), [0xFFFF, 0xFFFF]),
+        ("int32", (-(2**31),), [0x8000, 0x0000]),
+        ("float32", (), [0x7FC0, 0x0000]),  # NaN: always "not available"
+        ("string", (), [0, 0]),  # empty text
+    ],
+)
+def test_sentinels_decode_as_not_available_never_zero(type_: str, invalid: tuple[int, ...], regs: list[int]) -> None:
+    """Read a "not implemented" sentinel as None, and encode_invalid writes it."""
+    p = pt(type_, invalid=invalid, size=2 if type_ == "string" else None)
+    assert codec.decode_value(p, regs) is None
+    assert codec.encode_invalid(p) == regs
+
+
+def test_a_point_without_a_sentinel_cannot_be_marked_invalid() -> None:
+    """Refuse to write "not available" where the map names no sentinel."""
+    with pytest.raises(ValueError, match="no 'not available'"):
+        codec.encode_invalid(pt("uint16"))
+
+
+@pytest.mark.parametrize(
+    ("sf", "raw", "value"), [(0, 1234, 1234.0), (-2, 1234, 12.34), (3, 12, 12000.0), (-1, -5, -0.5)]
+)
+def test_scale_factor_exponent_applies_on_both_ways(sf: int, raw: int, value: float) -> None:
+    """Scale by 10**sf on top of the fixed scale: value = raw * scale * 10**sf."""
+    p = pt("int16")
+    assert codec.decode_value(p, codec.encode_raw(p, raw), sf) == pytest.approx(value)
+    assert codec.encode(p, value, sf) == codec.encode_raw(p, raw)
+
+
+def test_invalid_scale_factor_makes_the_value_invalid() -> None:
+    """Return None when the scale-factor point itself is not available."""
+    assert codec.decode_value(pt("uint16"), [100], None) is None
+
+
+def test_bit_points_read_one_bit_of_a_status_word() -> None:
+    """Read bit n of the raw word as 0 or 1; the word's sentinel still means not available."""
+    on_battery = pt("uint16", bit=1, invalid=(0xFFFF,))
+    assert codec.decode_value(on_battery, [0b0010]) == 1.0
+    assert codec.decode_value(on_battery, [0b0101]) == 0.0
+    assert codec.decode_value(on_battery, [0xFFFF]) is None
