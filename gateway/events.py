@@ -1,23 +1,74 @@
 """The event book: stores events by (id, modification number), decides opt, resolves the directive.
 
-It answers the utility quickly and never drives equipment; the control loop asks it,
-each tick, which target applies now.
+It answers the utility quickly and never drives equipment; the control loop asks it, each tick,
+which target applies now. What OpenADR 2.0b leaves to the VEN is done here:
+
+- a lower modification number is rejected (rule 58), the same one is answered as before without
+  acting again, a higher one replaces the event and replans at once (rule 57);
+- ``startafter`` randomization is drawn once per event, kept across modifications unless
+  ``startafter`` itself changes (rule 30), persisted with the version, and also delays the end;
+- a cancellation, explicit or implied (missing from a later distribution, rule 61), stops the
+  event at once, or at the same random offset when ``startafter`` is set (rule 65), and the
+  facility then ramps back over ``x-eiRecovery``; before ``dtstart`` it ramps in over ``x-eiRampUp``;
+- overlapping events: the highest priority wins (1 highest, 0 lowest); equal priorities go to
+  the one that started first (rule 18);
+- events for another market context or whose eiTarget does not match are answered and ignored
+  (rules 22 and 48); test events are acknowledged and audited, acted on only if configured;
+- opt decisions come from an override (operator or BMS, per event or standing), then config
+  policy and the feasibility estimate, each with its reason audited.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import enum
+import json
+import random
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from gateway.clock import Clock, SystemClock
 from gateway.config import OpenAdrConfig
+from gateway.errors import InputRejected
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
-from gateway.model import DemandEvent, Opt, SignalName, Target, TargetKind
+from gateway.model import DemandEvent, Opt, Signal, SignalName, Target, TargetKind
 
 log = get_logger("gateway.events")
+
+OVERRIDE_ACTORS = frozenset({"operator", "bms"})
+_STANDING = "override:*"
+# When one event carries several signals, the most specific one that asks for something wins.
+_SIGNAL_ORDER = {
+    SignalName.LOAD_DISPATCH: 0,
+    SignalName.LOAD_CONTROL: 1,
+    SignalName.SIMPLE: 2,
+    SignalName.ELECTRICITY_PRICE: 3,
+    SignalName.ENERGY_PRICE: 4,
+}
+
+
+class Outcome(enum.StrEnum):
+    """What the book made of one event version (the VEN maps it to a 2.0b response code)."""
+
+    NEW = "new"
+    UPDATED = "updated"
+    REPEAT = "repeat"  # same version again: answered as before, nothing done
+    STALE = "stale"  # lower modification number than one already known: rejected
+    CANCELLED = "cancelled"
+    NOT_TARGETED = "not_targeted"  # eiTarget names neither this VEN nor its resources or groups
+    WRONG_MARKET = "wrong_market_context"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The opt for one event version, what happened to it, and why."""
+
+    opt: Opt
+    outcome: Outcome
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -40,11 +91,56 @@ class EventStoreLike(Protocol):
 
     async def get(self, event_id: str, modification_number: int) -> Any: ...
     async def latest(self, event_id: str) -> Any: ...
-    async def put(self, ev: DemandEvent, opt: Opt, reason: str) -> bool: ...
+    async def put(self, ev: DemandEvent, opt: Opt, reason: str, *, start_delay_s: float = 0.0) -> bool: ...
     async def open_events(self, now: datetime) -> list[Any]: ...
+    async def get_state(self, key: str) -> str | None: ...
+    async def set_state(self, key: str, value: str) -> None: ...
 
 
 FeasibilityFn = Callable[[DemandEvent, "EventBook"], Feasibility]
+
+
+@dataclass
+class _Entry:
+    """The book's working record of one event: latest version, answer and timing."""
+
+    event: DemandEvent
+    opt: Opt  # the answer in force (an override changes it)
+    delay_s: float  # the randomized start (and end) offset
+    active: bool  # the gateway acts on it (opted in, not a test, ours)
+    stop_at: datetime | None = None  # cancelled or opted out: when it stops (then recovers)
+
+    @property
+    def start(self) -> datetime:
+        """Return the randomized start of the active period."""
+        return self.event.start + timedelta(seconds=self.delay_s)
+
+    @property
+    def end(self) -> datetime:
+        """Return when the event stops asking for the full reduction."""
+        end = _add(self.event.end, self.delay_s)
+        return end if self.stop_at is None else min(end, self.stop_at)
+
+    @property
+    def over_at(self) -> datetime:
+        """Return when the event no longer affects the directive (end plus recovery)."""
+        return _add(self.end, self.event.recovery_s)
+
+
+def mismatch(ev: DemandEvent, cfg: OpenAdrConfig) -> tuple[Outcome, str] | None:
+    """Return why an event is not this VEN's (market context, eiTarget), or None when it is."""
+    if cfg.market_contexts and ev.market_context not in cfg.market_contexts:
+        return Outcome.WRONG_MARKET, f"market context {ev.market_context!r} is not one of this VEN's"
+    if not ev.targets:
+        return None  # rule 22: no criteria means the recipient is the target
+    ours = {("resource_id", r) for r in cfg.resource_ids} | {("party_id", p) for p in cfg.party_ids}
+    ours |= {(kind, g) for g in cfg.group_ids for kind in ("group_id", "group_name")}
+    if ev.ven_id:
+        ours.add(("ven_id", ev.ven_id))
+    if any(t in ours for t in ev.targets):
+        return None
+    names = ", ".join(f"{k}={v}" for k, v in ev.targets)
+    return Outcome.NOT_TARGETED, f"eiTarget ({names}) matches neither this VEN nor its resources or groups"
 
 
 class EventBook:
@@ -56,139 +152,384 @@ class EventBook:
         store: EventStoreLike,
         audit: AuditSink,
         feasibility: FeasibilityFn | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._cfg = config
         self._store = store
         self._audit = audit
         self._feasibility = feasibility
-        self._events: dict[str, tuple[DemandEvent, Opt]] = {}
+        self._clock = clock or SystemClock()
+        self._rng = rng or random.SystemRandom()
+        self._events: dict[str, _Entry] = {}
+        self._overrides: dict[str, dict[str, str]] = {}  # event id -> {opt, actor, reason, at}
+        self._standing: dict[str, str] | None = None
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
 
+    # -- reading -------------------------------------------------------------------------------
+
     async def load(self, now: datetime) -> int:
-        """Load events still open at ``now`` from the store (restart recovery); return how many."""
+        """Load events still open at ``now`` and overrides from the store (restart recovery)."""
+        raw = await self._store.get_state(_STANDING)
+        self._standing = _loads(raw) or None
         for stored in await self._store.open_events(now):
-            self._events[stored.event.event_id] = (stored.event, stored.opt)
+            ev = stored.event
+            override = _loads(await self._store.get_state(f"override:{ev.event_id}"))
+            stop = _loads(await self._store.get_state(f"stop:{ev.event_id}"))
+            opt = Opt(stored.opt)
+            if override and not ev.cancelled:
+                opt = Opt(override["opt"])
+                self._overrides[ev.event_id] = override
+            active = opt is Opt.IN and not ev.cancelled and self._acts_on(ev)
+            entry = _Entry(ev, opt, float(stored.start_delay_s), active)
+            if stop:
+                entry.active = bool(stop.get("active", active))
+                entry.stop_at = datetime.fromisoformat(stop["at"])
+            self._events[ev.event_id] = entry
         if self._events:
             self.changed.set()
         return len(self._events)
 
     def events(self) -> list[tuple[DemandEvent, Opt]]:
-        """Return the latest version of every known event with its opt."""
-        return list(self._events.values())
+        """Return the latest version of every known event with the opt in force."""
+        return [(e.event, e.opt) for e in self._events.values()]
+
+    def start_delay_s(self, event_id: str) -> float | None:
+        """Return the randomized start offset drawn for an event, or None if unknown."""
+        entry = self._events.get(event_id)
+        return None if entry is None else entry.delay_s
+
+    @property
+    def standing_override(self) -> Opt | None:
+        """Return the standing (all new events) override in force, if any."""
+        return None if self._standing is None else Opt(self._standing["opt"])
+
+    # -- answering the utility ----------------------------------------------------------------
 
     async def on_event(self, ev: DemandEvent) -> Opt:
         """Record one event version from the utility and return the opt to send; never actuates."""
-        async with self._lock:
-            same = await self._store.get(ev.event_id, ev.modification_number)
-            if same is not None:
-                # A repeat (VTN re-send, or a restart): answer as before, act on nothing new.
-                await self._audit.append(
-                    "event.repeat",
-                    {"modification_number": ev.modification_number, "opt": same.opt.value},
-                    actor="utility",
-                    event_id=ev.event_id,
-                )
-                return Opt(same.opt)
-            latest = await self._store.latest(ev.event_id)
-            if latest is not None and latest.event.modification_number > ev.modification_number:
-                await self._audit.append(
-                    "event.stale",
-                    {
-                        "modification_number": ev.modification_number,
-                        "known_modification_number": latest.event.modification_number,
-                    },
-                    actor="utility",
-                    event_id=ev.event_id,
-                )
-                log.warning(
-                    "stale modification number",
-                    event_id=ev.event_id,
-                    modification_number=ev.modification_number,
-                )
-                return Opt(latest.opt)
-            opt, reason = self._decide(ev)
-            await self._store.put(ev, opt, reason)
-            await self._audit.append(
-                "opt.decided",
-                {
-                    "modification_number": ev.modification_number,
-                    "opt": opt.value,
-                    "reason": reason,
-                    "status": ev.status,
-                },
-                actor="policy",
-                event_id=ev.event_id,
-            )
-            self._events[ev.event_id] = (ev, opt)
-            log.info(
-                "event recorded",
-                event_id=ev.event_id,
-                modification_number=ev.modification_number,
-                opt=opt.value,
-                reason=reason,
-                status=ev.status,
-            )
-            self.changed.set()
-            return opt
+        return (await self.answer(ev)).opt
 
-    def _decide(self, ev: DemandEvent) -> tuple[Opt, str]:
-        """Decide optIn/optOut for one event version, with the reason."""
+    async def answer(self, ev: DemandEvent) -> Answer:
+        """Record one event version and return the opt, what was done, and why."""
+        async with self._lock:
+            latest = await self._store.latest(ev.event_id)
+            known = None if latest is None else latest.event.modification_number
+            if known is not None and ev.modification_number <= known:
+                return await self._repeat_or_stale(ev, latest, known)
+            return await self._record(ev, updated=latest is not None)
+
+    async def _repeat_or_stale(self, ev: DemandEvent, latest: Any, known: int) -> Answer:
+        """Answer a version already seen (as before) or an older one (rejected, rule 58)."""
+        entry = self._events.get(ev.event_id)
+        opt = entry.opt if entry is not None else self._opt_after_override(ev.event_id, latest)
+        if ev.modification_number == known:
+            await self._audit.append(
+                "event.repeat",
+                {"modification_number": ev.modification_number, "opt": opt.value},
+                actor="utility",
+                event_id=ev.event_id,
+            )
+            return Answer(opt, Outcome.REPEAT, "same version as before: answered as before")
+        reason = f"modification number {ev.modification_number} is lower than {known}, already received"
+        await self._audit.append(
+            "event.stale",
+            {"modification_number": ev.modification_number, "known_modification_number": known, "opt": opt.value},
+            actor="utility",
+            event_id=ev.event_id,
+        )
+        log.warning("stale modification number", event_id=ev.event_id, modification_number=ev.modification_number)
+        return Answer(opt, Outcome.STALE, reason)
+
+    def _opt_after_override(self, event_id: str, stored: Any) -> Opt:
+        """Return the opt in force for a stored version no longer in memory."""
+        override = self._overrides.get(event_id)
+        if override and not stored.event.cancelled:
+            return Opt(override["opt"])
+        return Opt(stored.opt)
+
+    async def _record(self, ev: DemandEvent, updated: bool) -> Answer:
+        """Decide, store and audit a new or newer version; replan at once."""
+        now = self._clock.now()
+        entry = self._events.get(ev.event_id)
+        opt, outcome, reason, actor = self._decide(ev, updated)
+        delay = self._delay_for(ev, entry)
+        await self._store.put(ev, opt, reason, start_delay_s=delay)
+        if entry is None:
+            entry = _Entry(ev, opt, delay, False)
+            self._events[ev.event_id] = entry
+        was_active = entry.active
+        entry.event, entry.opt, entry.delay_s = ev, opt, delay
         if ev.cancelled:
-            return Opt.IN, "cancellation acknowledged"
+            entry.active = was_active
+            if was_active and entry.stop_at is None:
+                await self._stop(entry, now + timedelta(seconds=delay), "cancelled by the utility")
+        else:
+            entry.active = opt is Opt.IN and outcome not in (Outcome.NOT_TARGETED, Outcome.WRONG_MARKET)
+            entry.active = entry.active and self._acts_on(ev)
+            if ev.event_id in self._overrides and Opt(self._overrides[ev.event_id]["opt"]) is Opt.OUT:
+                entry.active = False
+            elif entry.stop_at is not None:  # the VTN announced it again: it runs again
+                entry.stop_at = None
+                await self._store.set_state(f"stop:{ev.event_id}", "{}")
+        await self._audit.append(
+            "opt.decided",
+            {
+                "modification_number": ev.modification_number,
+                "opt": opt.value,
+                "reason": reason,
+                "outcome": outcome.value,
+                "status": ev.status,
+                "start_delay_s": round(delay, 3),
+            },
+            actor=actor,
+            event_id=ev.event_id,
+        )
+        log.info("event recorded", event_id=ev.event_id, modification_number=ev.modification_number,
+                 opt=opt.value, outcome=outcome.value, reason=reason)  # fmt: skip
+        self.changed.set()
+        return Answer(opt, outcome, reason)
+
+    def _decide(self, ev: DemandEvent, updated: bool) -> tuple[Opt, Outcome, str, str]:
+        """Decide the opt for a new version: (opt, outcome, reason, actor)."""
+        fresh = Outcome.UPDATED if updated else Outcome.NEW
+        if ev.cancelled:
+            return Opt.IN, Outcome.CANCELLED, "cancellation acknowledged", "policy"
+        wrong = mismatch(ev, self._cfg)
+        if wrong is not None:
+            return Opt.OUT, wrong[0], wrong[1], "policy"
+        override = self._overrides.get(ev.event_id) or self._standing
+        if override is not None:
+            who = override["actor"]
+            return Opt(override["opt"]), fresh, f"{who} override: {override['reason']}", who
         if ev.test_event and not self._cfg.act_on_test_events:
-            return Opt.IN, "test event: acknowledged, not acted on"
+            return Opt.IN, fresh, "test event: acknowledged, not acted on", "policy"
         if self._cfg.opt_policy == "never":
-            return Opt.OUT, "policy: never participate"
+            return Opt.OUT, fresh, "policy: never participate", "policy"
         if self._cfg.opt_policy == "always":
-            return Opt.IN, "policy: always participate"
+            return Opt.IN, fresh, "policy: always participate", "policy"
         if self._feasibility is None:
-            return Opt.IN, "no feasibility estimate available; policy feasible defaults to optIn"
+            return Opt.IN, fresh, "no feasibility estimate available; policy feasible defaults to optIn", "policy"
         fz = self._feasibility(ev, self)
-        return (Opt.IN if fz.feasible else Opt.OUT), fz.reason
+        return (Opt.IN if fz.feasible else Opt.OUT), fresh, fz.reason, "policy"
+
+    def _delay_for(self, ev: DemandEvent, entry: _Entry | None) -> float:
+        """Return the start offset: kept from earlier versions unless startafter changed (rule 30)."""
+        if ev.start_after_s <= 0:
+            return 0.0
+        if entry is not None and entry.event.start_after_s == ev.start_after_s:
+            return min(entry.delay_s, ev.start_after_s)
+        return self._rng.uniform(0.0, ev.start_after_s)
+
+    def _acts_on(self, ev: DemandEvent) -> bool:
+        """Return whether the gateway acts on this event at all (test events only if configured)."""
+        return not ev.test_event or self._cfg.act_on_test_events
+
+    # -- cancellation and overrides ----------------------------------------------------------
+
+    async def cancel(self, event_id: str, reason: str, actor: str = "utility") -> bool:
+        """Stop an event without a readable new version (unreadable or implied cancellation)."""
+        async with self._lock:
+            entry = self._events.get(event_id)
+            if entry is None or entry.stop_at is not None or entry.event.cancelled:
+                return False
+            await self._stop(entry, self._clock.now() + timedelta(seconds=entry.delay_s), reason, actor)
+            return True
+
+    async def on_distribution(self, vtn_id: str, event_ids: Collection[str]) -> list[str]:
+        """Cancel this VTN's events that a full event distribution no longer lists (rule 61)."""
+        now = self._clock.now()
+        present = set(event_ids)
+        gone = [
+            e.event.event_id
+            for e in self._events.values()
+            if e.event.vtn_id in ("", vtn_id)
+            and e.event.event_id not in present
+            and not e.event.cancelled
+            and e.stop_at is None
+            and now < e.over_at
+        ]
+        for event_id in gone:
+            await self.cancel(event_id, "implied cancellation: the VTN no longer lists the event")
+        return gone
+
+    async def _stop(self, entry: _Entry, at: datetime, reason: str, actor: str = "utility") -> None:
+        """Stop an event at ``at`` (then recovery): persist and audit it, then replan."""
+        record = {"at": at.isoformat(), "active": entry.active, "reason": reason}
+        await self._store.set_state(f"stop:{entry.event.event_id}", json.dumps(record))
+        await self._audit.append(
+            "event.stopped",
+            {"stop_at": at.isoformat(), "reason": reason, "recovery_s": entry.event.recovery_s,
+             "was_active": entry.active, "modification_number": entry.event.modification_number},
+            actor=actor,
+            event_id=entry.event.event_id,
+        )  # fmt: skip
+        log.info("event stopped", event_id=entry.event.event_id, reason=reason, stop_at=at.isoformat())
+        entry.stop_at = at
+        self.changed.set()
+
+    async def override_opt(self, event_id: str, opt: Opt, actor: str, reason: str) -> Answer:
+        """Change the opt of a known event on an operator's or the BMS's word; applies at once."""
+        opt = Opt(opt)
+        if actor not in OVERRIDE_ACTORS:
+            raise InputRejected(f"override actor {actor!r} is not one of {', '.join(sorted(OVERRIDE_ACTORS))}")
+        if not reason.strip():
+            raise InputRejected("an override needs a reason")
+        async with self._lock:
+            entry = self._events.get(event_id)
+            if entry is None:
+                raise InputRejected(f"event {event_id} is not known to this gateway")
+            if entry.event.cancelled:
+                raise InputRejected(f"event {event_id} was cancelled by the utility")
+            now = self._clock.now()
+            previous = entry.opt
+            record = {"opt": opt.value, "actor": actor, "reason": reason, "at": now.isoformat()}
+            self._overrides[event_id] = record
+            await self._store.set_state(f"override:{event_id}", json.dumps(record))
+            entry.opt = opt
+            await self._audit.append(
+                "opt.override",
+                {"opt": opt.value, "previous_opt": previous.value, "reason": reason,
+                 "modification_number": entry.event.modification_number},
+                actor=actor,
+                event_id=event_id,
+            )  # fmt: skip
+            if opt is Opt.OUT and entry.active and entry.stop_at is None:
+                await self._stop(entry, now, f"{actor} opted out: {reason}", actor)
+            elif opt is Opt.IN and mismatch(entry.event, self._cfg) is None and self._acts_on(entry.event):
+                entry.active, entry.stop_at = True, None
+                await self._store.set_state(f"stop:{event_id}", "{}")
+            log.warning("opt overridden", event_id=event_id, opt=opt.value, actor=actor, reason=reason)
+            self.changed.set()
+            return Answer(opt, Outcome.UPDATED, f"{actor} override: {reason}")
+
+    async def set_standing_override(self, opt: Opt | None, actor: str, reason: str) -> None:
+        """Answer every new event version with ``opt`` (None lifts it); events already answered keep theirs."""
+        if actor not in OVERRIDE_ACTORS:
+            raise InputRejected(f"override actor {actor!r} is not one of {', '.join(sorted(OVERRIDE_ACTORS))}")
+        record = None if opt is None else {"opt": Opt(opt).value, "actor": actor, "reason": reason}
+        self._standing = record
+        await self._store.set_state(_STANDING, json.dumps(record or {}))
+        await self._audit.append(
+            "override.standing", {"opt": None if opt is None else Opt(opt).value, "reason": reason}, actor=actor
+        )
+
+    # -- the directive ------------------------------------------------------------------------
 
     def target_at(self, t: datetime) -> Target | None:
-        """Return the target in force at ``t`` (highest priority active opted-in event), or None."""
-        best: tuple[int, DemandEvent, Target] | None = None
-        for ev, opt in self._events.values():
-            if opt is not Opt.IN or ev.cancelled:
+        """Return the target in force at ``t``: the winning event's ask, scaled during ramps."""
+        best: tuple[tuple[int, datetime, str], Target] | None = None
+        for entry in self._events.values():
+            if not entry.active:
                 continue
-            if ev.test_event and not self._cfg.act_on_test_events:
-                continue
-            target = self._target_of(ev, t)
+            target = self._target_of(entry, t)
             if target is None:
                 continue
-            # OpenADR priority: 1 is highest, larger numbers lower; 0 means "no priority" (lowest).
-            rank = ev.priority if ev.priority > 0 else 1 << 30
+            # OpenADR priority: 1 is highest, larger numbers lower, 0 means none (lowest); on a
+            # tie the event that started first keeps precedence (rule 18).
+            rank = (entry.event.priority or 1 << 30, entry.start, entry.event.event_id)
             if best is None or rank < best[0]:
-                best = (rank, ev, target)
-        return best[2] if best else None
+                best = (rank, target)
+        return best[1] if best else None
 
-    def _target_of(self, ev: DemandEvent, t: datetime) -> Target | None:
-        """Return the target one event asks for at ``t``, or None outside its active period."""
-        start = ev.start + timedelta(seconds=ev.start_after_s)
-        if not (start <= t < ev.end):
+    def _target_of(self, entry: _Entry, t: datetime) -> Target | None:
+        """Return what one event asks at ``t`` (None outside ramp-up, active period and recovery)."""
+        ev, start, end = entry.event, entry.start, entry.end
+        ramp_start = start - timedelta(seconds=ev.ramp_up_s)
+        if t < ramp_start or end <= ramp_start or t >= entry.over_at:
             return None
-        for sig in ev.signals:
+        if t < end:
+            fraction = _rise(t, start, ev.ramp_up_s)
+            at = max(t, start)
+        else:
+            recovery = ev.recovery_s
+            fraction = _rise(end, start, ev.ramp_up_s) * (1.0 - (t - end).total_seconds() / recovery)
+            at = max(end - timedelta(microseconds=1), start)
+        if fraction <= 0:
+            return None
+        ask = self.ask_at(ev, at - timedelta(seconds=entry.delay_s))
+        if ask is None:
+            return None
+        kind, value = ask
+        return Target(kind, value, ev.event_id, ev.modification_number, ramp_fraction=min(1.0, fraction))
+
+    def ask_at(self, ev: DemandEvent, t: datetime) -> tuple[TargetKind, float] | None:
+        """Return what the event's signals ask at ``t`` on its own (unrandomized) timeline."""
+        for sig in sorted(ev.signals, key=lambda s: _SIGNAL_ORDER.get(s.name, 9)):
             value = sig.value_at(t)
-            if value is None:
-                continue
-            if sig.name is SignalName.SIMPLE:
-                frac = self._cfg.simple_levels.get(str(int(value)), 0.0)
-                if frac <= 0:
-                    continue
-                return Target(TargetKind.SHED_FRACTION, frac, ev.event_id, ev.modification_number)
-            if sig.name is SignalName.LOAD_DISPATCH:
-                kind = TargetKind.CAP_W if sig.signal_type == "setpoint" else TargetKind.SHED_W
-                if kind is TargetKind.SHED_W and value <= 0:
-                    continue
-                return Target(kind, value, ev.event_id, ev.modification_number)
+            if value is not None and (ask := self._ask(sig, value)) is not None:
+                return ask
         return None
 
+    def _ask(self, sig: Signal, value: float) -> tuple[TargetKind, float] | None:
+        """Translate one signal value into a target kind and value; None when it asks for nothing."""
+        levels = self._cfg.simple_levels
+        frac: float | None = None
+        if sig.name is SignalName.SIMPLE:
+            frac = levels.get(str(int(value)), 0.0)
+        elif sig.signal_type in ("setpoint", "x-loadControlSetpoint"):
+            return TargetKind.CAP_W, value
+        elif sig.signal_type == "delta":
+            return (TargetKind.SHED_W, value) if value > 0 else None
+        elif sig.signal_type == "x-loadControlCapacity":
+            frac = 1.0 - value
+        elif sig.signal_type == "x-loadControlLevelOffset":
+            frac = levels.get(str(min(3, int(value))), 0.0) if value > 0 else 0.0
+        elif sig.signal_type == "x-loadControlPercentOffset":
+            frac = -value / 100.0
+        elif sig.name in (SignalName.ELECTRICITY_PRICE, SignalName.ENERGY_PRICE):
+            frac = levels.get(str(self._price_level(sig.signal_type, value)), 0.0)
+        if frac is None or frac <= 0:
+            return None
+        return TargetKind.SHED_FRACTION, min(1.0, frac)
+
+    def _price_level(self, signal_type: str, price: float) -> int:
+        """Return the highest SIMPLE level whose configured price threshold ``price`` reaches."""
+        thresholds = {
+            "price": self._cfg.price_levels,
+            "priceRelative": self._cfg.price_relative_levels,
+            "priceMultiplier": self._cfg.price_multiplier_levels,
+        }.get(signal_type, {})
+        return max((int(lvl) for lvl, floor in thresholds.items() if price >= floor), default=0)
+
+    def required_shed_w(self, ev: DemandEvent, baseline_w: float) -> float:
+        """Return the largest reduction (W) any interval of the event asks, given a baseline."""
+        worst = 0.0
+        for sig in ev.signals:
+            for iv in sig.intervals:
+                ask = self._ask(sig, iv.value)
+                if ask is not None:
+                    worst = max(worst, baseline_w - Target(ask[0], ask[1], "", 0).facility_limit_w(baseline_w))
+        return worst
+
     def active_event_ids(self, t: datetime) -> list[str]:
-        """Return ids of opted-in events whose active period covers ``t``."""
-        return [
-            ev.event_id
-            for ev, opt in self._events.values()
-            if opt is Opt.IN and not ev.cancelled and ev.start <= t < ev.end
-        ]
+        """Return ids of acted-on events whose (randomized) active period covers ``t``."""
+        return [e.event.event_id for e in self._events.values() if e.active and e.start <= t < e.end]
+
+
+def _rise(t: datetime, start: datetime, ramp_up_s: float) -> float:
+    """Return the share of the reduction asked at ``t`` on the way in (1 from ``start`` on)."""
+    if t >= start or ramp_up_s <= 0:
+        return 1.0
+    return max(0.0, 1.0 - (start - t).total_seconds() / ramp_up_s)
+
+
+def _add(t: datetime, seconds: float) -> datetime:
+    """Return ``t`` plus seconds, saturating at datetime.max for open-ended events."""
+    try:
+        return t + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=t.tzinfo)
+
+
+def _loads(raw: str | None) -> dict[str, Any]:
+    """Return a JSON object persisted in the VEN state (empty when unset or cleared)."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

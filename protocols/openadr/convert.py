@@ -13,6 +13,9 @@ xmltodict's output). Its quirks, all handled here:
 
 An active period (or an interval) of duration 0 means "open-ended, until cancelled" in OpenADR
 2.0b; it becomes ``OPEN_ENDED_S`` seconds, which every consumer treats as "no end yet".
+
+Refusals carry the 2.0b response code the VEN answers with: ``SignalNotSupported`` (460) for a
+signal name or type the gateway cannot act on, plain ``InvalidEvent`` (454) for anything else.
 """
 
 from __future__ import annotations
@@ -25,35 +28,69 @@ from gateway.errors import InputRejected
 from gateway.model import DemandEvent, Interval, Signal, SignalName
 
 OPEN_ENDED_S = 10 * 365 * 24 * 3600.0  # ten years: an open-ended event runs until cancelled
+INVALID_DATA = 454
+SIGNAL_NOT_SUPPORTED = 460
 _STATUSES = frozenset({"none", "far", "near", "active", "completed", "cancelled"})
 _SCALE = {"p": 1e-12, "n": 1e-9, "micro": 1e-6, "m": 1e-3, "c": 1e-2, "d": 1e-1, "none": 1.0,
           "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}  # fmt: skip
 _POWER_UNITS = {"W": 1.0, "kW": 1e3, "MW": 1e6, "GW": 1e9}
-_MEASUREMENT_KEYS = ("powerReal", "powerApparent", "powerReactive", "energyReal", "customUnit")
-_LOAD_DISPATCH_TYPES = frozenset({"delta", "setpoint"})
+_MEASUREMENT_KEYS = ("powerReal", "powerApparent", "powerReactive", "energyReal", "currencyPerKWh",
+                     "currency", "customUnit")  # fmt: skip
+_TARGET_KINDS = ("ven_id", "resource_id", "group_id", "group_name", "party_id")
+PRICE_TYPES = frozenset({"price", "priceRelative", "priceMultiplier"})
+# signal name -> signal types the gateway can act on
+_TYPES = {
+    SignalName.SIMPLE: frozenset({"level"}),
+    SignalName.LOAD_DISPATCH: frozenset({"delta", "setpoint"}),
+    SignalName.LOAD_CONTROL: frozenset(
+        {"x-loadControlCapacity", "x-loadControlLevelOffset", "x-loadControlPercentOffset", "x-loadControlSetpoint"}
+    ),
+    SignalName.ELECTRICITY_PRICE: PRICE_TYPES,
+    SignalName.ENERGY_PRICE: PRICE_TYPES,
+}
+
+
+class InvalidEvent(InputRejected):
+    """An event the gateway refuses; ``code`` is the 2.0b eventResponse code to answer with."""
+
+    code = INVALID_DATA
+
+
+class SignalNotSupported(InvalidEvent):
+    """An event carrying a signal name or type the gateway cannot act on."""
+
+    code = SIGNAL_NOT_SUPPORTED
 
 
 class _Reject:
-    """Build InputRejected errors that name the event they concern."""
+    """Build refusals that name the event they concern."""
 
     def __init__(self, event_id: str) -> None:
         self.event_id = event_id
 
-    def __call__(self, what: str) -> InputRejected:
-        """Return an InputRejected naming the event and what was wrong."""
-        return InputRejected(f"event {self.event_id}: {what}")
+    def __call__(self, what: str, kind: type[InvalidEvent] = InvalidEvent) -> InvalidEvent:
+        """Return a refusal naming the event and what was wrong."""
+        return kind(f"event {self.event_id}: {what}")
 
 
-def to_demand_event(event: dict[str, Any], vtn_id: str) -> DemandEvent:
-    """Convert one openleadr event dict into a DemandEvent; raise InputRejected naming what is wrong."""
+def to_demand_event(
+    event: dict[str, Any],
+    vtn_id: str,
+    ven_id: str = "",
+    price_types: frozenset[str] = PRICE_TYPES,
+) -> DemandEvent:
+    """Convert one openleadr event dict into a DemandEvent; raise InvalidEvent naming what is wrong.
+
+    ``price_types`` are the price signal types the gateway has thresholds for; others are refused.
+    """
     if not isinstance(event, dict):
-        raise InputRejected(f"event is a {type(event).__name__}, not a mapping")
+        raise InvalidEvent(f"event is a {type(event).__name__}, not a mapping")
     desc = event.get("event_descriptor")
     if not isinstance(desc, dict):
-        raise InputRejected("event (no id): missing eventDescriptor")
+        raise InvalidEvent("event (no id): missing eventDescriptor")
     raw_id = desc.get("event_id")
     if raw_id is None or isinstance(raw_id, bool) or str(raw_id).strip() == "":
-        raise InputRejected("event (no id): missing eventID")
+        raise InvalidEvent("event (no id): missing eventID")
     event_id = str(raw_id)
     reject = _Reject(event_id)
 
@@ -87,7 +124,7 @@ def to_demand_event(event: dict[str, Any], vtn_id: str) -> DemandEvent:
         raw_signals = raw_signals.get("event_signals")
     if not isinstance(raw_signals, list) or not raw_signals:
         raise reject("no eiEventSignal")
-    signals = tuple(_signal(s, i, start, reject) for i, s in enumerate(raw_signals))
+    signals = tuple(_signal(s, i, start, reject, price_types) for i, s in enumerate(raw_signals))
 
     return DemandEvent(
         event_id=event_id,
@@ -105,46 +142,89 @@ def to_demand_event(event: dict[str, Any], vtn_id: str) -> DemandEvent:
         recovery_s=recovery_s,
         start_after_s=start_after_s,
         created=created,
+        targets=targets_of(event),
+        ven_id=ven_id,
     )
 
 
-def _signal(raw: Any, index: int, event_start: datetime, reject: _Reject) -> Signal:
-    """Convert one eiEventSignal; SIMPLE (level 0-3) and LOAD_DISPATCH (W) only."""
+def targets_of(event: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Return the event's eiTarget criteria as sorted (kind, value) pairs."""
+    found: set[tuple[str, str]] = set()
+    raw = event.get("targets")
+    if isinstance(raw, dict):
+        raw = [raw]
+    for target in raw if isinstance(raw, list) else []:
+        if isinstance(target, dict):
+            found.update((k, str(v)) for k, v in target.items() if k in _TARGET_KINDS and v is not None)
+    by_type = event.get("targets_by_type")
+    if isinstance(by_type, dict):
+        for kind, values in by_type.items():
+            if kind in _TARGET_KINDS:
+                for v in values if isinstance(values, list) else [values]:
+                    if v is not None:
+                        found.add((kind, str(v)))
+    return tuple(sorted(found))
+
+
+def _signal(raw: Any, index: int, event_start: datetime, reject: _Reject, price_types: frozenset[str]) -> Signal:
+    """Convert one eiEventSignal the gateway can act on; refuse the others with 460."""
     if not isinstance(raw, dict):
         raise reject(f"signal #{index} is not a mapping")
     name = raw.get("signal_name")
     try:
         signal_name = SignalName(name if isinstance(name, str) else "")
     except ValueError:
-        raise reject(f"signal {name!r} is not supported") from None
+        raise reject(f"signal {name!r} is not supported", SignalNotSupported) from None
     signal_type = raw.get("signal_type")
     if not isinstance(signal_type, str):
         raise reject(f"signal {name}: missing signalType")
-    scale = 1.0
-    unit: str | None = None
-    if signal_name is SignalName.SIMPLE:
-        if signal_type != "level":
-            raise reject(f"signal SIMPLE: signalType {signal_type!r} is not 'level'")
-    else:
-        if signal_type not in _LOAD_DISPATCH_TYPES:
-            raise reject(f"signal LOAD_DISPATCH: signalType {signal_type!r} is not 'delta' or 'setpoint'")
-        scale = _watts_per_unit(raw, reject)
-        unit = "W"
+    if signal_type not in _TYPES[signal_name]:
+        allowed = " or ".join(repr(t) for t in sorted(_TYPES[signal_name]))
+        raise reject(f"signal {name}: signalType {signal_type!r} is not {allowed}", SignalNotSupported)
+    if signal_type in PRICE_TYPES and signal_type not in price_types:
+        raise reject(f"signal {name}: no price levels configured for signalType {signal_type!r}", SignalNotSupported)
+    scale, unit = _unit(raw, signal_name, signal_type, reject)
     intervals = _intervals(raw.get("intervals"), signal_name.value, event_start, reject)
     out: list[Interval] = []
     for n, (iv_start, iv_duration_s, value) in enumerate(intervals):
-        if signal_name is SignalName.SIMPLE:
-            if value not in (0, 1, 2, 3):
-                raise reject(f"signal SIMPLE interval {n}: level {value!r} is not 0, 1, 2 or 3")
-        elif value < 0:
-            raise reject(f"signal LOAD_DISPATCH interval {n}: {signal_type} {value!r} is negative")
+        _check_value(signal_name, signal_type, n, value, reject)
         out.append(Interval(start=iv_start, duration_s=iv_duration_s, value=float(value) * scale))
     return Signal(name=signal_name, signal_type=signal_type, intervals=tuple(out), unit=unit)
 
 
-def _intervals(
-    raw: Any, name: str, event_start: datetime, reject: _Reject
-) -> list[tuple[datetime, float, float]]:
+def _unit(raw: dict[str, Any], name: SignalName, signal_type: str, reject: _Reject) -> tuple[float, str | None]:
+    """Return (multiplier to the gateway's unit, unit) for a signal's payload values."""
+    if name is SignalName.LOAD_DISPATCH or signal_type == "x-loadControlSetpoint":
+        return _watts_per_unit(raw, name.value, reject), "W"
+    if name is SignalName.LOAD_CONTROL:
+        return 1.0, {"x-loadControlCapacity": "fraction", "x-loadControlLevelOffset": "level"}.get(signal_type, "%")
+    if signal_type == "price":
+        kind, unit, scale = _measurement(raw)
+        if kind not in (None, "currencyPerKWh"):
+            raise reject(f"signal {name.value}: measurement {kind!r} is not currencyPerKWh")
+        factor = _SCALE.get(scale or "none")
+        if factor is None:
+            raise reject(f"signal {name.value}: siScaleCode {scale!r} is not known")
+        return factor, f"{unit}/kWh" if unit else "/kWh"
+    return 1.0, None  # SIMPLE levels, relative prices and multipliers carry no unit
+
+
+def _check_value(name: SignalName, signal_type: str, n: int, value: float, reject: _Reject) -> None:
+    """Refuse a payload value outside what its signal type allows."""
+    where = f"signal {name.value} interval {n}"
+    if name is SignalName.SIMPLE and value not in (0, 1, 2, 3):
+        raise reject(f"signal SIMPLE interval {n}: level {value!r} is not 0, 1, 2 or 3")
+    if signal_type in ("delta", "setpoint", "x-loadControlSetpoint") and value < 0:
+        raise reject(f"{where}: {signal_type} {value!r} is negative")
+    if signal_type == "x-loadControlCapacity" and not 0.0 <= value <= 1.0:
+        raise reject(f"{where}: capacity {value!r} is outside 0..1")
+    if signal_type == "x-loadControlLevelOffset" and value != int(value):
+        raise reject(f"{where}: level offset {value!r} is not an integer")
+    if signal_type == "x-loadControlPercentOffset" and not -100.0 <= value <= 100.0:
+        raise reject(f"{where}: percent offset {value!r} is outside -100..100")
+
+
+def _intervals(raw: Any, name: str, event_start: datetime, reject: _Reject) -> list[tuple[datetime, float, float]]:
     """Return (start, duration_s, raw value) per interval; starts run on from the previous end."""
     if isinstance(raw, dict):
         raw = [raw]
@@ -169,24 +249,30 @@ def _intervals(
     return out
 
 
-def _watts_per_unit(raw: dict[str, Any], reject: _Reject) -> float:
-    """Return how many watts one unit of this LOAD_DISPATCH signal's payload is."""
+def _measurement(raw: dict[str, Any]) -> tuple[str | None, Any, Any]:
+    """Return (measurement name, unit, scale) from either of openleadr's shapes; Nones when absent."""
     meas = raw.get("measurement")
     if isinstance(meas, dict):
-        kind, unit, scale = meas.get("name"), meas.get("unit"), meas.get("scale")
-    else:
-        kind = next((k for k in _MEASUREMENT_KEYS if isinstance(raw.get(k), dict)), None)
-        if kind is None:
-            raise reject("signal LOAD_DISPATCH: no unit (itemUnits) given")
-        unit, scale = raw[kind].get("item_units"), raw[kind].get("si_scale_code")
+        return meas.get("name"), meas.get("unit"), meas.get("scale")
+    kind = next((k for k in _MEASUREMENT_KEYS if isinstance(raw.get(k), dict)), None)
+    if kind is None:
+        return None, None, None
+    return kind, raw[kind].get("item_units"), raw[kind].get("si_scale_code")
+
+
+def _watts_per_unit(raw: dict[str, Any], what: str, reject: _Reject) -> float:
+    """Return how many watts one unit of this power signal's payload is."""
+    kind, unit, scale = _measurement(raw)
+    if kind is None:
+        raise reject(f"signal {what}: no unit (itemUnits) given")
     if kind != "powerReal":
-        raise reject(f"signal LOAD_DISPATCH: measurement {kind!r} is not powerReal")
+        raise reject(f"signal {what}: measurement {kind!r} is not powerReal")
     if unit not in _POWER_UNITS:
-        raise reject(f"signal LOAD_DISPATCH: unit {unit!r} is not one of {', '.join(_POWER_UNITS)}")
+        raise reject(f"signal {what}: unit {unit!r} is not one of {', '.join(_POWER_UNITS)}")
     if scale is None:
         scale = "none"
     if scale not in _SCALE:
-        raise reject(f"signal LOAD_DISPATCH: siScaleCode {scale!r} is not known")
+        raise reject(f"signal {what}: siScaleCode {scale!r} is not known")
     return _POWER_UNITS[unit] * _SCALE[scale]
 
 

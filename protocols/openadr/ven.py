@@ -1,35 +1,36 @@
-"""The gateway's OpenADR 2.0b VEN: openleadr's client under a supervisor that never gives up.
+"""The gateway's OpenADR 2.0b VEN: openleadr's message builders under a supervisor that never gives up.
 
 openleadr's ``run()`` stops for good when the first registration fails, so the supervisor here
-drives the client's pieces itself: register (with exponential backoff), request pending events,
-then poll at the VTN's requested frequency. Every event goes through ``to_demand_event`` and the
-gateway's ``on_event`` callback, which decides the opt quickly and never actuates. Every response
-body is checked by ``xmlguard`` before openleadr parses it, and the wire traffic that matters is
-audited by digest (empty poll round trips are not: one a poll would swamp the log).
+drives the pieces itself: register (exponential backoff; the registration and venID are kept in
+the VEN state so a restart re-registers as the same VEN), offer reports, request the events the
+VTN holds, then poll at the VTN's requested frequency (or ``poll_interval_s``, never faster than
+``min_poll_interval_s``), polling again at once while the VTN has more queued.
+
+The parts: ``client.OadrClient`` owns the request path (guard, TLS, signatures, evidence),
+``wirelog.WireLog`` records every message, ``eventsvc.EventService`` answers distributions
+(and later opt changes), ``reports.Reporter`` runs the reports. Every state change of the link
+is logged and audited once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any
-
-import aiohttp
-from openleadr import OpenADRClient
+from typing import Any, Protocol
 
 from gateway.clock import Clock
 from gateway.config import OpenAdrConfig
-from gateway.errors import InputRejected
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
-from gateway.model import DemandEvent, Opt
-from protocols.openadr.convert import to_demand_event
-from protocols.openadr.xmlguard import guarded_response_class, harden_openleadr_parser
+from gateway.model import Opt
+from protocols.openadr.client import OadrClient
+from protocols.openadr.eventsvc import EventService, OnCancel, OnDistribution, OnEvent
+from protocols.openadr.reports import History, Reporter, Telemetry
+from protocols.openadr.wirelog import EvidenceSink, WireLog
+from protocols.openadr.xmlguard import harden_openleadr_parser
 
 # openleadr's client module sets its logger to INFO at import (it logs every poll); the
 # application decides: keep it at WARNING unless someone asked for debug logging.
@@ -37,75 +38,28 @@ if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("openleadr").setLevel(logging.WARNING)
 
 _log = get_logger("openadr.ven")
-_MIN_POLL_S = 1.0  # a VTN asking for PT0S must not turn the VEN into a busy loop
 _MAX_POLL_S = 86_400.0  # openleadr's own ceiling
 _MAX_BURST = 8  # polls in a row while the VTN keeps having messages queued
-_CLEANUP_S = 300.0  # how often openleadr's memory of finished events is pruned
-_MSG_TYPE = re.compile(r"<(?:[\w.-]+:)?(oadr\w+)")
-_ENVELOPE = frozenset({"oadrPayload", "oadrSignedObject"})
-# openleadr logs every failed request at ERROR; the supervisor logs state changes instead.
-_NOISE = (
-    "Could not connect to server",
-    "ClientConnector",
-    "Request error",
-    "Non-OK status",
-    "Incoming message did not pass",
-    "The incoming message could not be parsed",
-    "We got a non-OK OpenADR response",
-    "Got error on Create Party Registration",
-    "No registration ID received",
-    "No venID received",
-)
+_KEYS = ("ven_id", "registration_id", "vtn_id")
+_LINK_FAILURES = frozenset({"unreachable", "timeout", "tls", "http", "transport"})
+# openleadr's registration code logs these at ERROR; the supervisor logs state changes instead.
+_NOISE = ("Got error on Create Party Registration", "No registration ID received", "No venID received",
+          "The venID that was received")  # fmt: skip
 
-OnEvent = Callable[[DemandEvent], Awaitable[Opt]]
-OnCancel = Callable[[str], Awaitable[None]]
+
+class StateStore(Protocol):
+    """Where the VEN keeps its identity across restarts (the event store's key/value state)."""
+
+    async def get_state(self, key: str) -> str | None: ...
+    async def set_state(self, key: str, value: str) -> None: ...
 
 
 class _QuietOpenleadr(logging.Filter):
-    """Swallow openleadr's per-request error lines, keeping the last one as the reason."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last = ""
+    """Drop openleadr's per-attempt registration errors; the supervisor reports state changes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Return False (drop) for per-request noise, after remembering it."""
-        msg = record.getMessage()
-        if not msg.startswith(_NOISE):
-            return True
-        if not msg.startswith("Could not connect"):
-            self.last = msg.split(" with data ")[0][:200]
-        return False
-
-
-class _Answers(dict[str, str]):
-    """openleadr's memory of its answers; a re-sent event it already forgot is confirmed.
-
-    openleadr drops a cancelled event's answer once it confirms it, then raises KeyError (and
-    opts out of every event in the message) if the VTN re-sends that same version.
-    """
-
-    def __missing__(self, key: str) -> str:
-        return Opt.IN.value
-
-
-class _Client(OpenADRClient):
-    """openleadr's client whose HTTP session checks every body before openleadr parses it."""
-
-    client_session: aiohttp.ClientSession | None
-
-    def __init__(self, *args: Any, response_class: type[aiohttp.ClientResponse], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._response_class = response_class
-
-    async def _ensure_client_session(self) -> None:
-        """Create the session as openleadr does (headers, timeouts), with the guarded response."""
-        if not self.client_session:
-            self.client_session = aiohttp.ClientSession(
-                headers={"content-type": "application/xml"},
-                timeout=aiohttp.ClientTimeout(sock_connect=5, sock_read=10),
-                response_class=self._response_class,
-            )
+        """Return False (drop) for registration noise."""
+        return not record.getMessage().startswith(_NOISE)
 
 
 class Ven:
@@ -118,33 +72,42 @@ class Ven:
         audit: AuditSink,
         clock: Clock,
         on_cancel: OnCancel | None = None,
+        *,
+        on_distribution: OnDistribution | None = None,
+        state: StateStore | None = None,
+        telemetry: Telemetry | None = None,
+        history: History | None = None,
+        evidence: EvidenceSink | None = None,
     ) -> None:
         self._config = config
-        self._on_event = on_event
-        self._on_cancel = on_cancel
         self._audit_sink = audit
         self._clock = clock
-        self._client = _Client(
-            ven_name=config.ven_name,
-            vtn_url=config.vtn_url,
-            ven_id=config.ven_id,
-            show_fingerprint=False,
-            response_class=guarded_response_class(self._on_xml_rejected),
+        self._state_store = state
+        self._wire = WireLog(self._audit, evidence, clock, config.max_clock_skew_s, config.vtn_url)
+        self._client = OadrClient(config, self._wire, clock.now)
+        price_types = frozenset(
+            t
+            for t, levels in (
+                ("price", config.price_levels),
+                ("priceRelative", config.price_relative_levels),
+                ("priceMultiplier", config.price_multiplier_levels),
+            )
+            if levels
         )
-        self._client.responded_events = _Answers()
-        self._client.add_handler("on_event", self._handle_event)
-        self._client.add_handler("on_update_event", self._handle_event)
-        self._client.add_hook("before_send_xml", self._on_xml_out)
-        self._client.add_hook("after_receive_xml", self._on_xml_in)
+        self._events = EventService(
+            self._client, on_event, self._audit, price_types, on_cancel, on_distribution, clock.now
+        )
+        self._reports = Reporter(self._client, config, clock, self._audit, telemetry, history)
         self._client.add_hook("after_parse_xml", self._on_parsed)
+        self._last_parsed: tuple[str, dict[str, Any]] | None = None
         self._noise = _QuietOpenleadr()
         self._task: asyncio.Task[None] | None = None
         self._state = "stopped"
-        self._vtn_id = ""
-        self._poll_s = 10.0
-        self._polling = False
-        self._last_parsed: tuple[str, dict[str, Any]] | None = None
+        self._registration_id: str | None = None  # the last one granted (kept across restarts)
+        self._poll_s = config.poll_interval_s
         self.last_poll_ok: datetime | None = None
+
+    # -- what the gateway reads ---------------------------------------------------------------
 
     @property
     def registered(self) -> bool:
@@ -153,35 +116,102 @@ class Ven:
 
     @property
     def ven_id(self) -> str | None:
-        """Return the venID (configured, or assigned by the VTN at registration)."""
+        """Return the venID (configured, persisted, or assigned by the VTN at registration)."""
         return self._client.ven_id
 
     @property
+    def vtn_id(self) -> str:
+        """Return the registered VTN's id ('' before the first registration)."""
+        return self._events.vtn_id
+
+    @property
+    def registration_id(self) -> str | None:
+        """Return the registration id in force."""
+        return self._client.registration_id
+
+    @property
+    def poll_interval_s(self) -> float:
+        """Return the poll interval in use (s)."""
+        return self._poll_s
+
+    @property
     def state(self) -> str:
-        """Return the link state: stopped, starting, unreachable, refused, registered or link_lost."""
+        """Return the link state: stopped, starting, unreachable, refused, registered, unregistered or link_lost."""
         return self._state
 
+    @property
+    def clock_skew_s(self) -> float | None:
+        """Return the last measured VTN clock minus local clock (s), from the HTTP Date header."""
+        return self._wire.last_skew_s
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
     async def start(self) -> None:
-        """Start the supervisor task and return at once."""
+        """Load the persisted identity and start the supervisor task; return at once."""
         if self._task is not None:
             return
         harden_openleadr_parser()
         logging.getLogger("openleadr").addFilter(self._noise)
+        await self._load_identity()
         self._state = "starting"
         self._task = asyncio.create_task(self._supervise(), name="openadr-ven")
 
     async def stop(self) -> None:
-        """Stop polling and close the HTTP session."""
+        """Stop polling and reports and close the HTTP session."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._client.client_session is not None:
-            await self._client.client_session.close()
-            self._client.client_session = None
+        await self._reports.stop()
+        await self._client.close()
         logging.getLogger("openleadr").removeFilter(self._noise)
         self._state = "stopped"
+
+    async def send_opt(self, event_id: str, opt: Opt, reason: str, modification_number: int) -> bool:
+        """Tell the VTN an opt changed (oadrCreateOpt, else oadrCreatedEvent); audited; return success."""
+        if not self.registered:
+            await self._audit("opt.send_failed", {"opt": Opt(opt).value, "reason": reason,
+                              "modification_number": modification_number, "error": "not registered"},
+                              "gateway", event_id)  # fmt: skip
+            return False
+        return await self._events.send_opt(event_id, opt, reason, modification_number)
+
+    # -- identity -----------------------------------------------------------------------------
+
+    async def _load_identity(self) -> None:
+        """Take venID, registration and VTN id from the VEN state (a configured venID wins)."""
+        saved = {k: await self._get_state(f"openadr.{k}") for k in _KEYS}
+        if self._config.ven_id is None and saved["ven_id"]:
+            self._client.ven_id = saved["ven_id"]
+        if saved["ven_id"] in (None, self._client.ven_id):
+            self._registration_id = saved["registration_id"] or None
+            self._events.vtn_id = saved["vtn_id"] or ""
+
+    async def _save_identity(self) -> None:
+        """Persist venID, registration id and VTN id."""
+        values = {"ven_id": self._client.ven_id, "registration_id": self._registration_id, "vtn_id": self.vtn_id}
+        for key, value in values.items():
+            await self._set_state(f"openadr.{key}", value or "")
+
+    async def _get_state(self, key: str) -> str | None:
+        """Read one persisted value; a failing store is logged, not fatal."""
+        if self._state_store is None:
+            return None
+        try:
+            return await self._state_store.get_state(key)
+        except Exception as err:
+            _log.error("ven state not readable", key=key, error=repr(err))
+            return None
+
+    async def _set_state(self, key: str, value: str) -> None:
+        """Write one persisted value; a failing store is logged, not fatal."""
+        if self._state_store is None:
+            return
+        try:
+            await self._state_store.set_state(key, value)
+        except Exception as err:
+            _log.error("ven state not written", key=key, error=repr(err))
 
     # -- supervisor ---------------------------------------------------------------------------
 
@@ -189,7 +219,6 @@ class Ven:
         """Register with backoff, then poll forever; no error ends this loop."""
         cfg = self._config
         delay = cfg.registration_retry_initial_s
-        next_cleanup = self._clock.monotonic() + _CLEANUP_S
         while True:
             try:
                 if not self.registered:
@@ -198,11 +227,11 @@ class Ven:
                         delay = min(delay * 2, cfg.registration_retry_max_s)
                         continue
                     delay = cfg.registration_retry_initial_s
-                    await self._sync_events()
+                    await self._reports.register()
+                    rtype, payload = await _call(self._client.request_event())
+                    if rtype == "oadrDistributeEvent":
+                        await self._events.distribution(payload)
                 await self._poll_round()
-                if self._clock.monotonic() >= next_cleanup:
-                    next_cleanup = self._clock.monotonic() + _CLEANUP_S
-                    await self._client._event_cleanup()
                 if self.registered:
                     await self._clock.sleep(self._poll_s)
             except asyncio.CancelledError:
@@ -213,78 +242,118 @@ class Ven:
                 delay = min(delay * 2, cfg.registration_retry_max_s)
 
     async def _register(self) -> bool:
-        """Query and create the registration; record why it failed; return success."""
+        """Query and create the registration (re-using ours); record why it failed; return success."""
         self._client.registration_id = None
-        self._noise.last = ""
         self._last_parsed = None
         rtype, _ = await _call(self._client.query_registration())
         if rtype is None:
-            await self._set_state("unreachable", self._noise.last or "no answer from the VTN")
+            await self._set_state_link("unreachable", self._failure("no answer from the VTN"))
             return False
-        await _call(self._client.create_party_registration(ven_id=self._client.ven_id))
+        rtype, payload = await _call(
+            self._client.create_party_registration(ven_id=self._client.ven_id, registration_id=self._registration_id)
+        )
         if not self.registered:
-            await self._set_state("refused", self._refusal())
+            await self._set_state_link("refused", self._refusal(rtype, payload))
             return False
-        freq = self._client.poll_frequency
-        seconds = freq.total_seconds() if freq is not None else 10.0
-        self._poll_s = min(max(seconds, _MIN_POLL_S), _MAX_POLL_S)
-        await self._set_state("registered", "")
+        self._registration_id = self._client.registration_id
+        self._events.vtn_id = str(payload.get("vtn_id") or self._events.vtn_id)
+        freq = payload.get("requested_oadr_poll_freq")
+        seconds = freq.total_seconds() if freq is not None else self._config.poll_interval_s
+        self._poll_s = min(max(seconds, self._config.min_poll_interval_s), _MAX_POLL_S)
+        await self._save_identity()
+        await self._set_state_link("registered", "")
         return True
 
-    def _refusal(self) -> str:
+    def _failure(self, default: str) -> str:
+        """Return the reason of the last failed request."""
+        failure = self._client.last_failure
+        return failure.reason if failure is not None else default
+
+    def _refusal(self, rtype: str | None, payload: dict[str, Any]) -> str:
         """Describe why the last registration attempt got no registration id."""
-        if self._last_parsed is None or self._last_parsed[0] != "oadrCreatedPartyRegistration":
-            return self._noise.last or "no answer to oadrCreatePartyRegistration"
-        resp = self._last_parsed[1].get("response") or {}
+        if rtype is None and self._last_parsed is not None:
+            rtype, payload = self._last_parsed
+        if rtype != "oadrCreatedPartyRegistration":
+            return self._failure("no answer to oadrCreatePartyRegistration")
+        resp = payload.get("response") or {}
         code = resp.get("response_code")
         if code not in (None, 200):
             return f"VTN answered {code} {resp.get('response_description', '')}".strip()
         return "VTN returned no registrationID"
 
-    async def _sync_events(self) -> None:
-        """Ask for the events the VTN already holds for this VEN."""
-        rtype, payload = await _call(self._client.request_event())
-        if rtype == "oadrDistributeEvent" and payload.get("events"):
-            await self._client._on_event(payload)
-
     async def _poll_round(self) -> None:
         """Poll, handle what comes back, and poll again at once while messages keep coming."""
         for _ in range(_MAX_BURST):
-            self._polling = True
-            try:
-                rtype, payload = await _call(self._client.poll())
-            finally:
-                self._polling = False
+            rtype, payload = await _call(self._client.poll())
             if rtype is None:
-                if self._state == "registered":
-                    await self._set_state("link_lost", self._noise.last or "poll failed")
+                # A refused body was audited on its own (xml.rejected); only transport failures
+                # mean the link is down. last_poll_ok stays old either way.
+                failure = self._client.last_failure
+                if failure is not None and failure.kind in _LINK_FAILURES and self._state == "registered":
+                    await self._set_state_link("link_lost", failure.reason)
                 return
             self.last_poll_ok = self._clock.now()
             if self._state == "link_lost":
-                await self._set_state("registered", "")
+                await self._set_state_link("registered", "")
             if rtype == "oadrResponse" or not await self._dispatch(rtype, payload):
                 return
 
     async def _dispatch(self, rtype: str, payload: dict[str, Any]) -> bool:
         """Handle one message from a poll; return whether to poll again at once."""
         if rtype == "oadrDistributeEvent":
-            if payload.get("events"):
-                await self._client._on_event(payload)
+            await self._events.distribution(payload)
+            return True
+        if rtype == "oadrCreateReport":
+            await self._reports.create(payload)
+            return True
+        if rtype == "oadrCancelReport":
+            await self._reports.cancel(payload)
+            return True
+        if rtype == "oadrRegisterReport":  # the VTN offers reports: this VEN requests none
+            message = self._client._create_message(
+                "oadrRegisteredReport",
+                report_requests=[],
+                ven_id=self._client.ven_id,
+                response={"response_code": 200, "response_description": "OK", "request_id": payload.get("request_id")},
+            )
+            await _call(self._client._perform_request("EiReport", message))
             return True
         if rtype == "oadrRequestReregistration":
             await _call(self._client.send_response(service="EiRegisterParty"))
-            self._client.registration_id = None
-            await self._set_state("unregistered", "VTN requested re-registration")
+            await self._drop_registration("VTN requested re-registration")
             return False
         if rtype == "oadrCancelPartyRegistration":
-            await _call(self._client.on_cancel_party_registration(payload))
-            self._client.registration_id = None
-            await self._set_state("unregistered", "VTN cancelled the registration")
+            await self._answer_cancel_registration(payload)
             return False
-        _log.warning("openadr message not handled yet", message=rtype)
+        _log.warning("openadr message not handled", message=rtype)
+        await self._audit("ven.message_ignored", {"message": rtype}, "utility")
         return True
 
-    async def _set_state(self, state: str, reason: str) -> None:
+    async def _answer_cancel_registration(self, payload: dict[str, Any]) -> None:
+        """Confirm the VTN's cancellation of our registration (452 when it names another)."""
+        theirs = payload.get("registration_id")
+        ours = self._client.registration_id
+        code = 200 if theirs in (None, ours) else 452
+        message = self._client._create_message(
+            "oadrCanceledPartyRegistration",
+            response={"response_code": code, "response_description": "OK" if code == 200 else "ERROR",
+                      "request_id": payload.get("request_id")},
+            ven_id=self._client.ven_id,
+            registration_id=ours,
+        )  # fmt: skip
+        await _call(self._client._perform_request("EiRegisterParty", message))
+        if code == 200:
+            self._registration_id = None
+            await self._drop_registration("VTN cancelled the registration")
+
+    async def _drop_registration(self, reason: str) -> None:
+        """Forget the registration (reports stop; events stay with the gateway) and re-register."""
+        self._client.registration_id = None
+        await self._reports.stop()
+        await self._save_identity()
+        await self._set_state_link("unregistered", reason)
+
+    async def _set_state_link(self, state: str, reason: str) -> None:
         """Log and audit a change of link state, once per change."""
         previous, self._state = self._state, state
         if state == previous:
@@ -296,7 +365,7 @@ class Ven:
         elif state == "registered":
             data = {
                 "vtn_url": url,
-                "vtn_id": self._vtn_id,
+                "vtn_id": self.vtn_id,
                 "ven_id": self.ven_id,
                 "registration_id": self._client.registration_id,
                 "poll_s": self._poll_s,
@@ -305,7 +374,7 @@ class Ven:
             await self._audit("ven.registered", data)
         elif state == "unregistered":
             _log.warning("registration dropped", vtn_url=url, reason=reason)
-            await self._audit("ven.unregistered", {"vtn_url": url, "reason": reason}, actor="utility")
+            await self._audit("ven.unregistered", {"vtn_url": url, "reason": reason}, "utility")
         elif state == "refused":
             _log.warning("vtn refused registration, retrying", vtn_url=url, reason=reason)
             await self._audit("ven.registration_refused", {"vtn_url": url, "reason": reason})
@@ -313,81 +382,9 @@ class Ven:
             _log.warning("vtn unreachable, retrying", vtn_url=url, reason=reason, state=state)
             await self._audit("ven.link_lost", {"vtn_url": url, "reason": reason, "state": state})
 
-    # -- events -------------------------------------------------------------------------------
-
-    async def _handle_event(self, event: dict[str, Any]) -> str:
-        """Convert, audit and decide one event version; return openleadr's opt string."""
-        raw_desc = event.get("event_descriptor")
-        desc: dict[str, Any] = raw_desc if isinstance(raw_desc, dict) else {}
-        event_id = str(desc.get("event_id"))
-        mod = desc.get("modification_number")
-        cancelled = desc.get("event_status") == "cancelled"
-        try:
-            demand = to_demand_event(event, self._vtn_id)
-        except InputRejected as err:
-            _log.warning("event rejected", event_id=event_id, reason=str(err))
-            await self._audit(
-                "event.rejected", {"reason": str(err), "modification_number": mod}, "utility", event_id
-            )
-            # A cancellation we cannot read is still honoured: stopping is the safe direction.
-            opt = Opt.IN if cancelled else Opt.OUT
-            if cancelled and self._on_cancel is not None:
-                await self._notify_cancel(event_id)
-            return await self._answer(event_id, mod, opt, event)
-        await self._audit("event.received", _summary(demand), "utility", demand.event_id)
-        try:
-            opt = Opt(await self._on_event(demand))
-        except Exception as err:  # the decision failed: do not promise anything
-            _log.exception("event decision failed", event_id=event_id, error=repr(err))
-            opt = Opt.OUT
-        if demand.cancelled:
-            if self._on_cancel is not None:
-                await self._notify_cancel(event_id)
-            opt = Opt.IN  # 2.0b: a cancellation is confirmed with optIn
-        return await self._answer(event_id, mod, opt, event)
-
-    async def _notify_cancel(self, event_id: str) -> None:
-        """Tell the gateway an event was cancelled; its failure must not block the answer."""
-        assert self._on_cancel is not None
-        try:
-            await self._on_cancel(event_id)
-        except Exception as err:
-            _log.exception("cancel callback failed", event_id=event_id, error=repr(err))
-
-    async def _answer(self, event_id: str, mod: Any, opt: Opt, event: dict[str, Any]) -> str:
-        """Audit the opt about to be sent and return it in openleadr's form."""
-        data = {
-            "opt": opt.value,
-            "modification_number": mod,
-            "response_required": event.get("response_required", "always") == "always",
-        }
-        await self._audit("opt.sent", data, "gateway", event_id)
-        return opt.value
-
-    # -- wire evidence ------------------------------------------------------------------------
-
-    async def _on_xml_out(self, message: str) -> None:
-        """Audit an outgoing message by digest (poll requests are not audited)."""
-        if not self._polling:
-            await self._audit("xml.out", _digest(message), "gateway")
-
-    async def _on_xml_in(self, content: str) -> None:
-        """Audit an incoming message by digest (empty poll answers are not audited)."""
-        data = _digest(content)
-        if not (self._polling and data["message"] == "oadrResponse"):
-            await self._audit("xml.in", data, "utility")
-
     async def _on_parsed(self, message_type: str, payload: dict[str, Any]) -> None:
-        """Remember the VTN's id and the last parsed message (for refusal reasons)."""
+        """Remember the last parsed message (for refusal reasons)."""
         self._last_parsed = (message_type, payload)
-        vtn_id = payload.get("vtn_id") if isinstance(payload, dict) else None
-        if vtn_id:
-            self._vtn_id = str(vtn_id)
-
-    async def _on_xml_rejected(self, reason: str, size: int, sha256: str) -> None:
-        """Audit a body the guard refused before any parser saw it."""
-        _log.warning("xml rejected", reason=reason, size=size)
-        await self._audit("xml.rejected", {"reason": reason, "size": size, "sha256": sha256}, "utility")
 
     async def _audit(
         self, kind: str, data: dict[str, Any], actor: str = "gateway", event_id: str | None = None
@@ -399,7 +396,7 @@ class Ven:
             _log.error("audit append failed", kind=kind, error=repr(err))
 
 
-async def _call(coro: Coroutine[Any, Any, Any]) -> tuple[str | None, dict[str, Any]]:
+async def _call(coro: Awaitable[Any]) -> tuple[str | None, dict[str, Any]]:
     """Await an openleadr request; return (None, {}) for any failure, including a bare None."""
     try:
         result = await coro
@@ -414,39 +411,4 @@ async def _call(coro: Coroutine[Any, Any, Any]) -> tuple[str | None, dict[str, A
     return rtype, payload if isinstance(payload, dict) else {}
 
 
-def _digest(text: str) -> dict[str, Any]:
-    """Return the message type, size in bytes and sha256 of a wire message."""
-    body = text.encode("utf-8")
-    names = (m.group(1) for m in _MSG_TYPE.finditer(text, 0, 4096))
-    return {
-        "message": next((n for n in names if n not in _ENVELOPE), None),
-        "size": len(body),
-        "sha256": hashlib.sha256(body).hexdigest(),
-    }
-
-
-def _summary(ev: DemandEvent) -> dict[str, Any]:
-    """Return the audit record of a received event: versions, times and signals."""
-    return {
-        "modification_number": ev.modification_number,
-        "status": ev.status,
-        "start": ev.start.isoformat(),
-        "duration_s": ev.duration_s,
-        "ramp_up_s": ev.ramp_up_s,
-        "recovery_s": ev.recovery_s,
-        "start_after_s": ev.start_after_s,
-        "priority": ev.priority,
-        "test_event": ev.test_event,
-        "market_context": ev.market_context,
-        "vtn_id": ev.vtn_id,
-        "created": ev.created.isoformat() if ev.created else None,
-        "signals": [
-            {
-                "name": s.name.value,
-                "type": s.signal_type,
-                "unit": s.unit,
-                "intervals": [[iv.start.isoformat(), iv.duration_s, iv.value] for iv in s.intervals],
-            }
-            for s in ev.signals
-        ],
-    }
+__all__ = ["StateStore", "Ven"]

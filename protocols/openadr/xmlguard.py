@@ -2,17 +2,17 @@
 
 lxml's schema-validating parser segfaults on a DTD entity (lxml 5.4 to 6.1.3), taking the whole
 process down, and openleadr parses with it. So every response body the VEN's HTTP session reads
-goes through ``check_xml`` first, inside ``read()`` of the session's response class: a rejected
-body raises there, openleadr's request code catches it as a failed request, and lxml never sees
-the bytes. ``harden_openleadr_parser`` also swaps openleadr's module parser for one that does not
-load DTDs, resolve entities or touch the network (defence in depth, not the main guard).
+goes through ``check_xml`` first, inside ``read()`` of the session's response class (which also
+stops reading past the size limit): a rejected body raises ``XmlRejected`` there, the client's
+request path records it as rejected, and lxml never sees the bytes. ``harden_openleadr_parser``
+also swaps openleadr's module parser for one that does not load DTDs, resolve entities or touch
+the network (defence in depth, not the main guard).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import aiohttp
@@ -26,7 +26,6 @@ _DECLARATION = re.compile(r"<!(?!--|\[CDATA\[)\s*([A-Za-z]*)")
 _ENCODING = re.compile(r"""^\s*<\?xml[^>]*?\bencoding\s*=\s*["']([^"']+)["']""")
 
 _HARDENED: set[int] = set()  # ids of parsers this module installed
-OnReject = Callable[[str, int, str], Awaitable[None]]  # (reason, size in bytes, sha256 hex)
 
 
 class XmlRejected(InputRejected):
@@ -62,10 +61,8 @@ def _reject(reason: str, body: bytes) -> NoReturn:
     raise XmlRejected(reason, len(body), hashlib.sha256(body).hexdigest())
 
 
-def guarded_response_class(
-    on_reject: OnReject, max_bytes: int = MAX_XML_BYTES
-) -> type[aiohttp.ClientResponse]:
-    """Return an aiohttp response class whose read() checks the body and reports rejections."""
+def guarded_response_class(max_bytes: int = MAX_XML_BYTES) -> type[aiohttp.ClientResponse]:
+    """Return an aiohttp response class whose read() bounds and checks the body (raising XmlRejected)."""
 
     class GuardedResponse(aiohttp.ClientResponse):
         """A response that reads at most ``max_bytes`` and refuses hostile XML."""
@@ -75,11 +72,8 @@ def guarded_response_class(
             if self._body is None:
                 try:
                     body = await self._read_bounded()
-                    check_xml(body, max_bytes)
-                except XmlRejected as err:
-                    self.close()
-                    await on_reject(err.reason, err.size, err.sha256)
-                    raise
+                    if body:
+                        check_xml(body, max_bytes)
                 except BaseException:
                     self.close()
                     raise

@@ -14,7 +14,7 @@ from openleadr.messaging import create_message, parse_message
 
 from gateway.errors import InputRejected
 from gateway.model import DemandEvent, SignalName
-from protocols.openadr.convert import OPEN_ENDED_S, to_demand_event
+from protocols.openadr.convert import OPEN_ENDED_S, InvalidEvent, SignalNotSupported, to_demand_event
 
 T0 = datetime(2026, 7, 1, 18, 0, tzinfo=UTC)
 
@@ -107,6 +107,7 @@ def test_simple_event_keeps_every_field() -> None:
         recovery_s=600.0,
         start_after_s=300.0,
         created=T0 - timedelta(hours=2),
+        targets=(("ven_id", "ven1"),),
     )
     (sig,) = ev.signals
     assert sig.name is SignalName.SIMPLE and sig.signal_type == "level" and sig.unit is None
@@ -220,7 +221,7 @@ _DEL = object()
     ("path", "value", "message"),
     [
         ("event_signals.0.signal_name", "FOO", "event E1: signal 'FOO' is not supported"),
-        ("event_signals.0.signal_name", "ELECTRICITY_PRICE", "signal 'ELECTRICITY_PRICE' is not supported"),
+        ("event_signals.0.signal_name", "BID_PRICE", "signal 'BID_PRICE' is not supported"),
         ("event_signals.0.signal_type", "delta", "signal SIMPLE: signalType 'delta' is not 'level'"),
         ("event_signals.0.intervals.0.signal_payload", 5.0, "level 5.0 is not 0, 1, 2 or 3"),
         ("event_signals.0.intervals.0.signal_payload", 1.5, "level 1.5 is not 0, 1, 2 or 3"),
@@ -328,3 +329,84 @@ def test_real_openleadr_message_round_trip() -> None:
     assert ev.signals[0].value_at(T0) == 1.0
     assert [iv.value for iv in ev.signals[1].intervals] == [250_000.0, 750_000.0]
     assert ev.signals[1].value_at(T0 + timedelta(minutes=15)) == 750_000.0
+
+
+def _signal(name: str, signal_type: str, value: float, **extra: Any) -> dict[str, Any]:
+    """Return one signal dict with a single one-hour interval."""
+    return {
+        "intervals": [{"duration": timedelta(hours=1), "uid": 0, "signal_payload": value}],
+        "signal_name": name,
+        "signal_type": signal_type,
+        "signal_id": "S9",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("signal", "unit", "value"),
+    [
+        (_signal("LOAD_CONTROL", "x-loadControlCapacity", 0.7), "fraction", 0.7),
+        (_signal("LOAD_CONTROL", "x-loadControlLevelOffset", 2), "level", 2.0),
+        (_signal("LOAD_CONTROL", "x-loadControlPercentOffset", -20), "%", -20.0),
+        (
+            _signal("LOAD_CONTROL", "x-loadControlSetpoint", 3.0,
+                    measurement={"name": "powerReal", "unit": "MW", "scale": "none"}),
+            "W",
+            3e6,
+        ),
+        (
+            _signal("ELECTRICITY_PRICE", "price", 0.42,
+                    measurement={"name": "currencyPerKWh", "unit": "USD", "scale": "none"}),
+            "USD/kWh",
+            0.42,
+        ),
+        (_signal("ENERGY_PRICE", "priceRelative", 0.05), None, 0.05),
+        (_signal("ELECTRICITY_PRICE", "priceMultiplier", 2.5), None, 2.5),
+    ],
+)  # fmt: skip
+def test_load_control_and_price_signals(signal: dict[str, Any], unit: str | None, value: float) -> None:
+    (sig,) = to_demand_event(_event(event_signals=[signal]), "V").signals
+    assert (sig.name.value, sig.signal_type, sig.unit) == (signal["signal_name"], signal["signal_type"], unit)
+    assert sig.intervals[0].value == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    ("signal", "price_types", "message", "code"),
+    [
+        (_signal("BID_LOAD", "setpoint", 1), None, "signal 'BID_LOAD' is not supported", 460),
+        (_signal("LOAD_CONTROL", "level", 1), None, "signalType 'level' is not", 460),
+        (_signal("ELECTRICITY_PRICE", "price", 1), frozenset({"priceMultiplier"}), "no price levels configured", 460),
+        (_signal("LOAD_CONTROL", "x-loadControlCapacity", 1.5), None, "capacity 1.5 is outside 0..1", 454),
+        (_signal("LOAD_CONTROL", "x-loadControlLevelOffset", 1.5), None, "level offset 1.5 is not an integer", 454),
+        (_signal("LOAD_CONTROL", "x-loadControlPercentOffset", -150), None, "is outside -100..100", 454),
+        (_signal("LOAD_CONTROL", "x-loadControlSetpoint", 5), None, "no unit (itemUnits) given", 454),
+        (
+            _signal("ENERGY_PRICE", "price", 1, measurement={"name": "currencyPerKW", "unit": "USD", "scale": "none"}),
+            None,
+            "is not currencyPerKWh",
+            454,
+        ),
+    ],
+)
+def test_unsupported_and_invalid_signals_carry_their_code(
+    signal: dict[str, Any], price_types: frozenset[str] | None, message: str, code: int
+) -> None:
+    """2.0b rule 48: "VEN receives unsupported signalName" is a logical error answered with a 4xx code."""
+    kwargs = {} if price_types is None else {"price_types": price_types}
+    with pytest.raises(InvalidEvent) as info:
+        to_demand_event(_event(event_signals=[signal]), "V", **kwargs)
+    assert message in str(info.value) and info.value.code == code
+    assert isinstance(info.value, SignalNotSupported) == (code == 460)
+    assert isinstance(info.value, InputRejected)
+
+
+def test_targets_from_both_shapes() -> None:
+    raw = _event(
+        targets=[{"ven_id": "v1"}, {"resource_id": 7}, {"end_device_asset": {"mrid": "m"}}],
+        targets_by_type={"group_id": ["g1", "g2"], "party_id": "p1"},
+    )
+    ev = to_demand_event(raw, "V", ven_id="v1")
+    assert ev.targets == (("group_id", "g1"), ("group_id", "g2"), ("party_id", "p1"), ("resource_id", "7"),
+                          ("ven_id", "v1"))  # fmt: skip
+    assert ev.ven_id == "v1"
+    assert to_demand_event(_event(targets=None, targets_by_type=None), "V").targets == ()
