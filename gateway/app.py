@@ -13,12 +13,13 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
-from gateway.events import EventBook
+from gateway.events import Answer, EventBook
 from gateway.eventstore import EventStore
 from gateway.health import AuditHealth, HealthReport, liveness, readiness
 from gateway.interfaces import Battery, GpuFleet, Meter
 from gateway.logs import get_logger
 from gateway.model import DemandEvent, Opt
+from gateway.telemetry import SiteTelemetry
 
 log = get_logger("gateway.app")
 
@@ -40,11 +41,18 @@ class Gateway:
         self.audit_log = audit
         self.audit_health = AuditHealth(audit, clock)
         self.audit = self.audit_health  # every stage appends through the health-tracking wrapper
-        self.store = EventStore(audit.engine)
+        self.store = EventStore(audit.engine, clock)
         self.dispatcher = Dispatcher(battery, fleet, self.audit, clock, cfg.control.lease_s)
-        self.book = EventBook(cfg.openadr, self.store, self.audit)
+        self.book = EventBook(cfg.openadr, self.store, self.audit, clock=clock)
         self.loop = ControlLoop(cfg, self.book, meter, battery, fleet, self.dispatcher, self.audit, clock)
         self.book._feasibility = self.loop.feasibility  # the loop owns the site model
+        self.telemetry = SiteTelemetry(
+            audit.engine, lambda: self.loop.baseline_w, lambda: self.book.standing_override is not None
+        )
+        self.loop.observers.append(self.telemetry.observe)
+        measure = getattr(audit, "measure", None)
+        if measure is not None:  # every tick goes to the measurement store (sealed into the chain by batch)
+            self.loop.observers.append(measure)
         self.ven: Any = None
         self.mgmt: Any = None
         self._stop = asyncio.Event()
@@ -73,7 +81,18 @@ class Gateway:
         if with_ven:
             from protocols.openadr import Ven
 
-            self.ven = Ven(self.cfg.openadr, self._on_event, self.audit, self.clock)
+            self.ven = Ven(
+                self.cfg.openadr,
+                self._on_event,
+                self.audit,
+                self.clock,
+                on_cancel=self.book.cancel,
+                on_distribution=self.book.on_distribution,
+                state=self.store,
+                telemetry=self.telemetry.sample,
+                history=self.telemetry.history,
+                evidence=getattr(self.audit_log, "store_evidence", None),
+            )
             await self.ven.start()
         self._task = asyncio.create_task(self.loop.run(self._stop), name="control-loop")
         systemd.notify("READY=1\nSTATUS=gateway running")
@@ -81,11 +100,11 @@ class Gateway:
         if interval:
             self._watchdog = asyncio.create_task(self._ping_watchdog(interval), name="watchdog")
 
-    async def _on_event(self, ev: DemandEvent) -> Opt:
-        """Hand one event version from the VEN to the event book."""
+    async def _on_event(self, ev: DemandEvent) -> Answer:
+        """Hand one event version from the VEN to the event book (which records it and wakes the loop)."""
         for hook in self.event_hooks:
             hook(ev)
-        return await self.book.on_event(ev)
+        return await self.book.answer(ev)
 
     async def _ping_watchdog(self, interval_s: float) -> None:
         """Ping systemd's watchdog from the event loop, only while the gateway is live."""

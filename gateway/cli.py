@@ -51,31 +51,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res.released else 1
 
 
-async def _run_gateway(cfg: GatewayConfig) -> int:
+async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     """Run the gateway from config until SIGINT/SIGTERM, then release everything."""
+    from gateway.app import Gateway
     from gateway.audit import AuditLog
+    from gateway.audit.records import record_config
     from gateway.clock import SystemClock
     from gateway.wiring import build_devices
+    from protocols.modbus.build import build_bms_for
 
     log = get_logger("gateway.run")
     clock = SystemClock()
-    audit = await AuditLog.open(cfg.audit.db_url, clock=clock, batch_max=cfg.audit.batch_max)
+    audit = await AuditLog.open_config(cfg.audit, clock)
+    await record_config(audit, cfg, source)
     meter, battery, fleet, closers = await build_devices(cfg, clock)
-    from gateway.app import Gateway
-
     gw = Gateway(cfg, clock, audit, meter, battery, fleet)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await gw.start()
+    bms = build_bms_for(gw, clock)
+    if bms is not None:
+        await bms.start()
     log.info("gateway running", site=cfg.site.name, vtn=cfg.openadr.vtn_url)
     await stop.wait()
+    if bms is not None:
+        await bms.stop()
     await gw.stop("signal")
     for close in closers:
         with contextlib.suppress(GatewayError):
             await close()
-    await audit.close()
+    await audit.close()  # seals buffered measurements and signs a last checkpoint when a key is set
     return 0
 
 
@@ -89,7 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.db:
         cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"db_url": args.db})})
     configure_logging(cfg.logging.level, cfg.logging.format)
-    return asyncio.run(_run_gateway(cfg))
+    return asyncio.run(_run_gateway(cfg, args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:

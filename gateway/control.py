@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from gateway.allocation import it_shed_at_caps_w
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
-from gateway.errors import GatewayError
+from gateway.errors import AuditError, GatewayError
 from gateway.events import EventBook, Feasibility
 from gateway.interfaces import AuditSink, Battery, GpuFleet, Meter
 from gateway.limits import limit
@@ -55,6 +56,7 @@ class TickRecord:
     throughput: float
     natural_throughput: float
     phase: str = ""  # ramp_up | active | recovery while an event is under control
+    gpu_natural_w: float | None = None  # what the GPUs would draw uncapped (estimate), W
 
 
 class ControlLoop:
@@ -100,6 +102,8 @@ class ControlLoop:
         self._gpus_seen_mono: float | None = None  # when the GPU fleet last answered a read
         self._baseline_hold_until = -1e18  # monotonic time before which the baseline is not updated
         self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
+        # Called with every tick's record (measurement store, telemetry); must not block or raise.
+        self.observers: list[Callable[[TickRecord], None]] = []
 
     # -- reading the site -------------------------------------------------------------------------
 
@@ -515,17 +519,33 @@ class ControlLoop:
             throughput=tput,
             natural_throughput=nat,
             phase=self._phase,
+            gpu_natural_w=sum(self.natural_w.get(g.gpu_id, g.power_w) for g in snap.gpus) if snap.gpus else None,
         )
         self.records.append(rec)
         if len(self.records) > 100_000:
             del self.records[:50_000]
+        for observe in self.observers:
+            try:
+                observe(rec)
+            except Exception as err:  # an observer must never stop the control loop
+                name = getattr(observe, "__qualname__", repr(observe))
+                log.error("tick observer failed", observer=name, error=str(err))
         return rec
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick until ``stop`` is set; a tick that fails is logged and the loop goes on."""
+        """Tick until ``stop`` is set; a tick that fails is logged and the loop goes on.
+
+        A tick the audit log refused leaves every device released (the safe state): nothing is
+        actuated un-audited, and the next tick the log takes re-applies the event.
+        """
         while not stop.is_set():
             try:
                 await self.tick()
+            except AuditError as err:
+                log.error("tick failed", error=str(err))
+                if self.dispatcher.active:
+                    log.error("audit log refuses records; releasing every device", event_id=self._event_id)
+                    await self.dispatcher.release("audit log unavailable", self._event_id)
             except GatewayError as err:
                 log.error("tick failed", error=str(err))
             self.book.changed.clear()

@@ -1,13 +1,15 @@
 """`drgw demo`: a whole simulated site on loopback, one event run from the utility to release.
 
 In one process: openleadr's own VTN as the utility, a pymodbus server as the battery (built
-from its mapping file), simulated GPUs with the DVFS model, a facility meter computed from
-them, and the real gateway against all of it. Operators use it to rehearse a program.
+from its mapping file), simulated GPUs with the DVFS model, an asyncua server as the substation
+meter (publishing what the site model draws), and the real gateway against all of it.
+Operators use it to rehearse a program.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,6 +22,8 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.control import TickRecord
 from gateway.simulation.gpus import SimGpuFleet
 from gateway.simulation.site import ModelMeter
+from protocols.modbus.build import build_meter
+from protocols.opcua.simulator import OpcuaSimServer
 
 DEMO_SITE: dict[str, Any] = {
     "site": {"name": "demo-ai-factory", "non_gpu_it_w": 15_000.0, "cooling_overhead": 0.30},
@@ -70,9 +74,13 @@ def demo_config(
     battery_port: int,
     battery_timeout_s: float = 1.0,
     overrides: dict[str, dict[str, Any]] | None = None,
+    meter_url: str | None = None,
 ) -> GatewayConfig:
-    """Return the demo site's config pointed at the in-process peers."""
+    """Return the demo site's config pointed at the in-process peers (the OPC UA meter at ``meter_url``)."""
     data = {k: dict(v) for k, v in DEMO_SITE.items()}
+    if meter_url is not None:
+        # Loopback rehearsal: no transport security; a real substation uses Basic256Sha256 (see etc/).
+        data["meter"] = {"backend": "opcua", "device_id": "meter1", "opcua": {"url": meter_url, "security": "none"}}
     data["audit"] = {"db_url": db_url}
     data["management"] = {"port": 0}  # an ephemeral port: demos and tests run side by side
     data["openadr"] = {
@@ -109,6 +117,21 @@ class DemoSite:
         self.fleet: SimGpuFleet | None = None
         self.audit: AuditLog | None = None
         self.gateway: Gateway | None = None
+        self.msim: OpcuaSimServer | None = None
+        self.meter: Any = None
+        self._feeder: asyncio.Task[None] | None = None
+
+    async def _publish(self, site_model: ModelMeter) -> None:
+        """Set the substation meter's nodes from the site model once."""
+        assert self.msim is not None
+        w = await site_model.read_facility_w()
+        await self.msim.set("facility_w", w)
+
+    async def _feed(self, site_model: ModelMeter, every_s: float) -> None:
+        """Keep the substation meter current (every ``every_s`` simulated seconds)."""
+        while True:
+            await self.clock.sleep(every_s)
+            await self._publish(site_model)
 
     async def __aenter__(self) -> DemoSite:
         """Start the VTN, the battery and GPU simulators, and the gateway."""
@@ -122,7 +145,9 @@ class DemoSite:
         mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
         self.bsim = BatterySimulator(mapping, clock=clock, **BATTERY)
         port = await self.bsim.start()
-        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s, self.overrides)
+        self.msim = OpcuaSimServer("opcua_substation")
+        meter_url = await self.msim.start()
+        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s, self.overrides, meter_url)
         self.fleet = fleet = SimGpuFleet(cfg.gpus, clock)
         self.battery = ModbusBattery(
             cfg.battery.device_id,
@@ -143,7 +168,7 @@ class DemoSite:
         async def batt_w() -> float:
             return float(bsim.power_w)
 
-        meter = ModelMeter(
+        site_model = ModelMeter(
             gpu_w,
             batt_w,
             cfg.site.non_gpu_it_w,
@@ -152,6 +177,12 @@ class DemoSite:
             disturbance_pct=3.0,
             disturbance_period_s=900.0,
         )
+        # The substation meter publishes what the site model draws; the gateway reads it over OPC UA.
+        await self._publish(site_model)
+        self._feeder = asyncio.create_task(self._feed(site_model, cfg.control.tick_s / 2), name="demo-meter")
+        meter = build_meter(cfg.meter, clock)
+        await meter.start()
+        self.meter = meter
         self.audit = await AuditLog.open(cfg.audit.db_url, clock=clock)
         self.gateway = Gateway(cfg, clock, self.audit, meter, self.battery, fleet)
         await self.gateway.start(resume=False)  # a rehearsal never resumes an old rehearsal's event
@@ -173,6 +204,14 @@ class DemoSite:
             await self.battery.close()
         if self.bsim is not None:
             await self.bsim.stop()
+        if self._feeder is not None:
+            self._feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feeder
+        if self.meter is not None:
+            await self.meter.close()
+        if self.msim is not None:
+            await self.msim.stop()
         if self.vtn is not None:
             await self.vtn.stop()
 

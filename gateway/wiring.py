@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,27 +21,11 @@ async def build_devices(
     cfg: GatewayConfig, clock: Clock
 ) -> tuple[Meter | None, Battery | None, GpuFleet | None, list[Callable[[], Awaitable[Any]]]]:
     """Return (meter, battery, fleet, closers) for the configured equipment."""
-    closers: list[Callable[[], Awaitable[Any]]] = []
-    battery: Any = None
-    if cfg.battery.enabled:
-        from protocols.modbus import ModbusBattery, load_mapping
+    from protocols.modbus.build import build_equipment
 
-        b = cfg.battery
-        battery = ModbusBattery(
-            b.device_id,
-            b.host,
-            b.port,
-            b.unit,
-            load_mapping(b.mapping),
-            timeout_s=b.timeout_s,
-            revert_s=b.revert_s,
-            clock=clock,
-        )
-        try:
-            await battery.connect()
-        except GatewayError as err:
-            log.warning("battery not reachable at start; will retry", device_id=b.device_id, error=str(err))
-        closers.append(battery.close)
+    eq = await build_equipment(cfg, clock)
+    closers: list[Callable[[], Awaitable[Any]]] = list(eq.closers)
+    battery: Any = eq.battery
     fleet: Any = None
     if cfg.gpus.backend == "sim":
         from gateway.simulation.gpus import SimGpuFleet
@@ -50,8 +36,21 @@ async def build_devices(
 
         fleet = NvmlFleet()
         fleet.open()
-    # Until a metering device is configured (Modbus/OPC UA meters), estimate the facility
-    # from its parts; the audit log records readings as estimates via the meter's device id.
+    elif cfg.gpus.backend == "nats":
+        from protocols.fleet import NatsFleet
+
+        fleet = NatsFleet.from_config(cfg.gpus, cfg.site.name, clock)
+        try:
+            await fleet.connect()
+        except GatewayError as err:
+            log.warning("NATS not reachable at start; will retry", url=cfg.gpus.nats_url, error=str(err))
+            retry = asyncio.create_task(_connect_until_up(fleet, cfg.gpus.nats_url), name="nats-connect")
+            closers.append(_cancel(retry))
+        closers.append(fleet.close)
+    if eq.meter is not None:
+        return eq.meter, battery, fleet, closers
+    # No metering device configured ([meter] backend = "estimate"): estimate the facility from its
+    # parts; the audit log records these readings under the device id "meter-estimate".
     fleet_ref = fleet
     battery_ref = battery
 
@@ -69,3 +68,29 @@ async def build_devices(
     meter = ModelMeter(gpu_w, batt_w, cfg.site.non_gpu_it_w, cfg.site.cooling_overhead, clock)
     meter.device_id = "meter-estimate"
     return meter, battery, fleet, closers
+
+
+async def _connect_until_up(fleet: Any, url: str) -> None:
+    """Retry a fleet's first connection with capped exponential backoff (nats-py reconnects after that)."""
+    delay = 0.5
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await fleet.connect()
+        except GatewayError as err:
+            delay = min(delay * 2, 30.0)
+            log.debug("NATS still not reachable", url=url, error=str(err), retry_in_s=delay)
+            continue
+        log.info("NATS connected", url=url)
+        return
+
+
+def _cancel(task: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:
+    """Return a closer that cancels a background task and waits for it."""
+
+    async def close() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return close
