@@ -74,6 +74,7 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     bms = build_bms_for(gw, clock)
     if bms is not None:
         await bms.start()
+        gw.loop.bms_flex_w = bms.available_flex_w  # counted in opt decisions while the BMS keeps it fresh
     log.info("gateway running", site=cfg.site.name, vtn=cfg.openadr.vtn_url)
     await stop.wait()
     if bms is not None:

@@ -102,6 +102,8 @@ class ControlLoop:
         self._gpus_seen_mono: float | None = None  # when the GPU fleet last answered a read
         self._baseline_hold_until = -1e18  # monotonic time before which the baseline is not updated
         self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
+        # What the facility BMS offers now from cooling or backup generation (W); None: no BMS face.
+        self.bms_flex_w: Callable[[], float] | None = None
         # Called with every tick's record (measurement store, telemetry); must not block or raise.
         self.observers: list[Callable[[TickRecord], None]] = []
 
@@ -207,6 +209,17 @@ class ControlLoop:
         if snap is None:
             return Feasibility(True, required, float("nan"), "no site snapshot yet: opting in")
         rep = planner.feasibility(prof, snap.battery, snap.gpus, self.natural_w, self.ctx)
+        offered = self.bms_flex_w() if self.bms_flex_w is not None else 0.0
+        if not rep.feasible and offered > 0 and rep.shortfall_w <= offered:
+            # The BMS offers flexibility of its own (cooling setback, backup generation): it covers
+            # the shortfall, and the meter loop sees its effect like any other disturbance.
+            return Feasibility(
+                required <= self.cfg.limits.max_shed_w,
+                required,
+                rep.available_w + offered,
+                f"feasible with the BMS: need {required:.0f} W, the site can shed {rep.available_w:.0f} W "
+                f"and the BMS offers {offered:.0f} W",
+            )
         if rep.feasible and required > self.cfg.limits.max_shed_w:
             return Feasibility(
                 False,
@@ -302,8 +315,14 @@ class ControlLoop:
         return "event ended or cancelled"
 
     async def _start_event(self, target: Target, snap: Snapshot) -> None:
-        """Freeze the baseline, open the event's accounting, and audit the start."""
-        base = self.baseline_w if self.baseline_w is not None else (snap.facility_w or 0.0)
+        """Freeze the baseline (the one kept from before a restart, if any), open the accounting, audit the start."""
+        # A process restarted mid-event must not re-measure: right after its startup release the
+        # devices have not settled yet, and a low baseline would over-shed for the rest of the event.
+        kept = await self._kept_baseline_w(target.event_id)
+        measured = self.baseline_w if self.baseline_w is not None else (snap.facility_w or 0.0)
+        base = kept if kept is not None else measured
+        if kept is None:
+            await self._keep_baseline_w(target.event_id, base)
         self.baseline_w = base
         self._event_id = target.event_id
         self._limit_full_w = shedprofile.full_limit_w(target, base)
@@ -327,6 +346,7 @@ class ControlLoop:
             "event.start",
             {
                 "baseline_w": round(base, 1),
+                "baseline_kept": kept is not None,
                 "limit_w": round(self._limit_full_w, 1),
                 "target": target.kind.value,
                 "value": target.value,
@@ -339,6 +359,21 @@ class ControlLoop:
             event_id=target.event_id,
         )
         log.info("event active", event_id=target.event_id, baseline_w=round(base), limit_w=round(self._limit_full_w))
+
+    async def _kept_baseline_w(self, event_id: str) -> float | None:
+        """Return the baseline kept for an event by an earlier start (or process); None if none or unreadable."""
+        try:
+            return await self.book.kept_baseline_w(event_id)
+        except GatewayError as err:
+            log.error("kept baseline not readable; measuring it again", event_id=event_id, error=str(err))
+            return None
+
+    async def _keep_baseline_w(self, event_id: str, baseline_w: float) -> None:
+        """Persist an event's baseline; a failing store is logged, not allowed to stop the event."""
+        try:
+            await self.book.keep_baseline_w(event_id, baseline_w)
+        except GatewayError as err:
+            log.error("baseline not persisted", event_id=event_id, error=str(err))
 
     async def _control(self, target: Target | None, snap: Snapshot, dt: float, goal: float) -> bool:
         """Update the observer and the ramp, plan, limit and dispatch; return True when recovery is done."""

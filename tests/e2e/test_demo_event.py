@@ -105,3 +105,15 @@ async def test_event_the_site_cannot_deliver_is_opted_out_and_nothing_moves(tmp_
     rows = await event_rows(db, event_id)
     decided = [r.data_obj() for r in rows if r.kind == "opt.decided"]
     assert decided and decided[0]["opt"] == "optOut" and "shortfall" in decided[0]["reason"]
+
+
+async def test_flexibility_offered_by_the_bms_turns_a_shortfall_into_an_opt_in(tmp_path: Path) -> None:
+    db = str(tmp_path / "audit.db")
+    async with DemoSite(SPEED, db) as site:
+        assert site.gateway is not None
+        site.gateway.loop.bms_flex_w = lambda: 15_000.0  # what the BMS face's writable register offers
+        event_id, _start, _end = site.issue_event(level=3, duration_min=10.0, lead_s=120.0)
+        assert await site.vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
+    rows = await event_rows(db, event_id)
+    decided = [r.data_obj() for r in rows if r.kind == "opt.decided"]
+    assert decided and decided[0]["opt"] == "optIn" and "BMS offers 15000 W" in decided[0]["reason"]
