@@ -21,6 +21,7 @@ log = get_logger("protocols.mgmt")
 
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_REASON_CHARS = 500
+_BAD_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 class ManagedGateway(Protocol):
@@ -113,19 +114,26 @@ class ManagementServer:
         event_id = request.match_info["event_id"]
         if not EVENT_ID_RE.match(event_id):
             raise InputRejected("event id: 1-128 characters of letters, digits and ._:- only")
+        too_large = _json(413, {"error": f"body larger than {self._max_body} bytes"})
+        if (request.content_length or 0) > self._max_body:  # refuse at once, without waiting for the body
+            return too_large
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _json(413, {"error": f"body larger than {self._max_body} bytes"})
+            return too_large
         try:
             body = json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputRejected(f"body is not JSON: {err}") from err
+        except RecursionError as err:
+            raise InputRejected("body is not JSON: nested too deeply") from err
         if not isinstance(body, dict):
             raise InputRejected("body must be a JSON object with a 'reason'")
         reason = body.get("reason")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
             raise InputRejected(f"reason: a non-empty string of at most {MAX_REASON_CHARS} characters is required")
+        if bad := _BAD_TEXT.search(reason):  # the audit log stores UTF-8 text: no lone surrogates, no controls
+            raise InputRejected(f"reason: not valid text (character U+{ord(bad.group()):04X} at {bad.start()})")
         peer = request.remote or "unknown"
         result = await self._gw.operator_opt_out(event_id, reason.strip(), peer)
         return _json(200 if result.get("ok") else 404, result)

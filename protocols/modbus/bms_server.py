@@ -10,6 +10,11 @@ audited too. An accepted opt-out for the current event is also handed to ``on_op
 gateway wires it to the event book) and stays readable as ``opt_out_requested()``. The server
 binds only to the configured address.
 
+Frames are screened before pymodbus parses them (``screen``): a malformed MBAP header (protocol id
+not 0, length outside 2..254) drops the connection; a function other than 3, 6 or 16 gets
+ILLEGAL_FUNCTION (1), a bad quantity or PDU length ILLEGAL_VALUE (3), another unit id
+GATEWAY_NO_RESPONSE (11), each with the request's function code and transaction id.
+
 pymodbus 3.16 does not hand the peer's address to the datastore or the ``action`` callback,
 so a request-handler subclass puts it in a context variable for the request's task.
 """
@@ -19,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import struct
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
@@ -53,25 +59,81 @@ OptOutHook = Callable[[str, str], Awaitable[object]]  # (event id, peer address)
 REFUSAL_AUDIT_INTERVAL_S = 10.0  # at most one audited refusal per peer this often (a flood is not logged row by row)
 # FC 6 and 16 read the written registers back through the datastore after the write: that is a read too.
 READ_CODES, WRITE_CODES = frozenset({3, 6, 16}), frozenset({6, 16})
+SERVED_CODES = READ_CODES  # what docs/bms.md promises: read holding registers (3), write one (6) or many (16)
+MBAP = struct.Struct(">HHHB")  # transaction id, protocol id (0), length (unit id + PDU), unit id
+MAX_PDU_BYTES = 253  # Modbus application protocol spec: a PDU is 1 to 253 bytes
 
 log = get_logger(__name__)
 
 
+def screen(unit: int, pdu: bytes, served_unit: int) -> ExcCodes | None:
+    """Return the exception code for a request the face refuses before pymodbus parses it, else None.
+
+    ``pdu`` is one whole frame's function code and data. The checks run in the order of the Modbus
+    spec's request state diagram: function code (1), then the quantity and the PDU's length (3);
+    addresses (2) are left to pymodbus. Another unit id gets GATEWAY_NO_RESPONSE (11), as pymodbus
+    answers a device it does not serve.
+    """
+    if unit != served_unit:
+        return ExcCodes.GATEWAY_NO_RESPONSE
+    fc, body = pdu[0], pdu[1:]
+    if fc not in SERVED_CODES:
+        return ExcCodes.ILLEGAL_FUNCTION
+    if fc in (3, 6) and len(body) != 4:
+        return ExcCodes.ILLEGAL_VALUE
+    count = int.from_bytes(body[2:4], "big")
+    if fc == 3 and not 1 <= count <= 125:
+        return ExcCodes.ILLEGAL_VALUE
+    if fc == 16 and (len(body) < 5 or not 1 <= count <= 123 or body[4] != 2 * count or len(body) != 5 + 2 * count):
+        return ExcCodes.ILLEGAL_VALUE
+    return None
+
+
 class _PeerHandler(ServerRequestHandler):
-    """A request handler that exposes its peer's address to the datastore through ``PEER``."""
+    """A request handler that screens frames and exposes its peer's address to the datastore through ``PEER``."""
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        """Drop the connection on a malformed MBAP header, answer frames the face does not serve, parse the rest."""
+        used = 0
+        while len(data) - used >= MBAP.size:
+            tid, pid, length, unit = MBAP.unpack_from(data, used)
+            if pid != 0 or not 2 <= length <= MAX_PDU_BYTES + 1:
+                # pymodbus would wait for more data, or skip a few bytes and misread the rest as frames
+                log.warning("bms frame malformed; dropped", peer=self._peer(), protocol_id=pid, length=length)
+                self.close()
+                return len(data)
+            end = used + MBAP.size - 1 + length  # the length counts the unit id, the header's last byte
+            if len(data) < end:
+                break  # wait for the rest of the frame
+            code = screen(unit, data[used + MBAP.size : end], self.server.unit)
+            if code is None:
+                return used + int(super().callback_data(data[used:], addr))
+            function = data[used + MBAP.size] | 0x80
+            log.debug("bms request refused", peer=self._peer(), function=function & 0x7F, exception_code=int(code))
+            cast(asyncio.Transport, self.transport).write(MBAP.pack(tid, 0, 3, unit) + bytes((function, int(code))))
+            used = end
+        return used
 
     async def handle_request(self) -> None:
         """Handle one request with ``PEER`` set to this connection's ``host:port``."""
-        info = self.transport.get_extra_info("peername") if self.transport else None
-        token = PEER.set(f"{info[0]}:{info[1]}" if info else "unknown")
+        token = PEER.set(self._peer())
         try:
             await super().handle_request()
         finally:
             PEER.reset(token)
 
+    def _peer(self) -> str:
+        """Return this connection's ``host:port``."""
+        info = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{info[0]}:{info[1]}" if info else "unknown"
+
 
 class PeerAwareTcpServer(ModbusTcpServer):
-    """``ModbusTcpServer`` whose connections record their peer in ``PEER`` per request."""
+    """``ModbusTcpServer`` whose connections screen frames for ``unit`` and record their peer in ``PEER``."""
+
+    def __init__(self, *args: Any, unit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unit = unit
 
     def callback_new_connection(self) -> ServerRequestHandler:
         """Return a handler for a new connection."""
@@ -192,7 +254,7 @@ class BmsServer:
             ),
             action=self._action,
         )
-        self._server = PeerAwareTcpServer(device, address=(self.cfg.host, self.cfg.port))
+        self._server = PeerAwareTcpServer(device, address=(self.cfg.host, self.cfg.port), unit=self.cfg.unit)
         await self._server.serve_forever(background=True)
         sockets = getattr(self._server.transport, "sockets", None) or ()
         if not sockets:

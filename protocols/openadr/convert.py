@@ -118,6 +118,8 @@ def to_demand_event(
     ramp_up_s = _optional_seconds(period.get("ramp_up"), "x-eiRampUp", reject)
     recovery_s = _optional_seconds(period.get("recovery"), "x-eiRecovery", reject)
     start_after_s = _optional_seconds(_start_after(period.get("tolerance")), "startafter", reject)
+    _shift(start, -ramp_up_s, "activePeriod dtstart minus x-eiRampUp", reject)
+    _shift(start, duration_s + start_after_s + recovery_s, "activePeriod end plus startafter and x-eiRecovery", reject)
 
     raw_signals = event.get("event_signals")
     if isinstance(raw_signals, dict):  # openleadr nests the list once more in some shapes
@@ -245,7 +247,7 @@ def _intervals(raw: Any, name: str, event_start: datetime, reject: _Reject) -> l
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise reject(f"signal {name} interval {n}: payload {value!r} is not a number")
         out.append((iv_start, duration_s, float(value)))
-        cursor = iv_start + timedelta(seconds=duration_s)
+        cursor = _shift(iv_start, duration_s, f"signal {name} interval {n} end", reject)
     return out
 
 
@@ -293,6 +295,14 @@ def _seconds(value: Any, what: str, reject: _Reject) -> float:
     if seconds < 0:
         raise reject(f"{what} {seconds} s is negative")
     return seconds
+
+
+def _shift(t: datetime, seconds: float, what: str, reject: _Reject) -> datetime:
+    """Return ``t`` moved by ``seconds``; refuse a time a datetime cannot hold (before year 1, after 9999)."""
+    try:
+        return t + timedelta(seconds=seconds)
+    except OverflowError:
+        raise reject(f"{what} is outside the representable years 1-9999 ({t.isoformat()} {seconds:+g} s)") from None
 
 
 def _optional_seconds(value: Any, what: str, reject: _Reject) -> float:
