@@ -201,6 +201,15 @@ class EventBook:
         entry = self._events.get(event_id)
         return None if entry is None else entry.delay_s
 
+    async def kept_baseline_w(self, event_id: str) -> float | None:
+        """Return the baseline (W) frozen when an event first started, kept across restarts; None if never."""
+        value = _loads(await self._store.get_state(f"baseline:{event_id}")).get("w")
+        return float(value) if isinstance(value, int | float) else None
+
+    async def keep_baseline_w(self, event_id: str, baseline_w: float) -> None:
+        """Persist the baseline (W) frozen for an event, so that a restart mid-event resumes with it."""
+        await self._store.set_state(f"baseline:{event_id}", json.dumps({"w": baseline_w}))
+
     @property
     def standing_override(self) -> Opt | None:
         """Return the standing (all new events) override in force, if any."""
@@ -386,9 +395,7 @@ class EventBook:
             now = self._clock.now()
             previous = entry.opt
             record = {"opt": opt.value, "actor": actor, "reason": reason, "at": now.isoformat()}
-            self._overrides[event_id] = record
-            await self._store.set_state(f"override:{event_id}", json.dumps(record))
-            entry.opt = opt
+            # Audit first: an override the log cannot take is refused, never applied un-audited.
             await self._audit.append(
                 "opt.override",
                 {"opt": opt.value, "previous_opt": previous.value, "reason": reason,
@@ -396,6 +403,9 @@ class EventBook:
                 actor=actor,
                 event_id=event_id,
             )  # fmt: skip
+            self._overrides[event_id] = record
+            await self._store.set_state(f"override:{event_id}", json.dumps(record))
+            entry.opt = opt
             if opt is Opt.OUT and entry.active and entry.stop_at is None:
                 await self._stop(entry, now, f"{actor} opted out: {reason}", actor)
             elif opt is Opt.IN and mismatch(entry.event, self._cfg) is None and self._acts_on(entry.event):
@@ -507,6 +517,21 @@ class EventBook:
     def active_event_ids(self, t: datetime) -> list[str]:
         """Return ids of acted-on events whose (randomized) active period covers ``t``."""
         return [e.event.event_id for e in self._events.values() if e.active and e.start <= t < e.end]
+
+    def next_change_after(self, t: datetime) -> datetime | None:
+        """Return the first moment after ``t`` where the directive steps (an acted-on event's ramp-up
+        start, start, interval start, end or end of recovery), or None; the control loop wakes then."""
+        first: datetime | None = None
+        for e in self._events.values():
+            if not e.active or e.over_at <= t:
+                continue
+            shift = timedelta(seconds=e.delay_s)
+            steps = [e.start - timedelta(seconds=e.event.ramp_up_s), e.start, e.end, e.over_at]
+            steps += [iv.start + shift for sig in e.event.signals for iv in sig.intervals]
+            for at in steps:
+                if at > t and (first is None or at < first):
+                    first = at
+        return first
 
 
 def _rise(t: datetime, start: datetime, ramp_up_s: float) -> float:

@@ -37,6 +37,7 @@ class Link:
         self._down = False
         self._backoff_s = 0.0
         self._retry_at: float | None = None
+        self._cause = ""  # what the failure that started the backoff said (without the device id)
 
     @property
     def up(self) -> bool:
@@ -48,7 +49,8 @@ class Link:
         now = self._clock.monotonic()
         if self._retry_at is not None and now < self._retry_at:
             raise DeviceUnavailable(
-                self.device_id, f"{what}: not tried, backing off {self._retry_at - now:.1f} s after a failure"
+                self.device_id,
+                f"{what}: not tried, backing off {self._retry_at - now:.1f} s after a failure ({self._cause})",
             )
         try:
             result = await op()
@@ -57,6 +59,7 @@ class Link:
             self._backoff_s = self.backoff_initial_s if first else min(self._backoff_s * 2, self.backoff_max_s)
             self._retry_at = self._clock.monotonic() + self._backoff_s
             self._down = True
+            self._cause = str(err).removeprefix(f"{self.device_id}: ")
             if first:
                 self._log.warning("unavailable", op=what, error=str(err), backoff_s=self._backoff_s)
             raise

@@ -105,6 +105,7 @@ class Ven:
         self._state = "stopped"
         self._registration_id: str | None = None  # the last one granted (kept across restarts)
         self._poll_s = config.poll_interval_s
+        self._poll_failures = 0  # polls in a row that did not reach the VTN (they back off)
         self.last_poll_ok: datetime | None = None
 
     # -- what the gateway reads ---------------------------------------------------------------
@@ -233,7 +234,7 @@ class Ven:
                         await self._events.distribution(payload)
                 await self._poll_round()
                 if self.registered:
-                    await self._clock.sleep(self._poll_s)
+                    await self._clock.sleep(self._poll_wait_s())
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a bug here must not end the VEN: log it and carry on
@@ -289,14 +290,34 @@ class Ven:
                 # A refused body was audited on its own (xml.rejected); only transport failures
                 # mean the link is down. last_poll_ok stays old either way.
                 failure = self._client.last_failure
-                if failure is not None and failure.kind in _LINK_FAILURES and self._state == "registered":
-                    await self._set_state_link("link_lost", failure.reason)
+                if failure is not None and failure.kind in _LINK_FAILURES:
+                    self._poll_failures += 1
+                    if self._state == "registered":
+                        await self._set_state_link("link_lost", failure.reason)
                 return
             self.last_poll_ok = self._clock.now()
+            self._poll_failures = 0
             if self._state == "link_lost":
                 await self._set_state_link("registered", "")
+                await self._resync()
             if rtype == "oadrResponse" or not await self._dispatch(rtype, payload):
                 return
+
+    def _poll_wait_s(self) -> float:
+        """Return the wait before the next poll (s): the poll interval, doubled for every poll in a row
+        that did not reach the VTN, up to ``registration_retry_max_s`` (never below the interval)."""
+        if self._poll_failures == 0:
+            return self._poll_s
+        ceiling = max(self._poll_s, self._config.registration_retry_max_s)
+        return min(self._poll_s * 2.0 ** min(self._poll_failures, 32), ceiling)
+
+    async def _resync(self) -> None:
+        """Ask the VTN for every event it holds: what it sent while the link was down may never have
+        arrived (a poll answered into a dead connection is lost), and a full distribution also shows
+        which events it dropped meanwhile (implied cancellation)."""
+        rtype, payload = await _call(self._client.request_event())
+        if rtype == "oadrDistributeEvent":
+            await self._events.distribution(payload)
 
     async def _dispatch(self, rtype: str, payload: dict[str, Any]) -> bool:
         """Handle one message from a poll; return whether to poll again at once."""
