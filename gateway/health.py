@@ -1,9 +1,9 @@
 """Liveness and readiness of a running gateway, and the audit wrapper that feeds them.
 
-/healthz answers "is the process able to act?" (event loop turning, audit writer alive);
-/readyz also asks "is it connected to its world?" (database writable, VTN polled recently,
-devices answering). Both are computed from state the gateway already keeps; nothing here
-does I/O of its own.
+/healthz answers "is the process able to act?" (audit writer alive, and the database taking
+writes: the gateway acts only on what it can record); /readyz also asks "is it connected to its
+world?" (VTN polled recently, devices answering). Both are computed from state the gateway
+already keeps; nothing here does I/O of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from gateway.interfaces import AuditSink
 
 
 class AuditHealth:
-    """An AuditSink wrapper that counts appends by kind and remembers the last failure."""
+    """An AuditSink wrapper that counts appends by kind and remembers the last failure.
+
+    The first append committed after failures is followed by an ``audit.recovered`` row that
+    says when the log stopped taking records and which records it refused (by kind), so the
+    gap is on the record.
+    """
 
     def __init__(self, inner: AuditSink, clock: Clock) -> None:
         self._inner = inner
@@ -30,6 +35,8 @@ class AuditHealth:
         self.last_ok: datetime | None = None
         self.last_error: str | None = None
         self.last_seq = 0
+        self._refused: Counter[str] = Counter()  # appends refused since the last one committed, by kind
+        self._refused_since: datetime | None = None
         # Called after each committed append with (kind, event_id, data); benchmarks and metrics listen.
         self.observers: list[Callable[[str, str | None, Mapping[str, Any]], None]] = []
 
@@ -48,14 +55,42 @@ class AuditHealth:
         except AuditError as err:
             self.failures += 1
             self.last_error = str(err)
+            if not self._refused:
+                self._refused_since = self._clock.now()
+            self._refused[kind] += 1
             raise
+        self._committed(kind, seq)
+        for observe in self.observers:
+            observe(kind, event_id, data)
+        if self._refused:
+            await self._record_gap()
+        return seq
+
+    def _committed(self, kind: str, seq: int) -> None:
+        """Count one committed append."""
         self.by_kind[kind] += 1
         self.last_ok = self._clock.now()
         self.last_error = None
-        self.last_seq = seq
-        for observe in self.observers:
-            observe(kind, event_id, data)
-        return seq
+        self.last_seq = max(self.last_seq, seq)
+
+    async def _record_gap(self) -> None:
+        """Append what the log refused while it was failing; keep the tally if that fails too."""
+        refused, since = self._refused, self._refused_since
+        self._refused, self._refused_since = Counter(), None
+        data = {
+            "since": since.isoformat() if since else None,
+            "failed_appends": sum(refused.values()),
+            "failed_by_kind": dict(sorted(refused.items())),
+        }
+        try:
+            seq = await self._inner.append("audit.recovered", data)
+        except AuditError as err:
+            self.failures += 1
+            self.last_error = str(err)
+            refused.update(self._refused)
+            self._refused, self._refused_since = refused, since
+            return
+        self._committed("audit.recovered", seq)
 
     @property
     def writable(self) -> bool:

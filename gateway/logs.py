@@ -9,6 +9,24 @@ from typing import Any
 import structlog
 
 
+class _DroppingPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that drops a line it cannot write (full disk, file-size limit, closed pipe).
+
+    A log write that fails must never raise into the code that logged: the control loop logs
+    from its error paths, and an exception there would stop it.
+    """
+
+    def msg(self, message: str) -> None:
+        """Print ``message``; drop it when the stream refuses it."""
+        try:
+            super().msg(message)
+        except OSError:
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger once, at process start."""
     lvl = getattr(logging, level.upper(), logging.INFO)
@@ -25,7 +43,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         # Resolve sys.stderr at each call, not at configure time (it may be replaced later).
-        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
+        logger_factory=lambda *_: _DroppingPrintLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)

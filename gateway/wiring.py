@@ -57,13 +57,19 @@ async def build_devices(
     async def gpu_w() -> float:
         return sum(g.power_w for g in await fleet_ref.read()) if fleet_ref else 0.0
 
+    last: list[float] = [0.0, -1e18]  # the battery's last read power (W) and when (monotonic s)
+    revert_s = cfg.battery.revert_s
+
     async def batt_w() -> float:
+        """The battery's power; while it does not answer, its last reading until its revert timer
+        would have returned it to normal (what the control loop assumes too), then 0."""
         if battery_ref is None:
             return 0.0
         try:
-            return float((await battery_ref.read()).power_w)
+            last[:] = [float((await battery_ref.read()).power_w), clock.monotonic()]
         except GatewayError:
-            return 0.0
+            return last[0] if clock.monotonic() - last[1] <= revert_s else 0.0
+        return last[0]
 
     meter = ModelMeter(gpu_w, batt_w, cfg.site.non_gpu_it_w, cfg.site.cooling_overhead, clock)
     meter.device_id = "meter-estimate"

@@ -120,6 +120,7 @@ class AuditLog:
         self._cp_interval_s = checkpoint_interval_s
         self._cp_dir = checkpoint_dir
         self._mbuf: list[Any] = []
+        self._failed_commits = 0  # consecutive failed commits (logged on the first and on recovery)
         self._mbatch_rows = max(1, measurement_batch_rows)
         self._mbatch_s = measurement_batch_s
         self._insert_log = _insert_sql(engine, "audit_log", _LOG_KEYS)
@@ -430,10 +431,17 @@ class AuditLog:
                     await conn.execute(self._insert_blob, blobs)
         except Exception as err:  # the writer must survive any driver error and report it
             first, last = rows[0][0], rows[-1][0]
-            log.error("audit_commit_failed", first_seq=first, last_seq=last, error=str(err))
-            _fail(batch, AuditError(f"audit commit of seq {first}..{last} failed: {err}"), err)
+            reason = _reason(err)
+            # Logged once per outage (the log may share the full disk); every caller still gets the error.
+            self._failed_commits += 1
+            emit = log.error if self._failed_commits == 1 else log.debug
+            emit("audit_commit_failed", first_seq=first, last_seq=last, error=reason)
+            _fail(batch, AuditError(f"audit commit of seq {first}..{last} failed: {reason}"), err)
             await self._resync_head()
             return
+        if self._failed_commits:
+            log.info("audit_commit_recovered", seq=seq, failed_commits=self._failed_commits)
+            self._failed_commits = 0
         self._head = (seq, prev)
         self._mhead = mseq
         for p, row in zip(batch, rows, strict=True):
@@ -486,6 +494,11 @@ class AuditLog:
                 self._mhead = await head_mseq(conn)
         except (AuditError, sa.exc.SQLAlchemyError, OSError) as err:
             log.warning("audit_head_resync_failed", error=str(err))
+
+
+def _reason(err: BaseException) -> str:
+    """Return a driver error's message without SQLAlchemy's trailing documentation link."""
+    return str(err).split("\n(Background on this error at:", 1)[0]
 
 
 def _log_seal_failure(fut: asyncio.Future[int]) -> None:

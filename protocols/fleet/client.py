@@ -90,6 +90,8 @@ class NatsFleet:
         self._tiers = set(tiers) if tiers is not None else None
         self._default_label = (default_job_class, default_tier)
         self.rpc = NatsRpc(url, name=f"drgw-gateway {site}", reconnect_wait_s=reconnect_wait_s)
+        # An agent reports a lapse once, in whatever reply it sends next: read late replies too.
+        self.rpc.on_late_reply = self._parse
         self._nodes: dict[str, _Node] = {}
         self.last_failed_nodes: dict[str, str] = {}
         self.lease_lapses: list[LeaseLapse] = []

@@ -64,6 +64,8 @@ class NatsRpc:
         self.disconnects = 0  # counts outages; a request that spans one may be retried
         self._closing = False
         self.last_publish_s = 0.0  # how long the last batch took to hand to nats-py (for the benchmark)
+        # Given every reply that arrives after its request gave up (it may carry news, e.g. a lapse report).
+        self.on_late_reply: Callable[[bytes], object] | None = None
 
     @property
     def connected(self) -> bool:
@@ -211,9 +213,11 @@ class NatsRpc:
         """Route one reply to the batch that waits for it."""
         token = msg.subject[len(self._inbox) + 1 :]
         batch = self._waiting.get(token)
-        if batch is None:
-            return  # late reply to a request that gave up
         no_responders = msg.headers is not None and msg.headers.get("Status") == _NO_RESPONDERS
+        if batch is None:  # late reply to a request that gave up (e.g. one buffered through an outage)
+            if self.on_late_reply is not None and not no_responders:
+                self.on_late_reply(msg.data)
+            return
         if batch.accept is not None:
             if no_responders or batch.accept(msg.data):
                 batch.done.set()
