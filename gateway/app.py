@@ -13,6 +13,7 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
+from gateway.errors import GatewayError
 from gateway.events import Answer, EventBook
 from gateway.eventstore import EventStore
 from gateway.health import AuditHealth, HealthReport, liveness, readiness
@@ -121,12 +122,20 @@ class Gateway:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.loop.shutdown(reason)
+        try:
+            await self.loop.shutdown(reason)
+        except GatewayError as err:  # e.g. the audit log refuses event.end: the devices still go to normal
+            log.error("shutdown could not record everything; releasing devices", error=str(err))
+            with contextlib.suppress(GatewayError):
+                await self.dispatcher.release(reason)
         if self.ven is not None:
             await self.ven.stop()
         if self.mgmt is not None:
             await self.mgmt.stop()
-        await self.audit.append("gateway.stop", {"reason": reason})
+        try:
+            await self.audit.append("gateway.stop", {"reason": reason})
+        except GatewayError as err:
+            log.error("gateway.stop not recorded", error=str(err))
         log.info("gateway stopped", reason=reason)
 
     # --- what the management endpoint and metrics read -------------------------------------
