@@ -41,6 +41,7 @@ log = get_logger("gateway.control")
 NATURAL_EWMA = 0.3  # weight of a new uncapped reading in each GPU's natural-draw estimate
 RELEASE_BELOW_W = 1.0  # a recovery is done when the planned shed is below this
 BASELINE_HOLD_S = 60.0  # after a release the site takes a while to return to normal: keep the baseline
+STEP_WAKE_S = 0.001  # tick this long after a step of the directive (an event's start or end), not a tick later
 
 
 @dataclass(frozen=True)
@@ -586,12 +587,22 @@ class ControlLoop:
             self.book.changed.clear()
             waiter = asyncio.ensure_future(self.book.changed.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            sleeper = asyncio.ensure_future(self.clock.sleep(self.cfg.control.tick_s))
+            sleeper = asyncio.ensure_future(self.clock.sleep(self._wait_s()))
             await asyncio.wait({waiter, stopper, sleeper}, return_when=asyncio.FIRST_COMPLETED)
             for f in (waiter, stopper, sleeper):
                 f.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await f
+
+    def _wait_s(self) -> float:
+        """Return how long to wait for the next tick: ``tick_s``, or until just after the directive's next step."""
+        tick_s = self.cfg.control.tick_s
+        next_change = getattr(self.book, "next_change_after", None)
+        now = self.clock.now()
+        at = next_change(now) if callable(next_change) else None
+        if at is None:
+            return tick_s
+        return min(tick_s, max(0.0, (at - now).total_seconds()) + STEP_WAKE_S)
 
     async def shutdown(self, reason: str) -> None:
         """Release everything on the way out (no recovery ramp: the process is going away)."""

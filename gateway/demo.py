@@ -105,13 +105,16 @@ class DemoSite:
         db_url: str = "drgw-demo.db",
         battery_timeout_s: float = 1.0,
         overrides: dict[str, dict[str, Any]] | None = None,
+        vtn: Any = None,
     ) -> None:
         self.speed = speed
         self.overrides = overrides or {}
         self.battery_timeout_s = battery_timeout_s
         self.db_url = db_url
         self.clock = ScaledClock(speed)
-        self.vtn: Any = None
+        # The utility; None: openleadr's VTN in this process. Another (start() -> URL, stop()) may
+        # run elsewhere, as the dispatch benchmark's does (its own process, like a real utility's).
+        self.vtn: Any = vtn
         self.bsim: Any = None
         self.battery: Any = None
         self.fleet: SimGpuFleet | None = None
@@ -140,7 +143,8 @@ class DemoSite:
 
         clock = self.clock
         # The VEN polls on the gateway's (scaled) clock: ask for a poll about every half real second.
-        self.vtn = SimVtn(poll_interval_s=max(1.0, round(self.speed / 2)))
+        if self.vtn is None:
+            self.vtn = SimVtn(poll_interval_s=max(1.0, round(self.speed / 2)))
         vtn_url = await self.vtn.start()
         mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
         self.bsim = BatterySimulator(mapping, clock=clock, **BATTERY)

@@ -7,11 +7,11 @@ cancellation and shutdown. A device fault is audited and the rest keeps working.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from gateway.clock import Clock
-from gateway.errors import DeviceError, GatewayError
+from gateway.errors import AuditError, DeviceError, GatewayError
 from gateway.interfaces import AuditSink, Battery, GpuFleet
 from gateway.logs import get_logger
 
@@ -49,6 +49,7 @@ class Dispatcher:
     ) -> None:
         """Apply setpoints; re-send when changed or when half the lease has passed."""
         self.active = True
+        await self._audit_lapses(event_id)
         now = self._clock.monotonic()
         jobs = []  # battery and GPUs are independent devices: command them concurrently
         if self.battery is not None and battery_w is not None:
@@ -128,28 +129,45 @@ class Dispatcher:
             )
 
     async def release(self, reason: str, event_id: str | None = None) -> None:
-        """Return every device to normal and audit the release; never raises on device faults."""
+        """Return every device to normal and audit the release; never raises on device or audit faults.
+
+        Releasing is the safe direction, so every device is released even when the audit log
+        refuses the record of it (the refusal is logged here and counted by the log's health).
+        """
+        await _unaudited(self._audit_lapses(event_id), "fault.lease_lapsed")
         if self.battery is not None:
+            dev = self.battery.device_id
             try:
                 await self.battery.release()
-                self.battery_w = None
-                await self._audit.append(
-                    "release.battery", {"reason": reason}, event_id=event_id, device_id=self.battery.device_id
-                )
             except DeviceError as err:
-                await self._fault(self.battery.device_id, "release.battery", err, event_id, {})
+                await _unaudited(self._fault(dev, "release.battery", err, event_id, {}), "release.battery")
+            else:
+                self.battery_w = None
+                record = self._audit.append("release.battery", {"reason": reason}, event_id=event_id, device_id=dev)
+                await _unaudited(record, "release.battery")
         if self.fleet is not None:
             try:
                 await self.fleet.release()
+            except GatewayError as err:
+                await _unaudited(self._fault("gpus", "release.gpus", err, event_id, {}), "release.gpus")
+            else:
                 self.caps_w.clear()
                 self._cap_sent_at.clear()
-                await self._audit.append(
-                    "release.gpus", {"reason": reason}, event_id=event_id, device_id="gpus"
-                )
-            except GatewayError as err:
-                await self._fault("gpus", "release.gpus", err, event_id, {})
+                record = self._audit.append("release.gpus", {"reason": reason}, event_id=event_id, device_id="gpus")
+                await _unaudited(record, "release.gpus")
         self.active = False
         log.info("released", reason=reason, event_id=event_id)
+
+    async def _audit_lapses(self, event_id: str | None) -> None:
+        """Audit the leases the fleet reports lapsed (node agents restore defaults on their own; the fleet logs it)."""
+        take = getattr(self.fleet, "take_lease_lapses", None)
+        for lapse in take() if take is not None else ():
+            await self._audit.append(
+                "fault.lease_lapsed",
+                {"node": lapse.node, "lapsed_at": lapse.lapsed_at.isoformat(), "gpus": list(lapse.gpus)},
+                event_id=event_id,
+                device_id=lapse.node,
+            )
 
     async def _fault(
         self, device_id: str, action: str, err: Exception, event_id: str | None, extra: dict[str, Any]
@@ -169,6 +187,14 @@ class Dispatcher:
         """Log once that a faulted device answers again."""
         if self.faults.pop(device_id, None) is not None:
             log.info("device recovered", device_id=device_id)
+
+
+async def _unaudited(record: Awaitable[Any], kind: str) -> None:
+    """Await an audit append made while releasing; log (never raise) when the log refuses it."""
+    try:
+        await record
+    except AuditError as err:
+        log.error("release done but not audited", kind=kind, error=str(err))
 
 
 def _round(caps: Mapping[str, float]) -> dict[str, float]:

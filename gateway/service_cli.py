@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from gateway.config import load_config
@@ -29,10 +24,18 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     o.add_argument("--config", help="gateway config file, to find the management endpoint")
     o.set_defaults(func=_cmd_opt_out)
 
-    b = bench_sub.add_parser("dispatch", help="event-to-actuation latency on the simulated site")
-    b.add_argument("--gpus", type=int, default=64)
-    b.add_argument("--rounds", type=int, default=20)
-    b.add_argument("--json", action="store_true")
+    b = bench_sub.add_parser(
+        "dispatch",
+        help="event-to-actuation latency on the simulated site",
+        description="Run the simulated site in real time (the utility's VTN in a process of its own) and "
+        "time events from the VTN to every actuator commanded and read back, excluding the VEN's poll wait; "
+        "and from a scheduled event's start to its first and last actuation. About one second per event.",
+    )
+    b.add_argument("--gpus", type=_count(1), default=64, help="simulated GPUs (default 64)")
+    b.add_argument("--events", type=_count(1), default=100, help="events active on arrival to time (default 100)")
+    b.add_argument("--scheduled", type=_count(0), default=40, help="events arriving before their start (default 40)")
+    b.add_argument("--warmup", type=_count(0), default=2, help="events run first and not counted (default 2)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench_dispatch)
 
 
@@ -67,112 +70,25 @@ def _cmd_opt_out(args: argparse.Namespace) -> int:
     return 0
 
 
-def _groups(gpus: int) -> list[dict[str, Any]]:
-    """Split ``gpus`` into the demo's mix: half training, a quarter batch inference, a quarter decode."""
-    half, quarter = gpus // 2, gpus // 4
-    mix = [
-        ("training", "flex1", half),
-        ("batch_inference", "flex2", quarter),
-        ("decode", "flex0", gpus - half - quarter),
-    ]
-    return [{"count": n, "job_class": job, "tier": tier} for job, tier, n in mix if n > 0]
-
-
-def _pct(values: list[float], q: float) -> float:
-    """Return the q-th percentile (0..100) by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-async def bench_dispatch(gpus: int, rounds: int) -> dict[str, Any]:
-    """Measure event-to-actuation latency on the simulated site, in real time."""
-    from gateway.demo import DemoSite
-    from gateway.model import Opt
-
-    overrides: dict[str, dict[str, Any]] = {
-        "gpus": {"groups": _groups(gpus)},
-        "control": {"tick_s": 1.0, "lease_s": 30.0, "gain": 0.6},
-        "limits": {"battery_ramp_w_per_s": 1e12, "gpu_ramp_w_per_s": 1e12},
-    }
-    receive: list[float] = []
-    start_first: list[float] = []
-    start_last: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        async with DemoSite(1.0, str(Path(tmp) / "bench.db"), overrides=overrides) as site:
-            gw = site.gateway
-            assert gw is not None
-            marks: dict[str, dict[str, float]] = {}
-            arrived_wall: dict[str, datetime] = {}
-
-            def arrived(ev: Any) -> None:
-                marks.setdefault(ev.event_id, {}).setdefault("received", time.perf_counter())
-                arrived_wall.setdefault(ev.event_id, datetime.now(UTC))
-
-            gw.event_hooks.append(arrived)
-
-            def observe(kind: str, event_id: str | None, data: Mapping[str, Any]) -> None:
-                if event_id and kind in ("command.battery", "command.gpus"):
-                    m = marks.setdefault(event_id, {})
-                    m.setdefault(kind, time.perf_counter())
-
-            gw.audit_health.observers.append(observe)
-            for i in range(rounds):
-                # Alternate: an event active on arrival (receipt -> actuation), and one that starts
-                # a few seconds after arrival (scheduled start -> first and last actuation).
-                scheduled = i % 2 == 1
-                lead = 3.0 if scheduled else 0.0
-                start = site.clock.now() + timedelta(seconds=lead)
-                eid = site.vtn.add_event(gw.ven.ven_id, signal="SIMPLE", value=2.0, start=start, duration_s=600.0)
-                await _until(lambda e=eid: {"command.battery", "command.gpus"} <= set(marks.get(e, {})), 30.0)
-                m = marks[eid]
-                done = max(m["command.battery"], m["command.gpus"])
-                first = min(m["command.battery"], m["command.gpus"])
-                if scheduled:
-                    start_mono = m["received"] + (start - arrived_wall[eid]).total_seconds()
-                    start_first.append((first - start_mono) * 1000)
-                    start_last.append((done - start_mono) * 1000)
-                else:
-                    receive.append((done - m["received"]) * 1000)
-                site.vtn.cancel_event(gw.ven.ven_id, eid)
-                await site.vtn.wait_for_response(eid, timeout_s=30.0)
-                await _until(lambda: not gw.dispatcher.active, 30.0)
-                if Opt.IN not in [r[2] for r in site.vtn.responses if r[0] == eid]:
-                    raise RuntimeError(f"event {eid} was not opted in")
-    return {
-        "gpus": gpus,
-        "rounds": rounds,
-        "samples": len(receive),
-        "p50_ms": round(statistics.median(receive), 1),
-        "p99_ms": round(_pct(receive, 99), 1),
-        "max_ms": round(max(receive), 1),
-        "start_to_first_p50_ms": round(statistics.median(start_first), 1) if start_first else None,
-        "start_to_last_p50_ms": round(statistics.median(start_last), 1) if start_last else None,
-        "start_to_last_p99_ms": round(_pct(start_last, 99), 1) if start_last else None,
-    }
-
-
-async def _until(cond: Any, timeout_s: float) -> None:
-    """Wait until ``cond()`` holds; raise TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("bench dispatch: timed out")
-        await asyncio.sleep(0.001)
-
-
 def _cmd_bench_dispatch(args: argparse.Namespace) -> int:
     """Run the dispatch benchmark and print what it measured."""
-    res = asyncio.run(bench_dispatch(args.gpus, args.rounds))
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"dispatch latency, simulated site with {res['gpus']} GPUs, {res['samples']} events active on arrival:")
-        print(
-            f"  event reaches VEN -> battery and all GPU caps commanded and read back: "
-            f"p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, max {res['max_ms']} ms"
-        )
-        print(
-            f"  scheduled start -> first actuation p50 {res['start_to_first_p50_ms']} ms, "
-            f"-> last actuation p50 {res['start_to_last_p50_ms']} ms, p99 {res['start_to_last_p99_ms']} ms"
-        )
+    from gateway.dispatch_bench import format_result, run_dispatch_bench
+
+    res = asyncio.run(run_dispatch_bench(args.gpus, args.events, args.scheduled, args.warmup))
+    print(json.dumps(res) if args.json else format_result(res))
     return 0
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """Return an argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        return value
+
+    return parse

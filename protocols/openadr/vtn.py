@@ -15,9 +15,11 @@ whole seconds, at least 1 s.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -30,6 +32,9 @@ from gateway.model import Opt
 from protocols.openadr.xmlguard import harden_openleadr_parser
 
 _log = get_logger("openadr.sim_vtn")
+# What the poll being answered in this request's task hands over: (message type, [(event id, modification)]).
+_POLL_ANSWER: ContextVar[tuple[str, list[tuple[str, int]]] | None] = ContextVar("sim_vtn_poll_answer", default=None)
+PollObserver = Callable[[str, list[tuple[str, int]], float], None]
 _DEFAULT_TYPES = {"SIMPLE": "level", "LOAD_DISPATCH": "delta", "LOAD_CONTROL": "x-loadControlCapacity",
                   "ELECTRICITY_PRICE": "price", "ENERGY_PRICE": "price"}  # fmt: skip
 
@@ -82,6 +87,9 @@ class SimVtn:
         self._queued: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self._empty_pending: set[str] = set()
         self._changed = asyncio.Condition()
+        # Called with (message type, [(event id, modification number)], time.monotonic()) as each
+        # poll answer is handed to HTTP: when an event leaves the utility (latency benchmarks).
+        self.poll_observers: list[PollObserver] = []
         self._runner: web.AppRunner | None = None
         with warnings.catch_warnings():  # openleadr keys its aiohttp app with a plain string
             warnings.simplefilter("ignore", web.NotAppKeyWarning)
@@ -101,6 +109,7 @@ class SimVtn:
             opts = _OptService(vtn_id, self._on_opt)
             self.server.services["opt_service"] = opts
             self.server.app.router.add_post(f"{self.server.http_path_prefix}/EiOpt", opts.handler)
+        self.server.app.on_response_prepare.append(self._on_response_prepare)
         # openleadr stores ven_lookup on the VTNService class (shared by every server in the
         # process); instance attributes keep two simulated VTNs from answering for each other.
         for svc in self.server.services.values():
@@ -369,7 +378,24 @@ class SimVtn:
             self._empty_pending.discard(ven_id)
             self.server.events_updated[ven_id] = False
             return "oadrDistributeEvent", {"events": [], "request_id": uuid.uuid4().hex[:10]}
-        return await self._poll(payload)
+        answer = await self._poll(payload)
+        if self.poll_observers and isinstance(answer, tuple) and answer:
+            events = answer[1].get("events") if answer[0] == "oadrDistributeEvent" else None
+            _POLL_ANSWER.set((str(answer[0]), [_event_version(ev) for ev in events or []]))
+        return answer
+
+    async def _on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Tell the poll observers what this answer hands over, just before its bytes go out."""
+        seen = _POLL_ANSWER.get()
+        if seen is None:
+            return
+        _POLL_ANSWER.set(None)
+        sent_at = time.monotonic()
+        for observe in self.poll_observers:
+            try:
+                observe(seen[0], seen[1], sent_at)
+            except Exception as err:  # an observer must not break the VTN
+                _log.error("poll observer failed", error=repr(err))
 
     async def _on_created_event(self, payload: dict[str, Any]) -> Any:
         """Record each answer, then let openleadr's event service do its bookkeeping."""
@@ -436,6 +462,14 @@ def _report_request(
             else objects.Interval(dtstart=interval[0], duration=timedelta(seconds=interval[1]), signal_payload=0),
             specifier_payloads=[objects.SpecifierPayload(r_id=r, reading_type="Direct Read") for r in r_ids],
         ),
+    )
+
+
+def _event_version(ev: Any) -> tuple[str, int]:
+    """Return (event id, modification number) of an event in a distribution (object or dict)."""
+    return (
+        str(utils.getmember(ev, "event_descriptor.event_id")),
+        int(utils.getmember(ev, "event_descriptor.modification_number") or 0),
     )
 
 
