@@ -16,16 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gateway.clock import Clock, SystemClock
-from gateway.errors import ConfigError, DeviceError
+from gateway.clock import Clock
+from gateway.errors import DeviceError
 from gateway.interfaces import Battery
 from gateway.logs import get_logger
 from gateway.model import BatteryState
 from protocols.modbus.codec import Value
-from protocols.modbus.link import Link
-from protocols.modbus.mapping import Mapping, load_mapping
-from protocols.modbus.poller import GroupPoller
-from protocols.modbus.transport import ModbusTransport
+from protocols.modbus.device import ModbusDevice
+from protocols.modbus.mapping import Mapping
 
 ROLES = ("soc_pct", "runtime_s", "on_battery", "alarms")
 
@@ -58,8 +56,11 @@ def discharge_allowance_w(state: UpsState | None, min_runtime_s: float, min_soc_
     return math.inf, "UPS ready"
 
 
-class ModbusUps:
+class ModbusUps(ModbusDevice):
     """Reads a UPS's telemetry from a register map with the roles in ``ROLES``."""
+
+    KINDS = ("ups",)
+    WRONG_KIND = "not a UPS map (kind: ups)"
 
     def __init__(
         self,
@@ -70,36 +71,10 @@ class ModbusUps:
         mapping: Mapping | str | Path = "ups_generic",
         timeout_s: float = 1.0,
         clock: Clock | None = None,
-        *,
-        retries: int = 0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 60.0,
+        **link: Any,
     ) -> None:
-        self.device_id = device_id
-        self.mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
-        if self.mapping.kind != "ups":
-            raise ConfigError(self.mapping.source or self.mapping.model, "kind", "not a UPS map (kind: ups)")
+        super().__init__(device_id, host, port, unit, mapping, timeout_s, clock, **link)
         self._pts = self.mapping.require_roles(ROLES)
-        self._transport = ModbusTransport(
-            device_id, host, port, unit, self.mapping, timeout_s=timeout_s, retries=retries
-        )
-        clock = clock or SystemClock()
-        self._poller = GroupPoller(self._transport, clock)
-        self._link = Link(
-            device_id,
-            clock,
-            backoff_initial_s=backoff_initial_s,
-            backoff_max_s=backoff_max_s,
-            logger=__name__,
-        )
-
-    async def connect(self) -> None:
-        """Open the connection; raise DeviceUnavailable if the UPS does not answer."""
-        await self._link.call("connect", self._transport.connect)
-
-    async def close(self) -> None:
-        """Close the connection."""
-        self._transport.close()
 
     async def read(self) -> UpsState:
         """Return state of charge, runtime, on-battery and alarms in one coalesced read."""
@@ -118,10 +93,6 @@ class ModbusUps:
             on_battery=None if on_batt is None else bool(on_batt),
             alarms=None if alarms is None else int(alarms),
         )
-
-    async def telemetry(self) -> dict[str, Value]:
-        """Return every point's latest value (load, temperatures, model...), each group at its period."""
-        return await self._link.call("poll", self._poller.poll)
 
 
 class UpsGuardedBattery:
