@@ -179,8 +179,55 @@ def _no_bits() -> SimData:
     return SimData(0, values=[False] * 16, datatype=DataType.BITS)
 
 
-class BatterySimulator:
+class PhysicsDevice:
+    """What a simulated device shares: a ``PointServer`` and a physics task stepping every ``tick_s``.
+
+    Subclasses set ``server``, ``tick_s``, ``_clock`` and ``_task = None``, and define ``step``.
+    """
+
+    server: PointServer
+    tick_s: float
+    _clock: Clock
+    _task: asyncio.Task[None] | None
+    _last_step: float
+    _last_keepalive: float
+    TASK_NAME = "simulator"
+
+    def step(self) -> None:
+        """Advance the physics to the clock's now."""
+        raise NotImplementedError
+
+    def set_offline(self, offline: bool) -> None:
+        """Stop (or resume) answering Modbus; the physics keeps running."""
+        self.server.set_offline(offline)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start serving and the physics task; return the port bound."""
+        bound = await self.server.start(host, port)
+        self._last_step = self._last_keepalive = self._clock.monotonic()
+        self._task = asyncio.create_task(self._run(), name=self.TASK_NAME)
+        return bound
+
+    async def stop(self) -> None:
+        """Stop the physics task and the server."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop()
+
+    async def _run(self) -> None:
+        """Step the physics every ``tick_s`` of real time."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.step()
+
+
+class BatterySimulator(PhysicsDevice):
     """A grid-interactive battery answering Modbus from a mapping, with state of charge and a revert timer."""
+
+    TASK_NAME = "battery simulator"
 
     def __init__(
         self,
@@ -258,30 +305,10 @@ class BatterySimulator:
         """Return whether the revert timer has fired since the last remote command."""
         return self._expired
 
-    def set_offline(self, offline: bool) -> None:
-        """Stop (or resume) answering Modbus; the physics keeps running."""
-        self.server.set_offline(offline)
-
     def set_local(self, local: bool) -> None:
         """Turn the unit's local/remote switch (if its map has one) to local or to remote."""
         if self._remote is not None:
             self.server.set(self._remote.name, 0.0 if local else float(self.mapping.control.remote_value))
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start serving and the physics task; return the port bound."""
-        bound = await self.server.start(host, port)
-        self._last_step = self._last_keepalive = self._clock.monotonic()
-        self._task = asyncio.create_task(self._run(), name="battery simulator")
-        return bound
-
-    async def stop(self) -> None:
-        """Stop the physics task and the server."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.server.stop()
 
     def step(self) -> None:
         """Advance the physics to the clock's now: revert timer, power, state of charge, status."""
@@ -310,12 +337,6 @@ class BatterySimulator:
         self._set("soc_pct", self._soc_pct)
         self._set("power_w", self._power_w)
         self._set("status", STATUS_ONLINE | (STATUS_WATCHDOG_EXPIRED if self._expired else 0))
-
-    async def _run(self) -> None:
-        """Step the physics every ``tick_s`` of real time."""
-        while True:
-            await asyncio.sleep(self.tick_s)
-            self.step()
 
     def _on_write(self, names: frozenset[str]) -> None:
         """Clip a written setpoint to the ratings; re-arm the revert timer on any keep-alive write."""

@@ -12,14 +12,13 @@ in time; state of charge integrates power.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from pathlib import Path
 
 from gateway.clock import Clock, SystemClock
 from protocols.modbus import codec, sunspec
 from protocols.modbus.mapping import Mapping, load_mapping, replace_points
-from protocols.modbus.simulator import PointServer
+from protocols.modbus.simulator import PhysicsDevice, PointServer
 
 REMOTE, LOCAL = 0, 1  # LocRemCtl (802, 715)
 STATE_CONNECTED = 3  # 802 State
@@ -56,8 +55,10 @@ def sunspec_map_at(mapping: Mapping, base: int) -> Mapping:
     return replace_points(mapping, sunspec.layout_points(layout))
 
 
-class SunspecSimulator:
+class SunspecSimulator(PhysicsDevice):
     """A SunSpec storage inverter answering Modbus TCP, with state of charge and reversion timers."""
+
+    TASK_NAME = "sunspec simulator"
 
     def __init__(
         self,
@@ -176,26 +177,6 @@ class SunspecSimulator:
             if name in self.mapping.points:
                 self.server.set(name, LOCAL if local else REMOTE)
 
-    def set_offline(self, offline: bool) -> None:
-        """Stop (or resume) answering Modbus; the physics keeps running."""
-        self.server.set_offline(offline)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start serving and the physics task; return the port bound."""
-        bound = await self.server.start(host, port)
-        self._last_step = self._last_keepalive = self._clock.monotonic()
-        self._task = asyncio.create_task(self._run(), name="sunspec simulator")
-        return bound
-
-    async def stop(self) -> None:
-        """Stop the physics task and the server."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.server.stop()
-
     def _num(self, name: str) -> float:
         """Return a numeric point's value, 0 when absent or not implemented."""
         if name not in self.mapping.points:
@@ -255,12 +236,6 @@ class SunspecSimulator:
         for name, value in values.items():
             if name in self.mapping.points:
                 self.server.set(name, value)
-
-    async def _run(self) -> None:
-        """Step every ``tick_s`` of real time."""
-        while True:
-            await asyncio.sleep(self.tick_s)
-            self.step()
 
     def _on_write(self, names: frozenset[str]) -> None:
         """Clip a written WSet to the ratings; re-arm the reversion timers on any controller write."""
