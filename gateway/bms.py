@@ -229,8 +229,9 @@ def snapshot_of(loop: Any, book: Any, now: datetime, stale_after_s: float) -> Bm
         )
     if (now - snap.t).total_seconds() > stale_after_s:
         alarms |= Alarm.STALE
-    active = rec.event_id if rec is not None else None
-    limit_w = rec.limit_w if rec is not None else None
+    # Live state where the loop offers it: the tick record lags an event's first commands.
+    active = getattr(loop, "active_event_id", rec.event_id if rec is not None else None)
+    limit_w = getattr(loop, "limit_w", rec.limit_w if rec is not None else None)
     if active and limit_w is not None and snap.facility_w is not None and snap.facility_w > limit_w * 1.01:
         alarms |= Alarm.SHORTFALL
     state, event_id = _event_state(active, book, now)

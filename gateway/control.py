@@ -108,6 +108,16 @@ class ControlLoop:
         # Called with every tick's record (measurement store, telemetry); must not block or raise.
         self.observers: list[Callable[[TickRecord], None]] = []
 
+    @property
+    def active_event_id(self) -> str | None:
+        """The event being delivered now (set before its first command, not at the next tick record)."""
+        return self._event_id
+
+    @property
+    def limit_w(self) -> float | None:
+        """The facility power the active event allows now (ramped), or None when idle."""
+        return self._limit_w if self._event_id is not None else None
+
     # -- reading the site -------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:

@@ -23,13 +23,13 @@ class GatewayCollector(Collector):
         """Yield every metric family."""
         gw = self.gw
         loop = gw.loop
-        rec = loop.records[-1] if loop.records else None
         snap = loop.last
+        limit_w = loop.limit_w
         active = GaugeMetricFamily("drgw_event_active", "1 while a demand-response event is being delivered")
-        active.add_metric([], 1.0 if rec is not None and rec.event_id else 0.0)
+        active.add_metric([], 1.0 if loop.active_event_id else 0.0)
         yield active
         target = GaugeMetricFamily("drgw_facility_target_watts", "facility power the active event allows (NaN idle)")
-        target.add_metric([], rec.limit_w if rec is not None and rec.limit_w is not None else float("nan"))
+        target.add_metric([], limit_w if limit_w is not None else float("nan"))
         yield target
         facility = GaugeMetricFamily("drgw_facility_power_watts", "facility import power, last reading")
         facility.add_metric([], snap.facility_w if snap is not None and snap.facility_w is not None else float("nan"))
