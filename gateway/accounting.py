@@ -16,7 +16,7 @@ A job is the GPU state's ``job_id`` where the fleet reports one, else the GPU gr
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -66,6 +66,43 @@ class EventAccount:
     facility_shed_wh: float = 0.0
     battery_wh: float = 0.0
     facility_wh: float = 0.0
+    unaccounted_s: float = 0.0  # time inside the event no process tallied (the gateway was down)
+
+    # -- surviving a restart ----------------------------------------------------------------------
+
+    _TOTALS = ("dispatch_s", "facility_shed_wh", "battery_wh", "facility_wh", "unaccounted_s")
+
+    def state(self, at: datetime) -> dict[str, Any]:
+        """Return the running totals as JSON-ready data, to be kept across a restart."""
+        gpus = {gid: {**asdict(t), "first_seen": t.first_seen.isoformat()} for gid, t in self.gpus.items()}
+        totals = {k: getattr(self, k) for k in self._TOTALS}
+        window = {"start": self.start.isoformat(), "end": self.end.isoformat(), "recovery_s": self.recovery_s}
+        head = {"event_id": self.event_id, "saved_at": at.isoformat(), "baseline_w": self.baseline_w, **window}
+        return {**head, **totals, "gpus": gpus}
+
+    def resume(self, state: Mapping[str, Any], now: datetime) -> None:
+        """Carry on from ``state`` (from :meth:`state`, maybe by an earlier process) as of ``now``.
+
+        The time between the save and ``now`` inside the event's period is counted as unaccounted:
+        nothing measured it. Raises ValueError (naming what is wrong) on a state not for this event.
+        """
+        if state.get("event_id") != self.event_id:
+            raise ValueError(f"kept accounting is for event {state.get('event_id')!r}, not {self.event_id!r}")
+        try:
+            saved_at = datetime.fromisoformat(str(state["saved_at"]))
+            totals = {k: float(state[k]) for k in self._TOTALS}
+            gpus = {
+                str(gid): _Tally(**{**t, "first_seen": datetime.fromisoformat(str(t["first_seen"]))})
+                for gid, t in dict(state["gpus"]).items()
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"kept accounting for event {self.event_id!r} is malformed: {err!r}") from err
+        for k, v in totals.items():
+            setattr(self, k, v)
+        self.gpus = gpus
+        lo = max(saved_at, self.start)
+        hi = min(now, self.end + timedelta(seconds=self.recovery_s))
+        self.unaccounted_s += max(0.0, (hi - lo).total_seconds())
 
     @property
     def duration_s(self) -> float:
@@ -145,6 +182,7 @@ class EventAccount:
         return {
             "duration_s": round(self.duration_s, 1),
             "dispatch_s": round(self.dispatch_s, 1),
+            "unaccounted_s": round(self.unaccounted_s, 1),
             "baseline_w": round(self.baseline_w, 1),
             "mean_facility_w": None if mean_facility is None else round(mean_facility, 1),
             "facility_energy_shed_wh": round(self.facility_shed_wh, 1),

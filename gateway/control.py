@@ -41,6 +41,7 @@ log = get_logger("gateway.control")
 NATURAL_EWMA = 0.3  # weight of a new uncapped reading in each GPU's natural-draw estimate
 RELEASE_BELOW_W = 1.0  # a recovery is done when the planned shed is below this
 BASELINE_HOLD_S = 60.0  # after a release the site takes a while to return to normal: keep the baseline
+ACCOUNT_KEEP_S = 5.0  # the running accounting of an event is kept in the store this often (restarts)
 STEP_WAKE_S = 0.001  # tick this long after a step of the directive (an event's start or end), not a tick later
 
 
@@ -103,6 +104,8 @@ class ControlLoop:
         self._gpus_seen_mono: float | None = None  # when the GPU fleet last answered a read
         self._baseline_hold_until = -1e18  # monotonic time before which the baseline is not updated
         self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
+        self._account_saved_mono = -1e18  # when the running accounting was last kept in the store
+        self._orphan_checked = False  # whether an event left open by an earlier process was closed
         # What the facility BMS offers now from cooling or backup generation (W); None: no BMS face.
         self.bms_flex_w: Callable[[], float] | None = None
         # Called with every tick's record (measurement store, telemetry); must not block or raise.
@@ -254,6 +257,8 @@ class ControlLoop:
         upcoming = self._upcoming(now) if target is None else None
         lead = target if target is not None else (upcoming[0] if upcoming else None)
         can_start = snap.facility_w is not None or self.baseline_w is not None
+        if not self._orphan_checked:
+            await self._close_orphan(lead, now)
         if lead is not None and lead.event_id != self._event_id and can_start:
             if self._event_id is not None:
                 await self._close_event(f"superseded by {lead.event_id}")
@@ -341,23 +346,14 @@ class ControlLoop:
         ev = self._event(target.event_id)
         up, down = self._ramp_s()
         start, end = self._window(ev) if ev is not None else (snap.t, snap.t + timedelta(hours=1))
-        self.account = EventAccount(
-            target.event_id,
-            start,
-            end,
-            base,
-            self.ctx.tier_max_loss,
-            self.ctx.cooling_overhead,
-            recovery_s=down,
-            mode=self.cfg.planning.tier_budget,
-            burst=self.cfg.planning.tier_burst_factor,
-            margin=self.cfg.planning.tier_budget_margin,
-        )
+        self.account = self._new_account(target.event_id, start, end, base, down)
+        resumed = await self._resume_account(self.account, snap.t) if kept is not None else False
         await self.audit.append(
             "event.start",
             {
                 "baseline_w": round(base, 1),
                 "baseline_kept": kept is not None,
+                "accounting_resumed": resumed,
                 "limit_w": round(self._limit_full_w, 1),
                 "target": target.kind.value,
                 "value": target.value,
@@ -386,6 +382,99 @@ class ControlLoop:
         except GatewayError as err:
             log.error("baseline not persisted", event_id=event_id, error=str(err))
 
+    # -- accounting that survives a restart -----------------------------------------------------
+
+    def _new_account(
+        self, event_id: str, start: datetime, end: datetime, baseline_w: float, recovery_s: float
+    ) -> EventAccount:
+        """Return a fresh account for an event, with the tier budgets and policies from config."""
+        return EventAccount(
+            event_id,
+            start,
+            end,
+            baseline_w,
+            self.ctx.tier_max_loss,
+            self.ctx.cooling_overhead,
+            recovery_s=recovery_s,
+            mode=self.cfg.planning.tier_budget,
+            burst=self.cfg.planning.tier_burst_factor,
+            margin=self.cfg.planning.tier_budget_margin,
+        )
+
+    async def _resume_account(self, account: EventAccount, now: datetime) -> bool:
+        """Carry on the accounting an earlier process kept for this event; False if there is none to use."""
+        try:
+            state = await self.book.kept_account()
+        except GatewayError as err:
+            log.error("kept accounting not readable; accounting from now", event_id=account.event_id, error=str(err))
+            return False
+        if not state or state.get("event_id") != account.event_id:
+            return False
+        try:
+            account.resume(state, now)
+        except ValueError as err:
+            log.error("kept accounting not usable; accounting from now", event_id=account.event_id, error=str(err))
+            return False
+        log.info("event accounting resumed", event_id=account.event_id, unaccounted_s=round(account.unaccounted_s, 1))
+        return True
+
+    async def _keep_account(self, now: datetime, *, force: bool = False) -> None:
+        """Keep the running accounting in the store (every ``ACCOUNT_KEEP_S``); a failure is logged only."""
+        mono = self.clock.monotonic()
+        if self.account is None or (not force and mono - self._account_saved_mono < ACCOUNT_KEEP_S):
+            return
+        try:
+            await self.book.keep_account(self.account.state(now))
+            self._account_saved_mono = mono
+        except GatewayError as err:
+            log.error("event accounting not kept", event_id=self.account.event_id, error=str(err))
+
+    async def _drop_account(self) -> None:
+        """Forget the kept accounting once its event is closed; a failure is logged only."""
+        try:
+            await self.book.keep_account(None)
+        except GatewayError as err:
+            log.error("kept event accounting not dropped", error=str(err))
+        self._account_saved_mono = -1e18
+
+    async def _close_orphan(self, lead: Target | None, now: datetime) -> None:
+        """Close an event an earlier process left open and this one will not resume (it ended meanwhile).
+
+        Its ``event.end`` and ``event.accounting`` rows carry what that process tallied, with the
+        time nobody measured as ``unaccounted_s``.
+        """
+        try:
+            state = await self.book.kept_account()
+        except GatewayError as err:  # tried again next tick
+            log.error("kept accounting not readable", error=str(err))
+            return
+        if not state or (lead is not None and state.get("event_id") == lead.event_id):
+            self._orphan_checked = True
+            return
+        event_id = str(state.get("event_id"))
+        try:
+            start = datetime.fromisoformat(str(state["start"]))
+            end = datetime.fromisoformat(str(state["end"]))
+            account = self._new_account(event_id, start, end, float(state["baseline_w"]), float(state["recovery_s"]))
+            account.resume(state, now)
+        except (KeyError, TypeError, ValueError) as err:
+            log.error("kept accounting not usable; dropped", event_id=event_id, error=str(err))
+            await self._drop_account()
+            self._orphan_checked = True
+            return
+        ev = self._event(event_id)
+        reason = "ended while the gateway was down"
+        if ev is not None:
+            reason = "not resumed after a restart (opt or target changed)"
+        summary = {**account.summary(), "incomplete": True, "accounted_until": state.get("saved_at")}
+        totals = {k: v for k, v in summary.items() if k != "jobs"}
+        await self.audit.append("event.end", {"reason": reason, **totals}, event_id=event_id)
+        await self.audit.append("event.accounting", summary, event_id=event_id)
+        log.warning("event closed after restart", event_id=event_id, reason=reason)
+        self.accounts[event_id] = summary
+        await self._drop_account()
+        self._orphan_checked = True
+
     async def _control(self, target: Target | None, snap: Snapshot, dt: float, goal: float) -> bool:
         """Update the observer and the ramp, plan, limit and dispatch; return True when recovery is done."""
         base = self.baseline_w or 0.0
@@ -405,6 +494,7 @@ class ControlLoop:
             if ev is not None:  # a modification may move or stretch the event: budgets follow it
                 self.account.start, self.account.end = self._window(ev)
             self.account.add(snap, dt, self.natural_w, self.natural_tput, set(self.dispatcher.caps_w))
+            await self._keep_account(snap.t)
         up_s, down_s = self._ramp_s()
         rise = dt / up_s if up_s > 0 else 1.0
         fall = dt / down_s if down_s > 0 else 1.0
@@ -512,10 +602,16 @@ class ControlLoop:
 
     # -- ending -----------------------------------------------------------------------------------
 
-    async def _close_event(self, reason: str) -> None:
-        """Audit the event's end and its accounting (totals and per job); keep its summary."""
+    async def _close_event(self, reason: str, *, interrupted: bool = False) -> None:
+        """Audit the event's end and its accounting (totals and per job); keep its summary.
+
+        ``interrupted``: the process stops while the event still runs; the accounting so far is
+        kept for the next process to carry on (its ``event.accounting`` row then covers the whole).
+        """
         ev_id = self._event_id
         summary = self.account.summary() if self.account is not None else {}
+        if summary and interrupted:
+            summary["interrupted"] = True
         totals = {k: v for k, v in summary.items() if k != "jobs"}
         await self.audit.append("event.end", {"reason": reason, **totals}, event_id=ev_id)
         if summary:
@@ -530,13 +626,17 @@ class ControlLoop:
             )
         if ev_id is not None:
             self.accounts[ev_id] = summary
+        if interrupted:
+            await self._keep_account(self.clock.now(), force=True)
+        else:
+            await self._drop_account()
         self.account = None
 
-    async def _end_event(self, reason: str) -> None:
-        """Release everything for the event that just ended and audit its accounting."""
+    async def _end_event(self, reason: str, *, interrupted: bool = False) -> None:
+        """Release everything for the event that just ended (or that this process leaves) and audit its accounting."""
         await self.dispatcher.release(reason, self._event_id)
         self._baseline_hold_until = self.clock.monotonic() + max(BASELINE_HOLD_S, 3 * self.cfg.control.tick_s)
-        await self._close_event(reason)
+        await self._close_event(reason, interrupted=interrupted)
         self._event_id = None
         self._phase = ""
         self._limit_w = self._limit_full_w = None
@@ -617,6 +717,7 @@ class ControlLoop:
     async def shutdown(self, reason: str) -> None:
         """Release everything on the way out (no recovery ramp: the process is going away)."""
         if self._event_id is not None:
-            await self._end_event(reason)
+            # Still running (not in its recovery): the next process resumes it and its accounting.
+            await self._end_event(reason, interrupted=self._phase in ("active", "ramp_up"))
         elif self.dispatcher.active:
             await self.dispatcher.release(reason)

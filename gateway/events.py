@@ -24,7 +24,7 @@ import asyncio
 import enum
 import json
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ log = get_logger("gateway.events")
 
 OVERRIDE_ACTORS = frozenset({"operator", "bms"})
 _STANDING = "override:*"
+_ACCOUNT = "account:open"  # the running accounting of the event under control
 # When one event carries several signals, the most specific one that asks for something wins.
 _SIGNAL_ORDER = {
     SignalName.LOAD_DISPATCH: 0,
@@ -209,6 +210,14 @@ class EventBook:
     async def keep_baseline_w(self, event_id: str, baseline_w: float) -> None:
         """Persist the baseline (W) frozen for an event, so that a restart mid-event resumes with it."""
         await self._store.set_state(f"baseline:{event_id}", json.dumps({"w": baseline_w}))
+
+    async def kept_account(self) -> dict[str, Any] | None:
+        """Return the accounting state kept for the event under control, or None (see ``keep_account``)."""
+        return _loads(await self._store.get_state(_ACCOUNT)) or None
+
+    async def keep_account(self, state: Mapping[str, Any] | None) -> None:
+        """Keep (or with None, drop) the running accounting of the event under control across restarts."""
+        await self._store.set_state(_ACCOUNT, json.dumps(dict(state) if state is not None else {}))
 
     @property
     def standing_override(self) -> Opt | None:

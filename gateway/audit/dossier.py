@@ -274,8 +274,11 @@ def response_times(
                     reached = row.ts
                     break
     end = min(ev.end, cancelled_at) if cancelled_at else ev.end
-    ended = next((r.ts for r in rows if r.kind == "event.end"), None)
-    released = next((r.ts for r in rows if r.kind.startswith("release.")), None)
+    # A restart mid-event writes an earlier end and release (the stopping process's): the event's
+    # own are the last event.end and the first release at or after its end.
+    ended = next((r.ts for r in reversed(rows) if r.kind == "event.end"), None)
+    releases = [r.ts for r in rows if r.kind.startswith("release.")]
+    released = next((ts for ts in releases if parse_ts(ts) >= end), releases[-1] if releases else None)
     return {
         "notified_at": notified,
         "first_command_at": first_cmd,

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from gateway.audit.chain import (
 from gateway.audit.measurements import (
     BATCH_KIND,
     POINTS,
+    Measurement,
     MeasurementRow,
     batch_record,
     encode_row,
@@ -49,6 +51,8 @@ from gateway.logs import get_logger
 
 log = get_logger("gateway.audit")
 
+MEASUREMENT_BUFFER_MAX = 21_600  # measurements kept while the database refuses them (6 h at 1 s ticks)
+MEASUREMENT_RETRY_S = 5.0  # after a refused seal, measurement time before the buffer is offered again
 _MEAS_KEYS = ("mseq", "ts", "event_id", *POINTS, "extra")
 _LOG_KEYS = ("seq", "ts", "kind", "actor", "event_id", "device_id", "data", "prev_hash", "row_hash")
 
@@ -119,7 +123,8 @@ class AuditLog:
         self._cp_at = parse_ts(last_checkpoint[1]) if last_checkpoint else clock.now()
         self._cp_interval_s = checkpoint_interval_s
         self._cp_dir = checkpoint_dir
-        self._mbuf: list[Any] = []
+        self._mbuf: list[Measurement] = []
+        self._mretry_at: datetime | None = None  # no seal offered before this (after a refused one)
         self._failed_commits = 0  # consecutive failed commits (logged on the first and on recovery)
         self._mbatch_rows = max(1, measurement_batch_rows)
         self._mbatch_s = measurement_batch_s
@@ -272,8 +277,15 @@ class AuditLog:
         m = to_measurement(reading)
         self._mbuf.append(m)
         first = self._mbuf[0].t
-        if len(self._mbuf) >= self._mbatch_rows or (m.t - first).total_seconds() >= self._mbatch_s:
+        due = len(self._mbuf) >= self._mbatch_rows or (m.t - first).total_seconds() >= self._mbatch_s
+        if due and (self._mretry_at is None or m.t >= self._mretry_at):
+            self._mretry_at = None
             self._flush_buffer()
+
+    @property
+    def measurements_buffered(self) -> int:
+        """Return how many measurements wait to be sealed (more than a batch while the database refuses them)."""
+        return len(self._mbuf)
 
     async def flush_measurements(self) -> int | None:
         """Seal the buffered measurements now; return the seal's seq (None when the buffer was empty)."""
@@ -354,8 +366,26 @@ class AuditLog:
         except AuditError as err:
             log.error("measurements_dropped", rows=len(batch), error=str(err))
             return
-        p.future.add_done_callback(_log_seal_failure)
+        p.future.add_done_callback(lambda fut: self._seal_done(fut, batch))
         self._queue.put_nowait(p)
+
+    def _seal_done(self, fut: asyncio.Future[int], batch: list[Measurement]) -> None:
+        """Put a batch the database refused back in front of the buffer, to be sealed once it takes writes.
+
+        The buffer keeps at most ``MEASUREMENT_BUFFER_MAX`` rows (the oldest go first, counted in
+        the log); after close nothing is kept.
+        """
+        if fut.cancelled() or fut.exception() is None:
+            return
+        error = str(fut.exception())
+        if self._closed:
+            log.error("measurements_not_committed", rows=len(batch), error=error)
+            return
+        merged = batch + self._mbuf
+        self._mbuf = merged[-MEASUREMENT_BUFFER_MAX:]
+        self._mretry_at = self._mbuf[-1].t + timedelta(seconds=MEASUREMENT_RETRY_S)
+        dropped = len(merged) - len(self._mbuf)
+        log.warning("measurements_kept_for_retry", rows=len(self._mbuf), dropped=dropped, error=error)
 
     async def _submit(self, p: _Pending) -> int:
         """Queue one pending row and wait for its commit."""
@@ -499,12 +529,6 @@ class AuditLog:
 def _reason(err: BaseException) -> str:
     """Return a driver error's message without SQLAlchemy's trailing documentation link."""
     return str(err).split("\n(Background on this error at:", 1)[0]
-
-
-def _log_seal_failure(fut: asyncio.Future[int]) -> None:
-    """Log a buffered measurement batch that could not be committed."""
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("measurements_not_committed", error=str(fut.exception()))
 
 
 def _drain(queue: asyncio.Queue[_Item]) -> list[_Pending]:

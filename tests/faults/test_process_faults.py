@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from gateway.model import Opt
 
 from .harness import Site, report, series
@@ -99,14 +101,26 @@ async def test_kill9_mid_event_resumes_from_own_store(make_site: MakeSite) -> No
     first_start = site.rows("event.start", event_id)[0]["data"]
     assert restarted[0]["data"]["baseline_kept"] and not first_start["baseline_kept"]
     assert restarted[0]["data"]["baseline_w"] == first_start["baseline_w"], "resumed with the event's own baseline"
+    # The accounting the dead process kept (every 5 s) is carried on, not started again.
+    assert restarted[0]["data"]["accounting_resumed"] and not first_start["accounting_resumed"]
 
     assert len(site.vtn.responses) == answered and not site.rows("event.received", after_seq=second)
 
     # The VTN returns and distributes the event again to the re-registered VEN: answered as before.
     await site.vtn_proxy.set_mode("pass")
     await site.vtn.wait_for(lambda: len(site.vtn.responses) > answered, 30.0)
+    t_term = datetime.now(UTC)
     assert await site.terminate() == 0, site.log_tail()
     assert site.bsim.setpoint_w == 0 and site.bsim.control_mode == 0
+    # The stop leaves the event running: its accounting covers both processes, the gap between unaccounted.
+    ends = site.rows("event.end", event_id)
+    assert len(ends) == 1 and ends[0]["data"]["reason"] == "signal", ends
+    (acct,) = site.rows("event.accounting", event_id)
+    assert acct["data"]["interrupted"] is True
+    event_start = datetime.fromisoformat(site.rows("event.start", event_id)[0]["ts"].replace("Z", "+00:00"))
+    covered = acct["data"]["dispatch_s"] + acct["data"]["unaccounted_s"]
+    assert acct["data"]["unaccounted_s"] > 0.0
+    assert covered == pytest.approx((t_term - event_start).total_seconds(), abs=3.0), acct["data"]
     answers = [(eid, mod, opt) for eid, mod, opt in site.vtn.responses if eid == event_id]
     assert set(answers) == {(event_id, 0, Opt.IN)}, answers  # never a conflicting opt
     assert site.vtn.opts == [], "no oadrCreateOpt: nothing changed the opt"
@@ -169,6 +183,13 @@ async def test_killed_before_event_end_restarted_after_it_releases_everything(ma
     # Nothing was commanded for the ended event by the restarted process.
     assert not site.rows("command.battery", event_id, second)
     assert not site.rows("event.start", event_id, second)
+    # The event is closed in the log by the restart, with what the dead process had tallied.
+    await site.until(lambda: site.rows("event.accounting", event_id), 10.0, "the ended event's accounting")
+    (end_row,) = site.rows("event.end", event_id, second)
+    assert end_row["data"]["reason"] == "ended while the gateway was down" and end_row["data"]["incomplete"]
+    (acct,) = site.rows("event.accounting", event_id, second)
+    assert acct["data"]["dispatch_s"] > 3.0 and acct["data"]["unaccounted_s"] > 0.5, acct["data"]
+    assert acct["data"]["facility_energy_shed_wh"] > 0.0 and acct["data"]["jobs"], acct["data"]
     assert await site.terminate() == 0, site.log_tail()
     lost = await site.check_nothing_lost()
     report("kill-9 before event end, restart after", restart_to_released_s=t_released - t_spawn, **lost)

@@ -360,3 +360,28 @@ async def test_append_after_close_and_checkpoint_without_key(db_url: str) -> Non
     with pytest.raises(AuditError, match="closed"):
         log.measure({"t": T0})
     await asyncio.sleep(0)
+
+
+async def test_measurements_the_database_refuses_are_kept_and_sealed_once_it_takes_them(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/audit.db"
+    log = await AuditLog.open(url, ManualClock(T0), measurement_batch_rows=4)
+    # The database refuses measurement rows (as a full disk would), then takes them again.
+    await raw(url, "CREATE TRIGGER refuse BEFORE INSERT ON measurements BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    for i in range(4):  # the 4th fills a batch: its seal is refused
+        log.measure({"t": T0 + timedelta(seconds=i), "facility_w": 1000.0 + i})
+    for _ in range(100):
+        if log.measurements_buffered == 4:
+            break
+        await asyncio.sleep(0.02)
+    assert log.measurements_buffered == 4, "the refused batch is back in the buffer"
+    log.measure({"t": T0 + timedelta(seconds=4), "facility_w": 1004.0})  # not offered again for 5 s
+    assert log.measurements_buffered == 5
+    await raw(url, "DROP TRIGGER refuse")
+    for i in range(5, 10):
+        log.measure({"t": T0 + timedelta(seconds=i), "facility_w": 1000.0 + i})
+    await log.close()
+    stored = await fetch(url, "SELECT mseq, facility_w FROM measurements ORDER BY mseq")
+    assert [float(str(r[1])) for r in stored] == [1000.0 + i for i in range(10)], stored
+    assert [r[0] for r in stored] == list(range(1, 11))
+    res = await verify(url)
+    assert res.ok and res.measurements == 10, res

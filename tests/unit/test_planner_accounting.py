@@ -143,3 +143,44 @@ def test_bench_allocation_says_clearly_when_scipy_is_missing(
     assert "scipy is not installed" in out.err
     res = json.loads(out.out)
     assert res["reference"] is None and res["planner_vs_reference_min"] is None and res["tier_violations"] == 0
+
+
+def test_accounting_kept_across_a_restart_continues_with_the_gap_unaccounted() -> None:
+    """state() -> JSON -> resume() in a new account gives the same totals and budgets, plus the gap."""
+    natural, ntput = {"g0": 600.0}, {"g0": 1000.0}
+    acct = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS, recovery_s=60.0)
+    capped = (_gpu("g0", "flex1", 500, 500, 900),)
+    acct.add(Snapshot(T0 + timedelta(minutes=10), 46_000.0, _battery(2000.0), capped), 600.0, natural, ntput, {"g0"})
+    saved = json.loads(json.dumps(acct.state(T0 + timedelta(minutes=10))))
+    # A new process, 5 minutes later.
+    again = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS, recovery_s=60.0)
+    again.resume(saved, T0 + timedelta(minutes=15))
+    assert again.summary() == {**acct.summary(), "unaccounted_s": 300.0}
+    now = T0 + timedelta(minutes=15)
+    assert again.allowances(capped, now) == acct.allowances(capped, now)  # the budget spent stays spent
+    fresh = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS, recovery_s=60.0)
+    assert fresh.allowances(capped, now)["g0"] > again.allowances(capped, now)["g0"]
+    # A gap that runs past the event's end and recovery counts only up to it.
+    late = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS, recovery_s=60.0)
+    late.resume(saved, T0 + timedelta(hours=3))
+    assert late.unaccounted_s == pytest.approx(50 * 60 + 60)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda s: s.update(event_id="OTHER"), "for event 'OTHER', not 'E'"),
+        (lambda s: s.pop("dispatch_s"), "malformed"),
+        (lambda s: s["gpus"]["g0"].update(first_seen="yesterday"), "malformed"),
+        (lambda s: s["gpus"]["g0"].update(bogus=1), "malformed"),
+    ],
+)
+def test_resume_refuses_a_kept_state_that_is_not_this_events_and_changes_nothing(mutate, error) -> None:  # type: ignore[no-untyped-def]
+    acct = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS)
+    acct.add(Snapshot(T0, 46_000.0, _battery(0.0), (_gpu("g0", "flex1", 500, 500, 900),)), 60.0, {}, {}, {"g0"})
+    state = json.loads(json.dumps(acct.state(T0)))
+    mutate(state)
+    target = EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS)
+    with pytest.raises(ValueError, match=error):
+        target.resume(state, T0 + timedelta(minutes=1))
+    assert target.summary() == EventAccount("E", T0, T0 + timedelta(hours=1), 50_000.0, TIERS).summary()
