@@ -77,7 +77,14 @@ class Gateway:
             from protocols.mgmt import ManagementServer
 
             m = self.cfg.management
-            self.mgmt = ManagementServer(self, m.host, m.port, m.max_body_bytes)
+            self.mgmt = ManagementServer(
+                self,
+                m.host,
+                m.port,
+                m.max_body_bytes,
+                head_timeout_s=m.head_timeout_s,
+                max_connections=m.max_connections,
+            )
             await self.mgmt.start()
         if with_ven:
             from protocols.openadr import Ven

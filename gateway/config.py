@@ -208,6 +208,8 @@ class ManagementConfig(_Section):
     port: int = Field(9464, ge=0, le=65535)
     vtn_stale_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(4096, ge=64, le=1_048_576)
+    head_timeout_s: float = Field(10.0, gt=0, le=300)
+    max_connections: int = Field(256, ge=1, le=10_000)
 
 
 class OpcuaClientConfig(_Section):

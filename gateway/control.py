@@ -494,7 +494,6 @@ class ControlLoop:
             if ev is not None:  # a modification may move or stretch the event: budgets follow it
                 self.account.start, self.account.end = self._window(ev)
             self.account.add(snap, dt, self.natural_w, self.natural_tput, set(self.dispatcher.caps_w))
-            await self._keep_account(snap.t)
         up_s, down_s = self._ramp_s()
         rise = dt / up_s if up_s > 0 else 1.0
         fall = dt / down_s if down_s > 0 else 1.0
@@ -538,6 +537,7 @@ class ControlLoop:
         )
         defaults = {g.gpu_id: g.default_cap_w for g in snap.gpus}
         await self.dispatcher.apply(lim.battery_w, lim.gpu_caps_w, self._event_id, defaults)
+        await self._keep_account(snap.t)  # after the commands: never in the way of an event's first one
         return False
 
     def _plan(self, snap: Snapshot, base: float) -> planner.Plan:

@@ -1,11 +1,13 @@
 """The management endpoint (aiohttp): /healthz, /readyz, /metrics, operator opt-out.
 
 It binds the configured address only (loopback by default), refuses bodies over the
-configured size, and answers bad input with a 4xx that names what was wrong.
+configured size, closes connections that do not finish a request's head in time or exceed the
+connection cap (``protocols.mgmt.guard``), and answers bad input with a 4xx that names what was wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -16,6 +18,7 @@ from aiohttp import web
 from gateway.errors import InputRejected
 from gateway.health import HealthReport
 from gateway.logs import get_logger
+from protocols.mgmt.guard import ConnectionGuard
 
 log = get_logger("protocols.mgmt")
 
@@ -41,33 +44,53 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 class ManagementServer:
     """Serves the gateway's health, metrics and operator commands over HTTP."""
 
-    def __init__(self, gw: ManagedGateway, host: str, port: int, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        gw: ManagedGateway,
+        host: str,
+        port: int,
+        max_body_bytes: int,
+        *,
+        head_timeout_s: float = 10.0,
+        max_connections: int = 256,
+    ) -> None:
         self._gw = gw
         self._host = host
         self._port = port
         self._max_body = max_body_bytes
+        self._head_timeout_s = head_timeout_s
+        self._max_connections = max_connections
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
         """Bind and serve; return the bound port."""
-        app = web.Application(client_max_size=self._max_body)
+        guard = ConnectionGuard(self._head_timeout_s, self._max_connections)
+        app = web.Application(client_max_size=self._max_body, middlewares=[guard.middleware])
         app.router.add_get("/healthz", self._wrap(self._healthz))
         app.router.add_get("/readyz", self._wrap(self._readyz))
         app.router.add_get("/metrics", self._wrap(self._metrics))
         app.router.add_post("/events/{event_id}/opt-out", self._wrap(self._opt_out))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        handlers = self._runner.server  # aiohttp's protocol factory, made by setup()
+        assert handlers is not None
+        self.guard = guard
+        loop = asyncio.get_running_loop()
+        factory = guard.protocol_factory(handlers)
+        self._server = await loop.create_server(factory, self._host, self._port, reuse_address=True)
+        sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         log.info("management endpoint listening", host=self._host, port=self.port)
         return int(self.port or 0)
 
     async def stop(self) -> None:
         """Stop serving."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -9,6 +9,7 @@ opt and the audit log's record of operator actions as they were, and leave the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -60,13 +61,13 @@ class Site:
         ]
 
 
-@pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[Site]:
+@contextlib.asynccontextmanager
+async def running_site(tmp_path: Path, **management: Any) -> AsyncIterator[Site]:
     """Start a gateway with only its management endpoint, on an ephemeral loopback port."""
     db = str(tmp_path / "audit.db")
     cfg = parse_config({
         "audit": {"db_url": db},
-        "management": {"port": 0, "max_body_bytes": MAX_BODY},
+        "management": {"port": 0, "max_body_bytes": MAX_BODY, **management},
         "battery": {"enabled": False},
         "gpus": {"backend": "none"},
         "openadr": {"opt_policy": "always"},
@@ -86,6 +87,13 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     finally:
         await gw.stop()
         await log.close()
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    """The gateway with the endpoint's default connection limits."""
+    async with running_site(tmp_path) as s:
+        yield s
 
 
 async def post(site: Site, body: bytes, event_id: str = EVENT, **headers: str) -> tuple[int, str]:
@@ -250,8 +258,8 @@ async def test_garbage_over_tcp_gets_a_4xx_and_the_server_stays_up(site: Site, d
 
 
 async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Site) -> None:
-    """Slowloris: connections that send nothing, or half a request and a valid line now and then, stay
-    open (aiohttp has no header deadline) while /healthz keeps being answered and nothing changes."""
+    """Slowloris: connections that send nothing, or half a request and a valid line now and then, do
+    not stop /healthz being answered before their head deadline (10 s) runs out, and change nothing."""
     starts = [
         b"",  # silent
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # headers never finished
@@ -310,3 +318,50 @@ async def test_after_all_that_a_proper_opt_out_still_works(site: Site) -> None:
     (override,) = [r for r in await site.rows() if r[0] == "opt.override"]
     assert override[1] == "operator" and override[2] == EVENT
     assert override[3]["reason"].startswith("chiller maintenance (from 127.0.0.1")
+
+
+async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
+    """Return whether the server closed the connection (within 2 s) without sending a byte."""
+    try:
+        return await asyncio.wait_for(reader.read(), 2.0) == b""
+    except ConnectionError:  # our writes after its close broke the pipe: closed too
+        return True
+
+
+async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tmp_path: Path) -> None:
+    """With a 0.5 s head deadline and 8 connections at most: 8 slowloris connections fill the cap, a
+    ninth is closed at once, and the deadline closes all 8 (dripping valid header lines does not
+    keep one open) so that /healthz is answered again; a keep-alive client is not cut mid-use."""
+    async with running_site(tmp_path, head_timeout_s=0.5, max_connections=8) as site:
+        held = []
+        for i in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
+            await writer.drain()
+            held.append((reader, writer))
+        await asyncio.sleep(0.05)
+        reader9, writer9 = await asyncio.open_connection("127.0.0.1", site.port)
+        assert await _closed_unanswered(reader9), "over the cap: closed without an answer"
+        writer9.close()
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(4):  # half stay silent, half drip a valid header line every 0.2 s
+            for i, (_, writer) in enumerate(held):
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b"X-Slow: 1\r\n" if i % 2 else b"")
+            await asyncio.sleep(0.2)
+        for reader, writer in held:
+            assert await _closed_unanswered(reader), "closed at the deadline, never answered"
+            writer.close()
+        assert asyncio.get_running_loop().time() - t0 < 2.0
+        assert site.gw.mgmt is not None and site.gw.mgmt.guard is not None
+        assert site.gw.mgmt.guard.expired == 8 and site.gw.mgmt.guard.refused == 1
+        assert await healthy(site)
+        # A client that keeps one connection and asks again within the deadline keeps being served.
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for _ in range(5):
+                async with http.get(f"{site.url}/healthz") as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.2)
+        assert site.gw.mgmt.guard.expired == 8
+        assert site.opt() is Opt.IN and await site.acted() == []
