@@ -14,6 +14,9 @@ from gateway.demo import DemoSite, _result
 from gateway.model import Opt
 
 SPEED = 240.0
+# The tracking test checks the mean error against 2 %: at x240 a loaded CI machine's scheduling
+# delays become minutes of simulated time between ticks, so it runs at half that speed.
+TRACKING_SPEED = 120.0
 
 
 async def _sample_during(site: DemoSite, until_s: float) -> tuple[float, int]:
@@ -31,14 +34,14 @@ async def _sample_during(site: DemoSite, until_s: float) -> tuple[float, int]:
 
 async def test_event_from_vtn_to_battery_and_gpus_and_release(tmp_path: Path) -> None:
     db = str(tmp_path / "audit.db")
-    async with DemoSite(SPEED, db) as site:
+    async with DemoSite(TRACKING_SPEED, db) as site:
         assert site.gateway is not None and site.fleet is not None
         event_id, start, end = site.issue_event(level=2, duration_min=10.0, lead_s=120.0)
         opt = await site.vtn.wait_for_response(event_id, timeout_s=20.0)
         assert opt is Opt.IN
         # Nothing moves before the event starts.
         assert site.bsim.setpoint_w == 0
-        await asyncio.sleep(max(0.0, (start - site.clock.now()).total_seconds()) / SPEED)
+        await asyncio.sleep(max(0.0, (start - site.clock.now()).total_seconds()) / TRACKING_SPEED)
         best_setpoint, most_capped = await _sample_during(site, 240.0)
         assert best_setpoint > 1000.0, "the battery's setpoint register never moved"
         assert most_capped > 0, "no GPU cap changed"
