@@ -6,8 +6,6 @@ import asyncio
 import json
 import signal
 import sqlite3
-import sys
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,44 +15,7 @@ from gateway.clock import SystemClock
 from gateway.model import Opt
 from protocols.modbus import BatterySimulator
 from protocols.openadr import SimVtn
-
-CONFIG = """
-[site]
-name = "restart-site"
-non_gpu_it_w = 15000.0
-cooling_overhead = 0.3
-[audit]
-db_url = "{db}"
-[openadr]
-vtn_url = "{vtn}"
-ven_name = "restart-ven"
-opt_policy = "always"
-registration_retry_initial_s = 0.2
-registration_retry_max_s = 0.5
-[control]
-tick_s = 0.5
-lease_s = 10.0
-[battery]
-port = {port}
-revert_s = 10.0
-[gpus]
-backend = "sim"
-[[gpus.groups]]
-count = 8
-job_class = "training"
-tier = "flex2"
-[management]
-enabled = false
-[logging]
-format = "json"
-"""
-
-
-async def _until(cond: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+from tests.gwproc import DRGW, gateway_config, until
 
 
 def _rows(db: Path, kind: str, event_id: str | None = None) -> list[dict[str, Any]]:
@@ -78,9 +39,8 @@ def _commands_after_restart(db: Path) -> int:
 
 
 async def _start(cfg: Path) -> asyncio.subprocess.Process:
-    drgw = str(Path(sys.executable).parent / "drgw")
     return await asyncio.create_subprocess_exec(
-        drgw, "run", "--config", str(cfg), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        DRGW, "run", "--config", str(cfg), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
 
 
@@ -92,7 +52,8 @@ async def test_killed_mid_event_resumes_from_its_store_without_acting_twice(tmp_
                             max_charge_w=8_000.0, clock=SystemClock())  # fmt: skip
     bport = await bsim.start()
     db, cfg = tmp_path / "audit.db", tmp_path / "gateway.toml"
-    cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=bport))
+    cfg.write_text(gateway_config(db_url=str(db), vtn_url=url, battery_port=bport, mgmt_port=None, site="restart-site",
+                                  ven_name="restart-ven", opt_policy="always", retry_max_s=0.5))  # fmt: skip
     procs: list[asyncio.subprocess.Process] = []
     try:
         procs.append(await _start(cfg))
@@ -100,14 +61,14 @@ async def test_killed_mid_event_resumes_from_its_store_without_acting_twice(tmp_
         event_id = vtn.add_event(ven_id, signal="LOAD_DISPATCH", signal_type="delta", value=5.0,
                                  start=datetime.now(UTC) + timedelta(seconds=2), duration_s=600.0)  # fmt: skip
         assert await vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
-        await _until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
+        await until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
         procs[0].kill()  # SIGKILL: no release, no goodbye
         await procs[0].wait()
         await vtn.stop()  # and the VTN is gone while the gateway restarts
         answered = len(vtn.responses)
         procs.append(await _start(cfg))
         # The second process releases at start (reconcile), then dispatches again from its store.
-        await _until(lambda: _commands_after_restart(db) > 0, 30.0, "battery dispatch resumed with the VTN down")
+        await until(lambda: _commands_after_restart(db) > 0, 30.0, "battery dispatch resumed with the VTN down")
         assert bsim.setpoint_w > 1000
         assert len(vtn.responses) == answered, "nothing could have reached the VTN"
         starts = _rows(db, "gateway.start")

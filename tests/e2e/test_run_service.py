@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,43 +17,7 @@ from gateway.clock import SystemClock
 from gateway.model import Opt
 from protocols.modbus import BatterySimulator
 from protocols.openadr import SimVtn
-
-CONFIG = """
-[site]
-name = "test-site"
-non_gpu_it_w = 15000.0
-cooling_overhead = 0.3
-[audit]
-db_url = "{db}"
-[openadr]
-vtn_url = "{vtn}"
-ven_name = "run-ven"
-registration_retry_initial_s = 0.2
-registration_retry_max_s = 1.0
-[control]
-tick_s = 0.5
-lease_s = 10.0
-[battery]
-port = {port}
-revert_s = 10.0
-[gpus]
-backend = "sim"
-[[gpus.groups]]
-count = 8
-job_class = "training"
-tier = "flex2"
-[logging]
-format = "json"
-[management]
-port = {mgmt_port}
-"""
-
-
-async def _until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+from tests.gwproc import DRGW, free_port, gateway_config, until
 
 
 async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None:
@@ -71,19 +34,16 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
     port = await bsim.start()
     db = tmp_path / "audit.db"
     cfg = tmp_path / "gateway.toml"
-    with socket.socket() as s:  # a free port for the management endpoint
-        s.bind(("127.0.0.1", 0))
-        mgmt_port = s.getsockname()[1]
+    mgmt_port = free_port()
     mgmt = f"http://127.0.0.1:{mgmt_port}"
-    cfg.write_text(CONFIG.format(db=str(db), vtn=url, port=port, mgmt_port=mgmt_port))
-    drgw = str(Path(sys.executable).parent / "drgw")
+    cfg.write_text(gateway_config(db_url=str(db), vtn_url=url, battery_port=port, mgmt_port=mgmt_port))
     # Stand in for systemd: a notify socket, and a watchdog asking for a ping every 0.5 s.
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
     proc = await asyncio.create_subprocess_exec(
-        drgw, "run", "--config", str(cfg), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        DRGW, "run", "--config", str(cfg), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         ven_id = await vtn.wait_for_registration("run-ven", timeout_s=30.0)
@@ -92,7 +52,7 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
             ven_id, signal="LOAD_DISPATCH", signal_type="delta", value=5.0, start=start, duration_s=600.0
         )
         assert await vtn.wait_for_response(event_id, timeout_s=20.0) is Opt.IN
-        await _until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
+        await until(lambda: bsim.setpoint_w > 1000, 20.0, "battery dispatch")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{mgmt}/healthz") as r:
                 assert r.status == 200, await r.text()

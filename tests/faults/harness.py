@@ -9,15 +9,12 @@ measured figure (run pytest with ``-s`` to see them).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,48 +27,12 @@ from gateway.audit import verify
 from gateway.clock import SystemClock
 from protocols.modbus import BatterySimulator
 from protocols.openadr import SimVtn
+from tests.gwproc import free_port, gateway_config, until
 
 from .proxy import FaultProxy
 
 VEN_NAME = "fault-ven"
 BATTERY_ID = "bess1"
-
-CONFIG = """
-[site]
-name = "fault-site"
-non_gpu_it_w = 15000.0
-cooling_overhead = 0.3
-[audit]
-db_url = "{db}"
-[openadr]
-vtn_url = "{vtn}"
-ven_name = "{ven_name}"
-opt_policy = "always"
-registration_retry_initial_s = 0.2
-registration_retry_max_s = {retry_max_s}
-poll_interval_s = 1.0
-min_poll_interval_s = 0.5
-request_timeout_s = {request_timeout_s}
-[control]
-tick_s = {tick_s}
-lease_s = {lease_s}
-[battery]
-device_id = "{battery_id}"
-port = {battery_port}
-timeout_s = {battery_timeout_s}
-revert_s = {revert_s}
-[gpus]
-backend = "sim"
-[[gpus.groups]]
-count = 8
-job_class = "training"
-tier = "flex2"
-[logging]
-format = "json"
-[management]
-port = {mgmt_port}
-vtn_stale_s = {vtn_stale_s}
-"""
 
 
 @dataclass
@@ -87,13 +48,6 @@ class Knobs:
     vtn_stale_s: float = 3.0
     battery_max_w: float = 3000.0  # the simulator's rating: a 5 kW shed needs GPU caps too
     soc_pct: float = 80.0
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -164,20 +118,21 @@ class Site:
         mgmt_port = free_port()
         self.mgmt = f"http://127.0.0.1:{mgmt_port}"
         self.cfg.write_text(
-            CONFIG.format(
-                db=str(self.db),
-                vtn=url.replace(f":{vtn_port}/", f":{self.vtn_proxy.port}/"),
-                ven_name=VEN_NAME,
-                battery_id=BATTERY_ID,
+            gateway_config(
+                db_url=str(self.db),
+                vtn_url=url.replace(f":{vtn_port}/", f":{self.vtn_proxy.port}/"),
                 battery_port=self.battery_proxy.port,
                 mgmt_port=mgmt_port,
+                site="fault-site",
+                ven_name=VEN_NAME,
+                opt_policy="always",
                 retry_max_s=k.retry_max_s,
-                request_timeout_s=k.request_timeout_s,
                 tick_s=k.tick_s,
                 lease_s=k.lease_s,
                 revert_s=k.revert_s,
-                battery_timeout_s=k.battery_timeout_s,
-                vtn_stale_s=k.vtn_stale_s,
+                openadr={"poll_interval_s": 1.0, "min_poll_interval_s": 0.5, "request_timeout_s": k.request_timeout_s},
+                battery={"device_id": BATTERY_ID, "timeout_s": k.battery_timeout_s},
+                management={"vtn_stale_s": k.vtn_stale_s},
             )
         )
 
@@ -223,16 +178,8 @@ class Site:
         return self._logs[-1].read_text(errors="replace")[-chars:] if self._logs else ""
 
     async def until(self, cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        """Wait until ``cond()`` (sync or async) is truthy; return that value."""
-        t0 = time.monotonic()
-        while True:
-            value = cond()
-            if inspect.isawaitable(value):
-                value = await value
-            if value:
-                return value
-            assert time.monotonic() - t0 < timeout_s, f"timed out after {timeout_s} s: {what}\n{self.log_tail()}"
-            await asyncio.sleep(0.05)
+        """Wait until ``cond()`` (sync or async) is truthy; return that value (the log's tail on timeout)."""
+        return await until(cond, timeout_s, what, detail=self.log_tail)
 
     async def register(self, timeout_s: float = 30.0) -> str:
         """Wait for the gateway's VEN to register; return its venID."""

@@ -14,10 +14,7 @@ import asyncio
 import json
 import re
 import signal
-import socket
-import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,60 +33,11 @@ from gateway.simulation.gpus import SimGpuFleet
 from protocols.modbus import BatterySimulator
 from protocols.modbus.battery import ModbusBattery
 from protocols.openadr import SimVtn
+from tests.gwproc import DRGW, free_port, gateway_config, until
 
 from .db_faults import DbFault, chain_rows, kinds_after, make_fault
 
-CONFIG = """
-[site]
-name = "fault-site"
-non_gpu_it_w = 15000.0
-cooling_overhead = 0.3
-[audit]
-db_url = "{db}"
-[openadr]
-vtn_url = "{vtn}"
-ven_name = "fault-ven"
-registration_retry_initial_s = 0.2
-registration_retry_max_s = 1.0
-[control]
-tick_s = 0.5
-lease_s = 10.0
-[battery]
-port = {port}
-revert_s = 10.0
-[gpus]
-backend = "sim"
-[[gpus.groups]]
-count = 8
-job_class = "training"
-tier = "flex3"
-[logging]
-format = "json"
-[management]
-port = {mgmt_port}
-"""
-
 FAULTS = ["sqlite-disk-full", "sqlite-write-error", "postgres-read-only"]
-
-
-def _free_port() -> int:
-    """Return a free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _until(cond: Callable[[], Any], timeout_s: float, what: str) -> None:
-    """Wait (bounded) until ``cond()`` is true; ``cond`` may be a coroutine function."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 class Mgmt:
@@ -149,13 +97,22 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
     try:
         url = await vtn.start()
         port = await bsim.start()
-        mgmt_port = _free_port()
+        mgmt_port = free_port()
         cfg = tmp_path / "gateway.toml"
-        cfg.write_text(CONFIG.format(db=fault.url, vtn=url, port=port, mgmt_port=mgmt_port))
-        drgw = str(Path(sys.executable).parent / "drgw")
+        cfg.write_text(
+            gateway_config(
+                db_url=fault.url,
+                vtn_url=url,
+                battery_port=port,
+                mgmt_port=mgmt_port,
+                site="fault-site",
+                ven_name="fault-ven",
+                tier="flex3",
+            )
+        )
         log_file = (tmp_path / "gateway.log").open("wb")
         proc = await asyncio.create_subprocess_exec(
-            drgw, "run", "--config", str(cfg), stdout=log_file, stderr=asyncio.subprocess.STDOUT
+            DRGW, "run", "--config", str(cfg), stdout=log_file, stderr=asyncio.subprocess.STDOUT
         )
         async with aiohttp.ClientSession() as http:
             api = Mgmt(http, mgmt_port)
@@ -170,7 +127,7 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
                 m = await api.metrics()
                 return bsim.setpoint_w > 1000 and m.get("drgw_gpus_capped", 0.0) > 0
 
-            await _until(delivering, 30.0, "battery discharging and GPUs capped")
+            await until(delivering, 30.0, "battery discharging and GPUs capped")
             assert await api.database_ok() is True
             before = await chain_rows(fault.url)
             acked = int((await api.metrics())["drgw_audit_head_seq"])
@@ -183,14 +140,14 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
             async def database_reported() -> bool:
                 return await api.database_ok() is False
 
-            await _until(database_reported, 30.0, "/readyz reporting the database")
+            await until(database_reported, 30.0, "/readyz reporting the database")
             detected_s = time.monotonic() - injected
 
             async def safe() -> bool:
                 m = await api.metrics()
                 return bsim.setpoint_w == 0 and m.get("drgw_gpus_capped", -1.0) == 0
 
-            await _until(safe, 30.0, "battery and GPU caps released")
+            await until(safe, 30.0, "battery and GPU caps released")
             safe_s = time.monotonic() - injected
             status, ready = await api.health("/readyz")
             assert status == 503, ready
@@ -218,9 +175,9 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
             # --- recovery ---
             await fault.clear(proc.pid)
             cleared = time.monotonic()
-            await _until(api.database_ok, 60.0, "/readyz reporting the database writable again")
+            await until(api.database_ok, 60.0, "/readyz reporting the database writable again")
             writable_s = time.monotonic() - cleared
-            await _until(delivering, 60.0, "the event delivered again")
+            await until(delivering, 60.0, "the event delivered again")
             redelivered_s = time.monotonic() - cleared
             status, ready = await api.health("/readyz")
             assert ready["checks"]["database_writable"]["ok"], ready
