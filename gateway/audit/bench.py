@@ -17,21 +17,19 @@ import os
 import statistics
 import tempfile
 import time
-import uuid
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.audit.dossier import Options, dossier
 from gateway.audit.log import AuditLog
 from gateway.audit.measurements import Measurement
-from gateway.audit.migrate import normalise_db_url
+from gateway.audit.migrate import normalise_db_url, scratch_database
 from gateway.audit.signing import Signer, TrustedKeys
 from gateway.audit.verify import verify
 from gateway.eventstore import EventStore
@@ -250,8 +248,7 @@ class _fresh_database:  # noqa: N801 - used like a function
     def __init__(self, db: str | None) -> None:
         self.db = db
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.admin: Any = None
-        self.name = ""
+        self.scratch: AbstractAsyncContextManager[str] | None = None
 
     async def __aenter__(self) -> str:
         """Create the database; return its URL."""
@@ -262,23 +259,15 @@ class _fresh_database:  # noqa: N801 - used like a function
                 return url
             self.tmp = tempfile.TemporaryDirectory(prefix="drgw-bench-")
             return normalise_db_url(os.path.join(self.tmp.name, "bench.db"))
-        self.admin = make_url(url)
-        self.name = f"drgw_bench_{uuid.uuid4().hex[:10]}"
-        engine = create_async_engine(self.admin, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-        await engine.dispose()
-        return str(self.admin.set(database=self.name).render_as_string(hide_password=False))
+        self.scratch = scratch_database(url, "drgw_bench_")
+        return await self.scratch.__aenter__()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: Any) -> None:
         """Drop what was created."""
         if self.tmp is not None:
             self.tmp.cleanup()
-        if self.admin is not None:
-            engine = create_async_engine(self.admin, isolation_level="AUTOCOMMIT")
-            async with engine.connect() as conn:
-                await conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
-            await engine.dispose()
+        if self.scratch is not None:
+            await self.scratch.__aexit__(*exc)
 
 
 def _refuse_existing(path: Path) -> None:

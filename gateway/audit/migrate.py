@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -161,3 +164,21 @@ def _backup_sqlite(path: Path, current: str | None, head: str) -> Path | None:
         conn.close()
     log.info("audit_db_backed_up", path=str(path), backup=str(target))
     return target
+
+
+@asynccontextmanager
+async def scratch_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """Create a uniquely named database on the PostgreSQL server of ``server_url``, yield its URL, drop it."""
+    admin = make_url(normalise_db_url(server_url))
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        yield str(admin.set(database=name).render_as_string(hide_password=False))
+    finally:
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        finally:
+            await engine.dispose()

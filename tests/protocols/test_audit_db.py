@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.audit import (
     AuditLog,
@@ -22,7 +17,6 @@ from gateway.audit import (
     event_rows,
     guards_present,
     make_engine,
-    normalise_db_url,
     upgrade,
     verify,
 )
@@ -32,54 +26,9 @@ from gateway.clock import ManualClock
 from gateway.errors import AuditError
 from gateway.eventstore import EventStore
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
+from tests.pgdb import fresh_pg_database, raw
 
-PG_ENV = "DRGW_TEST_PG_URL"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Yield the URL of an empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/sub/audit.db"
-        return
-    async with fresh_pg_database() as url:
-        yield url
-
-
-class fresh_pg_database:  # noqa: N801 - used like a function
-    """Create a throwaway PostgreSQL database on the server in DRGW_TEST_PG_URL; drop it after."""
-
-    async def __aenter__(self) -> str:
-        """Create the database and return its URL; skip when no server is configured."""
-        base = os.environ.get(PG_ENV)
-        if not base:
-            pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
-        self.admin_url = make_url(normalise_db_url(base))
-        self.name = f"drgw_test_{uuid.uuid4().hex[:12]}"
-        admin = create_async_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        async with admin.connect() as conn:
-            await conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-        await admin.dispose()
-        return self.admin_url.set(database=self.name).render_as_string(hide_password=False)
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Drop the database, closing any connection left on it."""
-        admin = create_async_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        async with admin.connect() as conn:
-            await conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
-        await admin.dispose()
-
-
-async def raw(url: str, *sql: str) -> None:
-    """Run raw SQL statements in one transaction, as an attacker with database access would."""
-    engine = make_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for s in sql:
-                await conn.execute(sa.text(s))
-    finally:
-        await engine.dispose()
 
 
 async def drop_guards(url: str) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,18 +12,16 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.audit import AuditLog, compute_row_hash, make_engine, normalise_db_url, upgrade, verify
+from gateway.audit import AuditLog, compute_row_hash, make_engine, upgrade, verify
 from gateway.audit.measurements import Measurement, batch_digest
 from gateway.audit.migrate import alembic_config, current_revision, head_revision
 from gateway.audit.schema import missing_guards
 from gateway.audit.signing import Signer, TrustedKeys, latest_exported
 from gateway.clock import ManualClock
 from gateway.errors import AuditError
+from tests.pgdb import fetch, fresh_pg_database, raw
 
-PG_ENV = "DRGW_TEST_PG_URL"
 T0 = datetime(2026, 7, 1, 14, 0, tzinfo=UTC)
 GUARD_DROPS = {
     "sqlite": ["DROP TRIGGER {t}_no_update", "DROP TRIGGER {t}_no_delete"],
@@ -34,65 +29,10 @@ GUARD_DROPS = {
 }
 
 
-class fresh_pg_database:  # noqa: N801 - used like a function
-    """A throwaway PostgreSQL database on the server in DRGW_TEST_PG_URL, dropped afterwards."""
-
-    async def __aenter__(self) -> str:
-        """Create the database and return its URL; skip when no server is configured."""
-        base = os.environ.get(PG_ENV)
-        if not base:
-            pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
-        self.admin = make_url(normalise_db_url(base))
-        self.name = f"drgw_test_{uuid.uuid4().hex[:12]}"
-        engine = create_async_engine(self.admin, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-        await engine.dispose()
-        return str(self.admin.set(database=self.name).render_as_string(hide_password=False))
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Drop the database."""
-        engine = create_async_engine(self.admin, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
-        await engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Yield the URL of an empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/audit.db"
-        return
-    async with fresh_pg_database() as url:
-        yield url
-
-
-async def raw(url: str, *sql: str) -> None:
-    """Run raw SQL in one transaction, as someone with database access (but not the key) would."""
-    engine = make_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for s in sql:
-                await conn.exec_driver_sql(s)
-    finally:
-        await engine.dispose()
-
-
 async def drop_guards(url: str, *tables: str) -> None:
     """Drop the append-only triggers of the given tables."""
     dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
     await raw(url, *(s.format(t=t) for t in tables for s in GUARD_DROPS[dialect]))
-
-
-async def fetch(url: str, sql: str) -> list[tuple[object, ...]]:
-    """Return the rows of one query."""
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return [tuple(r) for r in await conn.execute(sa.text(sql))]
-    finally:
-        await engine.dispose()
 
 
 async def signed_log(url: str, tmp_path: Path, rows: int = 30, every: int = 10) -> tuple[Signer, Path]:
