@@ -62,7 +62,7 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
 
     log = get_logger("gateway.run")
     clock = SystemClock()
-    audit = await AuditLog.open_config(cfg.audit, clock)
+    audit = await AuditLog.open_config(cfg.audit, clock, journal=True)
     await record_config(audit, cfg, source)
     meter, battery, fleet, closers = await build_devices(cfg, clock)
     gw = Gateway(cfg, clock, audit, meter, battery, fleet)

@@ -2,7 +2,9 @@
 
 Besides plain rows it commits, in the same transactions: measurement batches (rows in their own
 table, sealed by one chained ``measurements.batch`` row) and raw protocol messages (stored by the
-SHA-256 their chained row carries). With a signing key it signs the chain head every
+SHA-256 their chained row carries). Measurements not yet sealed are kept in a local journal file
+(``gateway.audit.journal``) where one is given, and sealed by the next start if the process dies
+first. With a signing key it signs the chain head every
 ``checkpoint_interval_s`` and at close, and writes each checkpoint to ``checkpoint_dir`` too.
 """
 
@@ -31,6 +33,7 @@ from gateway.audit.chain import (
     parse_ts,
     row_hash_of,
 )
+from gateway.audit.journal import MeasurementJournal, default_journal_path
 from gateway.audit.measurements import (
     BATCH_KIND,
     POINTS,
@@ -42,7 +45,7 @@ from gateway.audit.measurements import (
     to_measurement,
 )
 from gateway.audit.migrate import make_engine, upgrade
-from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, missing_guards
+from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, measurements, missing_guards
 from gateway.audit.signing import Checkpoint, Signer, write_checkpoint_file
 from gateway.clock import Clock, SystemClock
 from gateway.config import AuditConfig
@@ -81,6 +84,7 @@ class _Pending:
     future: asyncio.Future[int]
     blob: bytes | None = None
     measurements: list[MeasurementRow] = field(default_factory=list)
+    recovered: bool = False  # a measurement seal of rows a dead process left in the journal
 
 
 @dataclass
@@ -110,6 +114,7 @@ class AuditLog:
         checkpoint_dir: str | Path | None = None,
         measurement_batch_rows: int = 60,
         measurement_batch_s: float = 60.0,
+        journal: MeasurementJournal | None = None,
     ) -> None:
         self._engine = engine
         self._head = head
@@ -124,6 +129,8 @@ class AuditLog:
         self._cp_interval_s = checkpoint_interval_s
         self._cp_dir = checkpoint_dir
         self._mbuf: list[Measurement] = []
+        self._inflight: list[list[Measurement]] = []  # batches queued for sealing, not yet committed
+        self._journal = journal
         self._mretry_at: datetime | None = None  # no seal offered before this (after a refused one)
         self._failed_commits = 0  # consecutive failed commits (logged on the first and on recovery)
         self._mbatch_rows = max(1, measurement_batch_rows)
@@ -147,8 +154,13 @@ class AuditLog:
         checkpoint_dir: str | Path | None = None,
         measurement_batch_rows: int = 60,
         measurement_batch_s: float = 60.0,
+        measurement_journal: str | Path | None = None,
     ) -> AuditLog:
-        """Migrate the database, check the append-only guards, read the chain head and start writing."""
+        """Migrate the database, check the append-only guards, read the chain head and start writing.
+
+        With ``measurement_journal`` (a file path), measurements are journalled until sealed, and
+        what a dead process left there is sealed first.
+        """
         signer = Signer.load(signing_key) if isinstance(signing_key, str | Path) else signing_key
         engine = make_engine(db_url)
         try:
@@ -162,6 +174,7 @@ class AuditLog:
             head = await _read_head(engine)
             async with engine.connect() as conn:
                 mhead = await head_mseq(conn)
+                last_mts = await _measurement_ts(conn, mhead)
                 res = await conn.execute(
                     sa.select(audit_checkpoints.c.seq, audit_checkpoints.c.signed_at)
                     .order_by(audit_checkpoints.c.seq.desc())
@@ -172,7 +185,8 @@ class AuditLog:
             await engine.dispose()
             raise
         log.info("audit_log_opened", url=engine.url.render_as_string(), seq=head[0], signed=signer is not None)
-        return cls(
+        journal = MeasurementJournal(measurement_journal) if measurement_journal is not None else None
+        self = cls(
             engine,
             head,
             clock or SystemClock(),
@@ -184,11 +198,21 @@ class AuditLog:
             checkpoint_dir=checkpoint_dir,
             measurement_batch_rows=measurement_batch_rows,
             measurement_batch_s=measurement_batch_s,
+            journal=journal,
         )
+        if journal is not None:
+            self._recover(journal, last_mts)
+        return self
 
     @classmethod
-    async def open_config(cls, cfg: AuditConfig, clock: Clock | None = None, db_url: str | None = None) -> AuditLog:
-        """Open the log the ``[audit]`` config section describes (``db_url`` overrides it)."""
+    async def open_config(
+        cls, cfg: AuditConfig, clock: Clock | None = None, db_url: str | None = None, *, journal: bool = False
+    ) -> AuditLog:
+        """Open the log the ``[audit]`` config section describes (``db_url`` overrides it).
+
+        ``journal`` is for the gateway process only: it journals its measurements and seals what a
+        dead predecessor left (a CLI command opening the same log must not take a live gateway's).
+        """
         return await cls.open(
             db_url or cfg.db_url,
             clock,
@@ -196,6 +220,7 @@ class AuditLog:
             signing_key=cfg.signing_key,
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             checkpoint_dir=cfg.checkpoint_dir,
+            measurement_journal=journal_path(cfg, db_url) if journal else None,
         )
 
     @property
@@ -274,8 +299,15 @@ class AuditLog:
         """Buffer one measurement; the buffer is sealed every ``measurement_batch_rows`` rows or
         ``measurement_batch_s`` seconds, and at close. Never blocks; errors are logged."""
         self._check_open()
-        m = to_measurement(reading)
+        try:
+            m = to_measurement(reading)
+            encode_row(m, 0)  # a reading that cannot be stored is refused alone, not with its whole batch
+        except AuditError as err:
+            log.error("measurement_refused", error=str(err))
+            return
         self._mbuf.append(m)
+        if self._journal is not None:
+            self._journal.append(m)
         first = self._mbuf[0].t
         due = len(self._mbuf) >= self._mbatch_rows or (m.t - first).total_seconds() >= self._mbatch_s
         if due and (self._mretry_at is None or m.t >= self._mretry_at):
@@ -288,11 +320,14 @@ class AuditLog:
         return len(self._mbuf)
 
     async def flush_measurements(self) -> int | None:
-        """Seal the buffered measurements now; return the seal's seq (None when the buffer was empty)."""
-        if not self._mbuf:
-            return None
-        batch, self._mbuf = self._mbuf, []
-        return await self._submit(self._seal(batch))
+        """Seal the buffered measurements now; return the seal's seq (None when the buffer was empty).
+
+        Raise AuditError when the database refuses it (the rows go back to the buffer, as for a
+        periodic seal).
+        """
+        self._check_open()
+        fut = self._flush_buffer()
+        return None if fut is None else await fut
 
     async def checkpoint(self) -> Checkpoint | None:
         """Sign the head after everything queued so far is committed; None without a signing key."""
@@ -312,6 +347,13 @@ class AuditLog:
         try:
             await self._writer
         finally:
+            await asyncio.sleep(0)  # let the last seals' done callbacks run
+            if self._journal is not None:
+                left = self._unsealed()
+                self._journal.rewrite(left)  # empty after a clean close; else kept for the next start
+                self._journal.close()
+                if left:
+                    log.warning("measurements_left_in_journal", rows=len(left), path=str(self._journal.path))
             await self._engine.dispose()
             log.info("audit_log_closed", seq=self._head[0])
 
@@ -358,16 +400,38 @@ class AuditLog:
         p.measurements = rows
         return p
 
-    def _flush_buffer(self) -> None:
-        """Queue the buffered measurements as one seal whose failure is logged, not raised."""
+    def _flush_buffer(self, *, recovered: bool = False) -> asyncio.Future[int] | None:
+        """Queue the buffered measurements as one seal whose failure is logged, not raised; return its future."""
         batch, self._mbuf = self._mbuf, []
+        if not batch:
+            return None
         try:
             p = self._seal(batch)
         except AuditError as err:
             log.error("measurements_dropped", rows=len(batch), error=str(err))
-            return
+            return None
+        p.recovered = recovered
+        self._inflight.append(batch)
         p.future.add_done_callback(lambda fut: self._seal_done(fut, batch))
         self._queue.put_nowait(p)
+        return p.future
+
+    def _unsealed(self) -> list[Measurement]:
+        """Return every measurement not yet committed, oldest first."""
+        return [m for b in self._inflight for m in b] + self._mbuf
+
+    def _recover(self, journal: MeasurementJournal, last_stored_ts: str | None) -> None:
+        """Seal what a dead process left in the journal (rows the database already holds skipped)."""
+        rows = journal.load()
+        fresh = [m for m in rows if last_stored_ts is None or format_ts(m.t) > last_stored_ts]
+        if not rows:
+            return
+        log.warning(
+            "measurements_recovered", path=str(journal.path), rows=len(fresh), already_stored=len(rows) - len(fresh)
+        )
+        self._mbuf = fresh
+        journal.rewrite(fresh)
+        self._flush_buffer(recovered=True)
 
     def _seal_done(self, fut: asyncio.Future[int], batch: list[Measurement]) -> None:
         """Put a batch the database refused back in front of the buffer, to be sealed once it takes writes.
@@ -375,16 +439,22 @@ class AuditLog:
         The buffer keeps at most ``MEASUREMENT_BUFFER_MAX`` rows (the oldest go first, counted in
         the log); after close nothing is kept.
         """
+        self._inflight = [b for b in self._inflight if b is not batch]
         if fut.cancelled() or fut.exception() is None:
+            if self._journal is not None:
+                self._journal.rewrite(self._unsealed())
             return
         error = str(fut.exception())
         if self._closed:
             log.error("measurements_not_committed", rows=len(batch), error=error)
+            self._mbuf = batch + self._mbuf  # left in the journal (where there is one) by close()
             return
         merged = batch + self._mbuf
         self._mbuf = merged[-MEASUREMENT_BUFFER_MAX:]
         self._mretry_at = self._mbuf[-1].t + timedelta(seconds=MEASUREMENT_RETRY_S)
         dropped = len(merged) - len(self._mbuf)
+        if self._journal is not None and dropped:
+            self._journal.rewrite(self._unsealed())
         log.warning("measurements_kept_for_retry", rows=len(self._mbuf), dropped=dropped, error=error)
 
     async def _submit(self, p: _Pending) -> int:
@@ -445,7 +515,10 @@ class AuditLog:
             if p.measurements:
                 numbered = [(mseq + i + 1, *r[1:]) for i, r in enumerate(p.measurements)]
                 mseq += len(numbered)
-                p.data = encode_data(batch_record(numbered))  # type: ignore[arg-type]
+                rec = batch_record(numbered)  # type: ignore[arg-type]
+                if p.recovered:
+                    rec["recovered"] = True
+                p.data = encode_data(rec)
                 meas.extend(numbered)
             if p.blob is not None:
                 blobs.append({"sha256": hashlib.sha256(p.blob).hexdigest(), "size": len(p.blob), "body": p.blob})
@@ -552,6 +625,25 @@ def _fail(batch: list[_Pending], error: AuditError, cause: BaseException | None 
             exc = AuditError(str(error))
             exc.__cause__ = cause
             p.future.set_exception(exc)
+
+
+async def _measurement_ts(conn: Any, mseq: int) -> str | None:
+    """Return the stored time of measurement ``mseq`` (None when there is none)."""
+    if mseq <= 0:
+        return None
+    res = await conn.execute(sa.select(measurements.c.ts).where(measurements.c.mseq == mseq))
+    ts = res.scalar()
+    return None if ts is None else str(ts)
+
+
+def journal_path(cfg: AuditConfig, db_url: str | None = None) -> Path | None:
+    """Return the measurement journal the config names: ``auto`` beside a SQLite file, ``off`` none."""
+    value = cfg.measurement_journal
+    if value == "off":
+        return None
+    if value == "auto":
+        return default_journal_path(db_url or cfg.db_url)
+    return Path(value)
 
 
 async def _read_head(engine: AsyncEngine) -> tuple[int, str]:

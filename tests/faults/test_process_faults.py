@@ -127,13 +127,20 @@ async def test_kill9_mid_event_resumes_from_own_store(make_site: MakeSite) -> No
     assert len(site.rows("opt.decided", event_id)) == 1, "decided once, across both processes"
     assert site.rows("event.repeat", event_id, second), "the re-sent version is recognized as a repeat"
     lost = await site.check_nothing_lost()
-    # Tick measurements are sealed in batches (60 rows or 60 s): the unsealed tail dies with the process.
+    # Tick measurements are sealed in batches (60 rows or 60 s); the unsealed tail the dead process left in
+    # its journal is sealed by the restart: its measurements run without a gap up to the kill.
     started = datetime.fromisoformat(site.rows("gateway.start")[0]["ts"].replace("Z", "+00:00"))
     sealed_before_kill = [t for t in site.measurement_times() if t < killed_at]
+    assert sealed_before_kill and (killed_at - sealed_before_kill[-1]).total_seconds() < 2.5, sealed_before_kill[-3:]
+    gaps = [(b - a).total_seconds() for a, b in zip(sealed_before_kill, sealed_before_kill[1:], strict=False)]
+    assert max(gaps) < 2.5, f"a gap of {max(gaps):.1f} s in the killed process's measurements"
+    recovered = [r for r in site.rows("measurements.batch") if r["data"].get("recovered")]
+    assert len(recovered) == 1 and recovered[0]["seq"] < second, recovered  # sealed before anything new
     report(
         "kill-9 mid-event",
         killed_process_ran_s=(killed_at - started).total_seconds(),
         its_measurements_sealed=len(sealed_before_kill),
+        recovered_from_journal=recovered[0]["data"]["count"],
         restart_to_devices_on_plan_s=t_match - t_spawn,
         kill_to_devices_on_plan_s=t_match - t_kill,
         ticks_to_dispatch=ticks_to_dispatch,
