@@ -20,6 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway protocols tests migrations
+	$(BIN)/ruff format --check gateway protocols tests migrations
 	$(BIN)/mypy
 
 check: test lint

@@ -45,9 +45,7 @@ class OpenAdrConfig(_Section):
     vtn_url: str = "http://127.0.0.1:8080/OpenADR2/Simple/2.0b"
     ven_name: str = "drgw-ven"
     ven_id: str | None = None
-    simple_levels: dict[str, float] = Field(
-        default_factory=lambda: {"0": 0.0, "1": 0.10, "2": 0.20, "3": 0.30}
-    )
+    simple_levels: dict[str, float] = Field(default_factory=lambda: {"0": 0.0, "1": 0.10, "2": 0.20, "3": 0.30})
     opt_policy: Literal["feasible", "always", "never"] = "feasible"
     registration_retry_initial_s: float = Field(1.0, gt=0)
     registration_retry_max_s: float = Field(300.0, gt=0)

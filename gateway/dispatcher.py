@@ -124,9 +124,7 @@ class Dispatcher:
             device_id="gpus",
         )
         if mismatched:
-            await self._audit.append(
-                "fault.readback", {"mismatched": mismatched}, event_id=event_id, device_id="gpus"
-            )
+            await self._audit.append("fault.readback", {"mismatched": mismatched}, event_id=event_id, device_id="gpus")
 
     async def release(self, reason: str, event_id: str | None = None) -> None:
         """Return every device to normal and audit the release; never raises on device or audit faults.

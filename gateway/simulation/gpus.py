@@ -70,9 +70,7 @@ class _SimGpu:
 class SimGpuFleet:
     """Simulated GPUs built from config groups; ids ``gpu-000``, ``gpu-001``, ... in group order."""
 
-    def __init__(
-        self, config: GpusConfig, clock: Clock, *, seed: int = 0, settle_s: float = SETTLE_S
-    ) -> None:
+    def __init__(self, config: GpusConfig, clock: Clock, *, seed: int = 0, settle_s: float = SETTLE_S) -> None:
         self._clock = clock
         self._settle_s = max(0.0, settle_s)
         rng = random.Random(seed)

@@ -72,9 +72,7 @@ class Mgmt:
         return bool(body["checks"]["database_writable"]["ok"])
 
 
-@pytest.mark.parametrize(
-    ("kind", "stop_during_fault"), [*((k, False) for k in FAULTS), ("sqlite-write-error", True)]
-)
+@pytest.mark.parametrize(("kind", "stop_during_fault"), [*((k, False) for k in FAULTS), ("sqlite-write-error", True)])
 async def test_database_fault_releases_to_safe_state_and_recovers(
     tmp_path: Path, kind: str, stop_during_fault: bool
 ) -> None:

@@ -84,9 +84,7 @@ def test_fake_energy_counter_is_monotonic_in_mj() -> None:
 
 
 async def test_read_converts_mw_to_w() -> None:
-    fleet = NvmlFleet(
-        _nvml(), job_map=lambda uuid: ("decode", "flex0") if uuid == UUID_B else ("training", "flex1")
-    )
+    fleet = NvmlFleet(_nvml(), job_map=lambda uuid: ("decode", "flex0") if uuid == UUID_B else ("training", "flex1"))
     states = {s.gpu_id: s for s in await fleet.read()}
     assert set(states) == {UUID_A, UUID_B}
     a, b = states[UUID_A], states[UUID_B]

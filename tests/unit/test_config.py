@@ -62,9 +62,7 @@ def test_bad_config_through_the_installed_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[battery]\nunit = 'one'\n")
     drgw = Path(sys.executable).parent / "drgw"
-    proc = subprocess.run(
-        [str(drgw), "run", "--config", str(bad)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([str(drgw), "run", "--config", str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "battery.unit" in proc.stderr and str(bad) in proc.stderr
     assert proc.stderr.count("\n") == 1  # one clear message, no traceback

@@ -93,9 +93,7 @@ def test_power_is_monotonic_in_clock(f1: float, f2: float, nat: float) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(c1=caps, c2=caps, nat=st.floats(min_value=1.0, max_value=1000.0), job=st.sampled_from(CLASSES))
-def test_power_and_throughput_are_monotonic_in_cap(
-    c1: float, c2: float, nat: float, job: gpumodel.JobClass
-) -> None:
+def test_power_and_throughput_are_monotonic_in_cap(c1: float, c2: float, nat: float, job: gpumodel.JobClass) -> None:
     lo, hi = sorted((c1, c2))
     assert power_at_cap(lo, nat) <= power_at_cap(hi, nat) + 1e-9
     assert power_at_cap(hi, nat) <= max(hi, power_at(F_MIN, nat)) + 1e-9  # never above the cap
