@@ -14,6 +14,7 @@ stored row form (``gateway.audit.measurements.encode_row``) before it is numbere
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import IO
 from gateway.audit.chain import parse_ts
 from gateway.audit.measurements import POINTS, Measurement, encode_row
 from gateway.audit.migrate import normalise_db_url, sqlite_path
+from gateway.errors import AuditError
 from gateway.logs import get_logger
 
 log = get_logger("gateway.audit.journal")
@@ -51,7 +53,25 @@ class MeasurementJournal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._fh: IO[str] | None = None
+        self._lock: IO[str] | None = None
         self._failing = False
+
+    def acquire(self) -> None:
+        """Hold the journal for this process (a lock file beside it); raise AuditError when another holds it."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fh = lock_path.open("a+", encoding="utf-8")
+        except OSError as err:
+            raise AuditError(f"measurement journal {self.path}: cannot create its lock file: {err}") from err
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            fh.close()
+            raise AuditError(
+                f"measurement journal {self.path} is held by another running drgw process: "
+                "run one gateway per audit log (or give this one its own audit.measurement_journal)"
+            ) from err
+        self._lock = fh
 
     def load(self) -> list[Measurement]:
         """Return the measurements the file holds, in order (a torn or foreign line is skipped and logged)."""
@@ -101,8 +121,11 @@ class MeasurementJournal:
             self._recovered()
 
     def close(self) -> None:
-        """Close the file handle (the file stays)."""
+        """Close the file handle and let go of the lock (the file stays)."""
         self._close_fh()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing releases the flock
 
     def _close_fh(self) -> None:
         """Close the append handle if open."""

@@ -181,11 +181,13 @@ class AuditLog:
                     .limit(1)
                 )
                 last_cp = res.first()
+            journal = MeasurementJournal(measurement_journal) if measurement_journal is not None else None
+            if journal is not None:
+                journal.acquire()
         except BaseException:
             await engine.dispose()
             raise
         log.info("audit_log_opened", url=engine.url.render_as_string(), seq=head[0], signed=signer is not None)
-        journal = MeasurementJournal(measurement_journal) if measurement_journal is not None else None
         self = cls(
             engine,
             head,

@@ -8,12 +8,15 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from gateway.audit import AuditLog, verify
 from gateway.audit.journal import _line, default_journal_path
 from gateway.audit.log import journal_path
 from gateway.audit.measurements import to_measurement
 from gateway.clock import ManualClock
 from gateway.config import AuditConfig
+from gateway.errors import AuditError
 from tests.pgdb import fetch, raw
 
 T0 = datetime(2026, 7, 1, 14, 0, tzinfo=UTC)
@@ -23,6 +26,8 @@ async def crash(log: AuditLog) -> None:
     """Stop a log the way ``kill -9`` stops the process: no seal, no close, the journal left as it is."""
     log._writer.cancel()  # noqa: SLF001 - simulating a dead process
     await asyncio.gather(log._writer, return_exceptions=True)  # noqa: SLF001
+    if log._journal is not None:  # noqa: SLF001 - the kernel closes a dead process's files (and its lock)
+        log._journal.close()  # noqa: SLF001
     await log.engine.dispose()
 
 
@@ -134,3 +139,17 @@ def test_journal_paths_from_config(tmp_path: Path) -> None:
     assert journal_path(AuditConfig(db_url="postgresql://u@127.0.0.1/x", measurement_journal="/j")) == Path("/j")
     assert journal_path(sqlite_cfg.model_copy(update={"measurement_journal": "off"})) is None
     assert default_journal_path(str(tmp_path / "plain.db")) == tmp_path / "plain.db.measurements.journal"
+
+
+async def test_a_second_process_cannot_take_a_live_gateways_journal(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/audit.db"
+    journal = tmp_path / "m.journal"
+    log = await AuditLog.open(url, ManualClock(T0), measurement_journal=journal)
+    log.measure(reading(0))
+    with pytest.raises(AuditError, match="held by another running drgw process"):
+        await AuditLog.open(url, ManualClock(T0), measurement_journal=journal)
+    assert len(journal.read_text().splitlines()) == 1, "the refused start changed nothing"
+    await log.close()
+    log2 = await AuditLog.open(url, ManualClock(T0), measurement_journal=journal)  # free once closed
+    await log2.close()
+    assert [v for _, v in await stored(url)] == [50_000.0]
