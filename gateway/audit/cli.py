@@ -9,10 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from gateway.audit.query import event_rows, format_rows, row_to_dict
 from gateway.audit.signing import TrustedKeys, latest_exported, public_key_path
 from gateway.audit.verify import VerifyResult, verify
 from gateway.errors import AuditError, ConfigError
+
+# What an audit command reports in one line (exit 2) instead of a traceback: its own errors, an
+# unreachable or refusing database, a file it cannot read or write.
+CLI_ERRORS = (AuditError, ConfigError, sa.exc.SQLAlchemyError, OSError)
+
+
+def print_error(err: BaseException) -> None:
+    """Print one of ``CLI_ERRORS`` as one line on stderr (the first line of a driver's message)."""
+    if isinstance(err, sa.exc.SQLAlchemyError):
+        cause = getattr(err, "orig", None) or err
+        text = f"database error: {type(cause).__name__}: {cause}"
+    elif isinstance(err, ConnectionError | TimeoutError):
+        text = f"cannot reach the database: {err}"
+    else:
+        text = str(err)
+    print(f"ERROR: {(text.strip().splitlines() or [''])[0]}", file=sys.stderr)
 
 
 def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,8 +122,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Verify the log; print OK or TAMPERED; return 0 when intact, 1 when not, 2 on errors."""
     try:
         res = run_verify(args)
-    except (AuditError, ConfigError) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+    except CLI_ERRORS as err:
+        print_error(err)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(verify_dict(res), sort_keys=True))
@@ -150,8 +168,8 @@ def cmd_event(args: argparse.Namespace) -> int:
     """Print every row for one event; return 0, or 2 when the log cannot be read."""
     try:
         rows = asyncio.run(event_rows(db_of(args), args.event_id))
-    except (AuditError, ConfigError) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+    except CLI_ERRORS as err:
+        print_error(err)
         return 2
     if args.json:
         for r in rows:

@@ -16,8 +16,17 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.audit.baseline import Method
-from gateway.audit.cli import add_db_args, audit_config, audit_subparsers, db_of, run_verify, trusted_keys
-from gateway.errors import AuditError, ConfigError
+from gateway.audit.cli import (
+    CLI_ERRORS,
+    add_db_args,
+    audit_config,
+    audit_subparsers,
+    db_of,
+    print_error,
+    run_verify,
+    trusted_keys,
+)
+from gateway.errors import AuditError
 
 EXIT_BAD = 2
 
@@ -150,8 +159,8 @@ def _guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             return int(fn(args))
-        except (AuditError, ConfigError) as err:
-            print(f"ERROR: {err}", file=sys.stderr)
+        except CLI_ERRORS as err:
+            print_error(err)
             return EXIT_BAD
 
     run.__doc__ = fn.__doc__

@@ -287,3 +287,24 @@ async def _close(opening: object) -> None:
     """Await an opened log and close it."""
     log = await opening  # type: ignore[misc]
     await log.close()
+
+
+def test_commands_against_an_unreachable_database_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback: one line naming the cause, exit 2 for audit commands (1 means tampered) and 1 for run."""
+    from gateway.cli import main
+    from tests.gwproc import free_port
+
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    for argv in (["verify"], ["event", "E1"], ["dossier", "E1"], ["response"]):
+        assert main(["audit", *argv, "--db", closed]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ERROR: cannot reach the database:"), (argv, err)
+        assert "Connect call failed" in err[0]
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'[audit]\ndb_url = "{closed}"\n[management]\nport = {free_port()}\n')
+    assert main(["run", "--config", str(cfg)]) == 1
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("drgw:")]
+    assert err and "Connect call failed" in err[0], err
