@@ -342,7 +342,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rows < ROWS_MIN:
         print(f"bench audit: --rows must be at least {ROWS_MIN}", file=sys.stderr)
         return EXIT_BAD
-    res = asyncio.run(run_bench(args.db, args.rows, args.batch_max))
+    try:
+        res = asyncio.run(run_bench(args.db, args.rows, args.batch_max))
+    except CLI_ERRORS as err:
+        print_error(err)
+        return EXIT_BAD
     print(json.dumps(as_dict(res), sort_keys=True) if args.json else format_result(res))
     return 0 if res.verified_ok else 1
 

@@ -32,6 +32,7 @@ from gateway.interfaces import GpuFleet
 from gateway.logs import get_logger
 from protocols.fleet import messages as m
 from protocols.fleet import subjects
+from protocols.fleet.connect import connect_nats
 from protocols.fleet.labels import GpuLabels
 
 HOLD_S = 10 * 365 * 86_400.0  # what the backend is told; the agent's own lease decides
@@ -105,18 +106,14 @@ class NodeAgent:
             self._lease_until.clear()
             self._default_w = {g.gpu_id: g.default_cap_w for g in await self.fleet.read()}
         if self._nc is None:
-            try:
-                self._nc = await nats.connect(
-                    self.url,
-                    name=f"drgw-agent {self.hall}.{self.rack}.{self.node}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=self._reconnect_wait_s,  # type: ignore[arg-type]
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                    error_cb=self._on_error,
-                )
-            except (TimeoutError, nats.errors.Error, OSError) as err:
-                raise DeviceUnavailable(f"nats {self.url}", f"cannot connect: {err!r}") from err
+            self._nc = await connect_nats(
+                self.url,
+                name=f"drgw-agent {self.hall}.{self.rack}.{self.node}",
+                reconnect_time_wait=self._reconnect_wait_s,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+                error_cb=self._on_error,
+            )
         nc = self._nc
         try:
             for subject in subjects.agent_subscriptions(self.prefix, self.site, self.hall, self.rack, self.node):

@@ -111,10 +111,10 @@ async def _start_agents(
     url: str, first: int, last: int, per_agent: int, total: int, shared: bool, telemetry_s: float
 ) -> tuple[list[NodeAgent], Any]:
     """Start simulated agents ``first``..``last``-1 (in batches); return them and the shared connection."""
-    import nats
+    from protocols.fleet.connect import connect_nats
 
     clock = SystemClock()
-    shared_nc = await nats.connect(url, name="drgw-bench-agents", max_reconnect_attempts=-1) if shared else None
+    shared_nc = await connect_nats(url, name="drgw-bench-agents") if shared else None
     agents: list[NodeAgent] = []
     for i in range(first, last):
         count = min(per_agent, total - i * per_agent)

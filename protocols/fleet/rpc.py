@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from gateway.errors import DeviceUnavailable
 from gateway.logs import get_logger
+from protocols.fleet.connect import connect_nats
 
 _log = get_logger("fleet.rpc")
 _NO_RESPONDERS = "503"
@@ -74,19 +75,14 @@ class NatsRpc:
 
     async def connect(self) -> None:
         """Connect and subscribe the reply inbox; raise DeviceUnavailable if the server is unreachable."""
-        try:
-            self.nc = await nats.connect(
-                self.url,
-                name=self._name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=self._reconnect_wait_s,  # type: ignore[arg-type]
-                connect_timeout=2,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-                error_cb=self._on_error,
-            )
-        except (TimeoutError, nats.errors.Error, OSError) as err:
-            raise DeviceUnavailable(f"nats {self.url}", f"cannot connect: {err!r}") from err
+        self.nc = await connect_nats(
+            self.url,
+            name=self._name,
+            reconnect_time_wait=self._reconnect_wait_s,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            error_cb=self._on_error,
+        )
         self._inbox = self.nc.new_inbox()
         await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
         self._connected.set()

@@ -447,6 +447,38 @@ def test_agent_cli_serves_simulated_gpus_until_sigterm(nats_url: str) -> None:
             proc.wait(5)
 
 
+def test_nats_down_at_start_agent_waits_for_it_and_gateway_side_fails_fast() -> None:
+    """nats-py's first connect with unlimited reconnects never returns while the server is down: the
+    agent must still say so, keep retrying, serve once NATS is up, and stop on SIGTERM."""
+    from tests.gwproc import free_port
+
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+
+    async def gateway_side() -> str:
+        fleet = NatsFleet(url, SITE)
+        with pytest.raises(DeviceUnavailable) as err:
+            await asyncio.wait_for(fleet.connect(), 20.0)  # raises, does not hang
+        return str(err.value)
+
+    assert "ConnectionRefusedError" in asyncio.run(gateway_side())
+    cmd = [sys.executable, "-m", "gateway.cli", "agent", "--nats", url, "--site", SITE, "--hall", "h1"]
+    cmd += ["--rack", "r1", "--node", "late0", "--simulate", "1", "--job-class", "decode", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "cannot connect: ConnectionRefusedError" in line and "retrying every" in line, line
+        with NatsServer(port):
+            assert "serving 1 GPUs" in proc.stderr.readline()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
