@@ -63,27 +63,43 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     log = get_logger("gateway.run")
     clock = SystemClock()
     audit = await AuditLog.open_config(cfg.audit, clock, journal=True)
-    await record_config(audit, cfg, source)
-    meter, battery, fleet, closers = await build_devices(cfg, clock)
-    gw = Gateway(cfg, clock, audit, meter, battery, fleet)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await gw.start()
-    bms = build_bms_for(gw, clock)
-    if bms is not None:
-        await bms.start()
-        gw.loop.bms_flex_w = bms.available_flex_w  # counted in opt decisions while the BMS keeps it fresh
-    log.info("gateway running", site=cfg.site.name, vtn=cfg.openadr.vtn_url)
-    await stop.wait()
-    if bms is not None:
-        await bms.stop()
-    await gw.stop("signal")
-    for close in closers:
-        with contextlib.suppress(GatewayError):
-            await close()
-    await audit.close()  # seals buffered measurements and signs a last checkpoint when a key is set
+    closers: list[Any] = []
+    gw: Gateway | None = None
+    bms: Any = None
+    reason = "startup failed"
+    try:
+        await record_config(audit, cfg, source)
+        meter, battery, fleet, closers = await build_devices(cfg, clock)
+        gw = Gateway(cfg, clock, audit, meter, battery, fleet)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await gw.start()
+            bms = build_bms_for(gw, clock)
+            if bms is not None:
+                await bms.start()
+                gw.loop.bms_flex_w = bms.available_flex_w  # counted in opt decisions while the BMS keeps it fresh
+        except OSError as err:  # a port it must listen on is taken or not allowed
+            raise GatewayError(f"cannot start: {err}") from err
+        log.info("gateway running", site=cfg.site.name, vtn=cfg.openadr.vtn_url)
+        await stop.wait()
+        reason = "signal"
+    except Exception as err:
+        reason = f"startup failed: {err}"
+        raise
+    finally:
+        # Whatever was started is stopped, and every actuation released, even after a failed start.
+        if bms is not None:
+            with contextlib.suppress(GatewayError, OSError):
+                await bms.stop()
+        if gw is not None:
+            await gw.stop(reason)
+        for close in closers:
+            with contextlib.suppress(GatewayError):
+                await close()
+        await audit.close()  # seals buffered measurements and signs a last checkpoint when a key is set
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -100,3 +101,40 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
     assert "command.battery" in kinds and "release.battery" in kinds
     release = next(r for r in rows if r.kind == "release.battery")
     assert release.data_obj()["reason"] == "signal"
+
+
+async def test_run_whose_management_port_is_taken_stops_cleanly_in_one_line(tmp_path: Path) -> None:
+    """A port it must listen on is taken: exit 1 with one line (no traceback), the stop audited with the cause."""
+    bsim = BatterySimulator()
+    await bsim.start()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        db = tmp_path / "audit.db"
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            gateway_config(
+                db_url=str(db),
+                vtn_url=f"http://127.0.0.1:{free_port()}/OpenADR2/Simple/2.0b",
+                battery_port=bsim.port,
+                mgmt_port=taken.getsockname()[1],
+            )
+        )
+        proc = await asyncio.create_subprocess_exec(
+            DRGW, "run", "--config", str(cfg), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60.0)
+        assert proc.returncode == 1
+        mine = [ln for ln in err.decode().splitlines() if ln.startswith("drgw:")]
+        assert len(mine) == 1 and "cannot start" in mine[0] and "address already in use" in mine[0], mine
+        assert "Traceback" not in err.decode()
+        with sqlite3.connect(db) as conn:
+            kinds = [k for (k,) in conn.execute("SELECT kind FROM audit_log ORDER BY seq")]
+            (stop,) = conn.execute("SELECT data FROM audit_log WHERE kind = 'gateway.stop'").fetchone()
+        assert "release.battery" in kinds and kinds[-1] == "gateway.stop", kinds
+        assert json.loads(stop)["reason"].startswith("startup failed: cannot start"), stop
+        assert (await verify(str(db))).ok
+    finally:
+        taken.close()
+        await bsim.stop()
