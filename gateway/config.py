@@ -29,7 +29,8 @@ class AuditConfig(_Section):
     checkpoint_interval_s: float = Field(300.0, gt=0, le=86_400)
     checkpoint_dir: str | None = None  # every checkpoint is also written here (ship it off the box)
     # Measurements not yet sealed are journalled to this file and sealed by the next start after a
-    # crash: "auto" (beside a SQLite database; none for PostgreSQL), "off", or a path.
+    # crash: "auto" (beside a SQLite database; for PostgreSQL in $STATE_DIRECTORY when systemd sets
+    # it), "off", or a path.
     measurement_journal: str = Field("auto", min_length=1)
     baseline: str = Field("10-of-10", pattern=r"^(meter-before-after|[1-9][0-9]?-of-[1-9][0-9]?)$")
 

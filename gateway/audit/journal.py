@@ -150,7 +150,13 @@ class MeasurementJournal:
             log.info("measurement_journal_recovered", path=str(self.path))
 
 
-def default_journal_path(db_url: str | Path) -> Path | None:
-    """Return the journal next to a SQLite database file; None for PostgreSQL and in-memory SQLite."""
+def default_journal_path(db_url: str | Path, state_dir: str | None = None) -> Path | None:
+    """Return the journal next to a SQLite database file; for PostgreSQL, in the service's state
+    directory (``$STATE_DIRECTORY``, set by systemd's ``StateDirectory=``) when there is one; else None."""
     db = sqlite_path(normalise_db_url(db_url))
-    return None if db is None else db.with_name(db.name + ".measurements.journal")
+    if db is not None:
+        return db.with_name(db.name + ".measurements.journal")
+    state = state_dir if state_dir is not None else os.environ.get("STATE_DIRECTORY", "")
+    if normalise_db_url(db_url).startswith("postgresql") and state:
+        return Path(state.split(":")[0]) / "measurements.journal"
+    return None

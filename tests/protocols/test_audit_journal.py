@@ -134,7 +134,9 @@ async def test_a_reading_that_cannot_be_stored_is_refused_alone(tmp_path: Path) 
 def test_journal_paths_from_config(tmp_path: Path) -> None:
     sqlite_cfg = AuditConfig(db_url=f"sqlite+aiosqlite:///{tmp_path}/a.db")
     assert journal_path(sqlite_cfg) == tmp_path / "a.db.measurements.journal"
-    assert journal_path(AuditConfig(db_url="postgresql+asyncpg://u@127.0.0.1/x")) is None
+    pg = "postgresql+asyncpg://u@127.0.0.1/x"
+    assert default_journal_path(pg, state_dir="") is None
+    assert default_journal_path(pg, state_dir="/var/lib/drgw") == Path("/var/lib/drgw/measurements.journal")
     assert journal_path(AuditConfig(db_url="sqlite+aiosqlite:///:memory:")) is None
     assert journal_path(AuditConfig(db_url="postgresql://u@127.0.0.1/x", measurement_journal="/j")) == Path("/j")
     assert journal_path(sqlite_cfg.model_copy(update={"measurement_journal": "off"})) is None
