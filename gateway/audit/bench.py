@@ -17,7 +17,7 @@ import os
 import statistics
 import tempfile
 import time
-from contextlib import AbstractAsyncContextManager
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -248,7 +248,7 @@ class _fresh_database:  # noqa: N801 - used like a function
     def __init__(self, db: str | None) -> None:
         self.db = db
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.scratch: AbstractAsyncContextManager[str] | None = None
+        self.scratch = AsyncExitStack()
 
     async def __aenter__(self) -> str:
         """Create the database; return its URL."""
@@ -259,15 +259,13 @@ class _fresh_database:  # noqa: N801 - used like a function
                 return url
             self.tmp = tempfile.TemporaryDirectory(prefix="drgw-bench-")
             return normalise_db_url(os.path.join(self.tmp.name, "bench.db"))
-        self.scratch = scratch_database(url, "drgw_bench_")
-        return await self.scratch.__aenter__()
+        return await self.scratch.enter_async_context(scratch_database(url, "drgw_bench_"))
 
     async def __aexit__(self, *exc: Any) -> None:
         """Drop what was created."""
         if self.tmp is not None:
             self.tmp.cleanup()
-        if self.scratch is not None:
-            await self.scratch.__aexit__(*exc)
+        await self.scratch.aclose()
 
 
 def _refuse_existing(path: Path) -> None:

@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import IO
 
 from gateway.audit.chain import parse_ts
-from gateway.audit.measurements import POINTS, Measurement, encode_row
+from gateway.audit.measurements import POINTS, Measurement, MeasurementRow, encode_row
 from gateway.audit.migrate import normalise_db_url, sqlite_path
+from gateway.config import AuditConfig
 from gateway.errors import AuditError
 from gateway.logs import get_logger
 
 log = get_logger("gateway.audit.journal")
 
 
-def _line(m: Measurement) -> str:
-    """Return one measurement as its journal line."""
-    return json.dumps(list(encode_row(m, 0)), separators=(",", ":"), allow_nan=False) + "\n"
+def _line(row: MeasurementRow) -> str:
+    """Return one measurement, in its stored row form, as its journal line."""
+    return json.dumps(list(row), separators=(",", ":"), allow_nan=False) + "\n"
 
 
 def _decode(text: str) -> Measurement:
@@ -95,12 +96,12 @@ class MeasurementJournal:
             log.warning("measurement_journal_lines_skipped", path=str(self.path), lines=bad)
         return out
 
-    def append(self, m: Measurement) -> None:
-        """Add one measurement (written through to the OS before returning)."""
+    def append(self, row: MeasurementRow) -> None:
+        """Add one measurement in its stored row form (written through to the OS before returning)."""
         try:
             if self._fh is None:
                 self._fh = self.path.open("a", encoding="utf-8")
-            self._fh.write(_line(m))
+            self._fh.write(_line(row))
             self._fh.flush()
         except (OSError, ValueError) as err:
             self._fail("append", err)
@@ -113,7 +114,7 @@ class MeasurementJournal:
         try:
             self._close_fh()
             with tmp.open("w", encoding="utf-8") as fh:
-                fh.writelines(_line(m) for m in rows)
+                fh.writelines(_line(encode_row(m, 0)) for m in rows)
             os.replace(tmp, self.path)
         except (OSError, ValueError) as err:
             self._fail("rewrite", err)
@@ -153,10 +154,22 @@ class MeasurementJournal:
 def default_journal_path(db_url: str | Path, state_dir: str | None = None) -> Path | None:
     """Return the journal next to a SQLite database file; for PostgreSQL, in the service's state
     directory (``$STATE_DIRECTORY``, set by systemd's ``StateDirectory=``) when there is one; else None."""
-    db = sqlite_path(normalise_db_url(db_url))
+    url = normalise_db_url(db_url)
+    db = sqlite_path(url)
     if db is not None:
         return db.with_name(db.name + ".measurements.journal")
     state = state_dir if state_dir is not None else os.environ.get("STATE_DIRECTORY", "")
-    if normalise_db_url(db_url).startswith("postgresql") and state:
+    if url.startswith("postgresql") and state:
         return Path(state.split(":")[0]) / "measurements.journal"
     return None
+
+
+def journal_path(cfg: AuditConfig, db_url: str | None = None) -> Path | None:
+    """Return the measurement journal the config names: ``auto`` (see ``default_journal_path``),
+    ``off`` none, else the path given."""
+    value = cfg.measurement_journal
+    if value == "off":
+        return None
+    if value == "auto":
+        return default_journal_path(db_url or cfg.db_url)
+    return Path(value)

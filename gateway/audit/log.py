@@ -33,7 +33,7 @@ from gateway.audit.chain import (
     parse_ts,
     row_hash_of,
 )
-from gateway.audit.journal import MeasurementJournal, default_journal_path
+from gateway.audit.journal import MeasurementJournal, journal_path
 from gateway.audit.measurements import (
     BATCH_KIND,
     POINTS,
@@ -303,13 +303,13 @@ class AuditLog:
         self._check_open()
         try:
             m = to_measurement(reading)
-            encode_row(m, 0)  # a reading that cannot be stored is refused alone, not with its whole batch
+            row = encode_row(m, 0)  # a reading that cannot be stored is refused alone, not with its whole batch
         except AuditError as err:
             log.error("measurement_refused", error=str(err))
             return
         self._mbuf.append(m)
         if self._journal is not None:
-            self._journal.append(m)
+            self._journal.append(row)
         first = self._mbuf[0].t
         due = len(self._mbuf) >= self._mbatch_rows or (m.t - first).total_seconds() >= self._mbatch_s
         if due and (self._mretry_at is None or m.t >= self._mretry_at):
@@ -425,9 +425,9 @@ class AuditLog:
     def _recover(self, journal: MeasurementJournal, last_stored_ts: str | None) -> None:
         """Seal what a dead process left in the journal (rows the database already holds skipped)."""
         rows = journal.load()
-        fresh = [m for m in rows if last_stored_ts is None or format_ts(m.t) > last_stored_ts]
         if not rows:
             return
+        fresh = [m for m in rows if last_stored_ts is None or format_ts(m.t) > last_stored_ts]
         log.warning(
             "measurements_recovered", path=str(journal.path), rows=len(fresh), already_stored=len(rows) - len(fresh)
         )
@@ -636,16 +636,6 @@ async def _measurement_ts(conn: Any, mseq: int) -> str | None:
     res = await conn.execute(sa.select(measurements.c.ts).where(measurements.c.mseq == mseq))
     ts = res.scalar()
     return None if ts is None else str(ts)
-
-
-def journal_path(cfg: AuditConfig, db_url: str | None = None) -> Path | None:
-    """Return the measurement journal the config names: ``auto`` beside a SQLite file, ``off`` none."""
-    value = cfg.measurement_journal
-    if value == "off":
-        return None
-    if value == "auto":
-        return default_journal_path(db_url or cfg.db_url)
-    return Path(value)
 
 
 async def _read_head(engine: AsyncEngine) -> tuple[int, str]:

@@ -21,7 +21,6 @@ FIRST_ATTEMPTS_RETRIES = 1  # one retry, reconnect_time_wait apart, before the f
 
 async def connect_nats(url: str, *, connect_timeout: float = 2.0, **options: Any) -> NatsClient:
     """Connect to ``url``; raise DeviceUnavailable when it cannot be reached now; reconnect forever after."""
-    options.pop("max_reconnect_attempts", None)
     user_error_cb = options.pop("error_cb", None)
     last: list[Exception] = []
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AuditLog, verify
-from gateway.audit.journal import _line, default_journal_path
-from gateway.audit.log import journal_path
-from gateway.audit.measurements import to_measurement
+from gateway.audit.journal import _line, default_journal_path, journal_path
+from gateway.audit.measurements import encode_row, to_measurement
 from gateway.clock import ManualClock
 from gateway.config import AuditConfig
 from gateway.errors import AuditError
@@ -38,7 +37,7 @@ def reading(i: int) -> dict[str, object]:
 
 def journal_line(i: int) -> str:
     """Return the journal line the writer would have written for reading ``i``."""
-    return _line(to_measurement(reading(i)))
+    return _line(encode_row(to_measurement(reading(i)), 0))
 
 
 async def stored(url: str) -> list[tuple[int, float]]:

@@ -392,36 +392,24 @@ def test_bench_fleet_reports_json(nats_url: str, capsys: pytest.CaptureFixture[s
     assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"] and out["msgs_per_s"] > 0
 
 
+@contextlib.contextmanager
+def agent_process(url: str, node: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``drgw agent`` for ``node`` (site SITE, hall h1, rack r1) with its stderr piped; kill it if left running."""
+    cmd = [sys.executable, "-m", "gateway.cli", "agent", "--nats", url, "--site", SITE, "--hall", "h1"]
+    proc = subprocess.Popen([*cmd, "--rack", "r1", "--node", node, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 def test_agent_cli_serves_simulated_gpus_until_sigterm(nats_url: str) -> None:
     prefix = f"t{secrets.token_hex(4)}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "agent",
-        "--nats",
-        nats_url,
-        "--site",
-        SITE,
-        "--hall",
-        "h1",
-        "--rack",
-        "r1",
-        "--node",
-        "cli0",
-        "--prefix",
-        prefix,
-        "--simulate",
-        "2",
-        "--job-class",
-        "decode",
-        "--tier",
-        "flex0",
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
+    args = ["--prefix", prefix, "--simulate", "2", "--job-class", "decode", "--tier", "flex0", "--log-level", "warning"]
+    with agent_process(nats_url, "cli0", *args) as proc:
         assert proc.stderr is not None
         assert "serving 2 GPUs" in proc.stderr.readline()
 
@@ -441,10 +429,6 @@ def test_agent_cli_serves_simulated_gpus_until_sigterm(nats_url: str) -> None:
         asyncio.run(drive())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_nats_down_at_start_agent_waits_for_it_and_gateway_side_fails_fast() -> None:
@@ -462,10 +446,8 @@ def test_nats_down_at_start_agent_waits_for_it_and_gateway_side_fails_fast() -> 
         return str(err.value)
 
     assert "ConnectionRefusedError" in asyncio.run(gateway_side())
-    cmd = [sys.executable, "-m", "gateway.cli", "agent", "--nats", url, "--site", SITE, "--hall", "h1"]
-    cmd += ["--rack", "r1", "--node", "late0", "--simulate", "1", "--job-class", "decode", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
+    args = ["--simulate", "1", "--job-class", "decode", "--log-level", "warning"]
+    with agent_process(url, "late0", *args) as proc:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert "cannot connect: ConnectionRefusedError" in line and "retrying every" in line, line
@@ -473,10 +455,6 @@ def test_nats_down_at_start_agent_waits_for_it_and_gateway_side_fails_fast() -> 
             assert "serving 1 GPUs" in proc.stderr.readline()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 @pytest.mark.parametrize(
