@@ -26,13 +26,25 @@ OPTIONAL_COMMANDS = (
 )
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file and say so."""
-    try:
-        load_config(args.file)
-    except ConfigError as err:
+def _refuse(problems: Sequence[ConfigError]) -> int:
+    """Print one line per config problem and return the config exit code."""
+    for err in problems:
         print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    return EXIT_CONFIG
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file and everything `drgw run` would load with it, and say so."""
+    from gateway.preflight import startup_problems
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as err:
+        return _refuse([err])
+    configure_logging("error", "auto")  # library warnings on import are not the config's problems
+    problems = asyncio.run(startup_problems(cfg, args.file))
+    if problems:
+        return _refuse(problems)
     print(f"{args.file}: OK")
     return 0
 
@@ -57,9 +69,13 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     from gateway.audit import AuditLog
     from gateway.audit.records import record_config
     from gateway.clock import SystemClock
+    from gateway.preflight import startup_problems
     from gateway.wiring import build_devices
     from protocols.modbus.build import build_bms_for
 
+    problems = await startup_problems(cfg, source)  # what check-config refuses, before anything starts
+    if problems:
+        return _refuse(problems)
     log = get_logger("gateway.run")
     clock = SystemClock()
     audit = await AuditLog.open_config(cfg.audit, clock, journal=True)
@@ -108,8 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse([err])
     if args.db:
         cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"db_url": args.db})})
     configure_logging(cfg.logging.level, cfg.logging.format)

@@ -3,17 +3,104 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 
+# The most a number may be, by the unit its key's name ends in (units live in names). Values past
+# these are typos or attacks, and some would overflow a timer or a date at run time. A key may set a
+# tighter bound of its own; any other number is bounded by ANY_NUMBER_MAX.
+UNIT_MAX: tuple[tuple[str, float, str], ...] = (
+    ("_w_per_s", 1e12, "1e12 W/s"),
+    ("_wh", 1e13, "1e13 Wh"),
+    ("_w", 1e12, "1e12 W (1 TW)"),
+    ("_s", 366 * 86_400.0, "366 days"),
+)
+ANY_NUMBER_MAX = 1e15
+
+
+def _number_bound(name: str, value: Any) -> str | None:
+    """Return why a number under key ``name`` is out of any sensible range, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                if (why := _number_bound("", item)) is not None:
+                    return why
+        return None
+    for suffix, most, text in UNIT_MAX:
+        if name.endswith(suffix):
+            return None if abs(value) <= most else f"{value:g} is beyond any sensible value (at most {text})"
+    return None if abs(value) <= ANY_NUMBER_MAX else f"{value:g} is beyond any sensible value"
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a number must be written as a number (not "1.5", not true); no inf or nan anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _sensible(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a number beyond what its key's unit can sensibly mean (every section, every key)."""
+        why = _number_bound(info.field_name or "", value)
+        if why is not None:
+            raise ValueError(why)
+        return value
+
+
+def _url_of(*schemes: str) -> AfterValidator:
+    """Return a validator of a URL with one of ``schemes`` and a host."""
+
+    def check(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a {' or '.join(s + '://' for s in schemes)} URL with a host")
+        return value
+
+    return AfterValidator(check)
+
+
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _host(value: str) -> str:
+    """Return ``value`` if it is an IP address or a host name; raise ValueError otherwise."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOST_NAME.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether binding ``host`` keeps a listener on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+HttpUrl = Annotated[str, _url_of("http", "https")]
+Host = Annotated[str, AfterValidator(_host)]
 
 
 class SiteConfig(_Section):
@@ -43,7 +130,7 @@ class AuditConfig(_Section):
 
 
 class OpenAdrConfig(_Section):
-    vtn_url: str = "http://127.0.0.1:8080/OpenADR2/Simple/2.0b"
+    vtn_url: HttpUrl = "http://127.0.0.1:8080/OpenADR2/Simple/2.0b"
     ven_name: str = "drgw-ven"
     ven_id: str | None = None
     simple_levels: dict[str, float] = Field(default_factory=lambda: {"0": 0.0, "1": 0.10, "2": 0.20, "3": 0.30})
@@ -130,11 +217,11 @@ class LimitsConfig(_Section):
 class BatteryConfig(_Section):
     enabled: bool = True
     device_id: str = "bess1"
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(502, ge=1, le=65535)
     unit: int = Field(1, ge=0, le=247)
     mapping: str = "bess_generic"
-    timeout_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0, le=60)
     revert_s: float = Field(60.0, gt=0, le=3600)
 
 
@@ -168,7 +255,7 @@ class GpuGroupConfig(_Section):
 
 class GpusConfig(_Section):
     backend: Literal["sim", "nvml", "nats", "none"] = "sim"
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: Annotated[str, _url_of("nats", "tls", "ws", "wss")] = "nats://127.0.0.1:4222"
     subject_prefix: str = "drgw"
     request_timeout_s: float = Field(1.0, gt=0, le=60)
     tiers: dict[str, TierConfig] = Field(
@@ -206,16 +293,27 @@ class LoggingConfig(_Section):
 
 class ManagementConfig(_Section):
     enabled: bool = True
-    host: str = "127.0.0.1"
+    allow_non_loopback: bool = False  # the operator's explicit consent to serve beyond this machine
+    host: Host = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
     vtn_stale_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(4096, ge=64, le=1_048_576)
     head_timeout_s: float = Field(10.0, gt=0, le=300)
     max_connections: int = Field(256, ge=1, le=10_000)
 
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("enabled", True) and not is_loopback(v) and not info.data.get("allow_non_loopback"):
+            raise ValueError(
+                f"{v!r} serves operator commands beyond this machine: bind 127.0.0.1, "
+                "or set management.allow_non_loopback = true to mean it"
+            )
+        return v
+
 
 class OpcuaClientConfig(_Section):
-    url: str = "opc.tcp://127.0.0.1:4840"
+    url: Annotated[str, _url_of("opc.tcp")] = "opc.tcp://127.0.0.1:4840"
     node_map: str = "opcua_substation"
     security: Literal["Basic256Sha256_SignAndEncrypt", "none"] = "Basic256Sha256_SignAndEncrypt"
     certificate: str | None = None
@@ -239,11 +337,11 @@ class OpcuaClientConfig(_Section):
 class MeterConfig(_Section):
     backend: Literal["estimate", "modbus", "opcua"] = "estimate"
     device_id: str = "meter1"
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(502, ge=1, le=65535)
     unit: int = Field(1, ge=0, le=247)
     mapping: str = "meter_facility"
-    timeout_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0, le=60)
     opcua: OpcuaClientConfig | None = None
 
     @model_validator(mode="after")
@@ -256,11 +354,11 @@ class MeterConfig(_Section):
 class UpsConfig(_Section):
     enabled: bool = False
     device_id: str = "ups1"
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(502, ge=1, le=65535)
     unit: int = Field(1, ge=0, le=247)
     mapping: str = "ups_generic"
-    timeout_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0, le=60)
     min_runtime_s: float = Field(600.0, ge=0)
     min_soc_pct: float = Field(50.0, ge=0, le=100)
 
@@ -316,7 +414,7 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         return GatewayConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        reason = first["msg"]
+        reason = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             reason = "unknown key"
         raise ConfigError(path, _key(tuple(first["loc"])), reason) from err
@@ -335,4 +433,6 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError(str(p), "(file)", "not valid UTF-8") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(p), "(syntax)", str(err)) from err
+    except RecursionError as err:
+        raise ConfigError(str(p), "(syntax)", "tables or arrays nested too deeply") from err
     return parse_config(data, str(p))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import threading
+import warnings
+from types import TracebackType
+from typing import Any, TextIO
 
 import structlog
 
@@ -49,6 +52,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
             foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
                 structlog.stdlib.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
             ],
@@ -60,6 +64,49 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     # Libraries that are chatty (or turn on packet dumps by themselves) stay at WARNING.
     for name in ("pymodbus", "openleadr", "asyncua", "apscheduler", "aiohttp.access", "nats"):
         logging.getLogger(name).setLevel(max(lvl, logging.WARNING))
+    # Python warnings (a library's deprecation notice) and uncaught exceptions go through the same
+    # renderer, so that a JSON log holds nothing but JSON lines.
+    warnings.showwarning = _show_warning
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Log a Python warning as one structured line (a warning meant for a given file goes there)."""
+    if file is not None:
+        file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    structlog.get_logger("py.warnings").warning(
+        str(message), logger="py.warnings", category=category.__name__, source=f"{filename}:{lineno}"
+    )
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """Log an exception nothing caught as one structured line (Ctrl-C keeps Python's own handling)."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("drgw").critical("uncaught exception", logger="drgw", exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    """Log an exception that ended a thread as one structured line."""
+    if args.exc_value is None:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    structlog.get_logger("drgw").critical(
+        "uncaught exception in thread",
+        logger="drgw",
+        thread=thread,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def get_logger(name: str) -> Any:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +19,9 @@ def _restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    hooks = warnings.showwarning, sys.excepthook, threading.excepthook
     yield
     structlog.configure(**saved)
     root.setLevel(level)
     root.handlers[:] = handlers
+    warnings.showwarning, sys.excepthook, threading.excepthook = hooks

@@ -74,7 +74,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 async def _run_agent(args: argparse.Namespace) -> int:
     """Build the fleet, serve it, and restore defaults on the way out."""
     from gateway.clock import SystemClock
-    from gateway.config import GpuGroupConfig, GpusConfig
+    from gateway.config import GpuGroupConfig, GpusConfig, TierConfig
     from protocols.fleet.agent import NodeAgent
     from protocols.fleet.labels import GpuLabels
 
@@ -88,7 +88,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
             return 2
         group = GpuGroupConfig(count=args.simulate, job_class=args.job_class, tier=args.tier, host=args.node)
         fleet = SimGpuFleet(
-            GpusConfig(groups=[group], tiers={args.tier: {"max_loss_fraction": 0.1}}, default_tier=args.tier), clock
+            GpusConfig(groups=[group], tiers={args.tier: TierConfig(max_loss_fraction=0.1)}, default_tier=args.tier),
+            clock,
         )
     else:
         from protocols.nvml import NvmlFleet

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bms import BmsSnapshot, StateProvider, snapshot_of
-from gateway.clock import Clock
+from gateway.clock import Clock, SystemClock
 from gateway.config import BatteryConfig, BmsConfig, GatewayConfig, MeterConfig, OpcuaClientConfig, UpsConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.interfaces import AuditSink, Battery, Meter
@@ -62,7 +62,7 @@ def opcua_security(cfg: OpcuaClientConfig, source: str = "config") -> Any:
     )
 
 
-def build_meter(cfg: MeterConfig, clock: Clock) -> Any:
+def build_meter(cfg: MeterConfig, clock: Clock, source: str = "config") -> Any:
     """Return a ModbusMeter or OpcuaMeter for the config, or None for ``backend = "estimate"``."""
     if cfg.backend == "modbus":
         return ModbusMeter(cfg.device_id, cfg.host, cfg.port, cfg.unit, cfg.mapping, cfg.timeout_s, clock)
@@ -74,7 +74,7 @@ def build_meter(cfg: MeterConfig, clock: Clock) -> Any:
             cfg.device_id,
             cfg.opcua.url,
             cfg.opcua.node_map,
-            opcua_security(cfg.opcua),
+            opcua_security(cfg.opcua, source),
             timeout_s=cfg.opcua.timeout_s,
             clock=clock,
         )
@@ -109,6 +109,39 @@ def build_bms_for(gw: Any, clock: Clock) -> BmsServer | None:
         await gw.book.override_opt(event_id, Opt.OUT, "bms", f"the BMS at {peer} asked to opt out")
 
     return BmsServer(cfg.bms, provider, gw.audit, clock, on_opt_out=opt_out)
+
+
+async def equipment_problems(cfg: GatewayConfig, source: str) -> list[ConfigError]:
+    """Build (never connect) each device driver ``build_equipment`` would; return what any refuses.
+
+    Maps are loaded and checked against their schema and the driver's roles, the OPC UA password
+    file is read and its certificates and key parsed. Runs in an event loop (Modbus clients need one).
+    """
+    clock = SystemClock()
+    meter_map = "meter.opcua.node_map" if cfg.meter.backend == "opcua" else "meter.mapping"
+    builders: list[tuple[bool, str, Callable[[], Any]]] = [
+        (cfg.meter.backend != "estimate", meter_map, lambda: build_meter(cfg.meter, clock, source)),
+        (cfg.ups.enabled, "ups.mapping", lambda: build_ups(cfg.ups, clock)),
+        (cfg.battery.enabled, "battery.mapping", lambda: build_battery(cfg.battery, clock)),
+    ]
+    problems: list[ConfigError] = []
+    for wanted, key, build in builders:
+        if not wanted:
+            continue
+        try:
+            build()
+        except ConfigError as err:
+            if err.path == source:
+                problems.append(err)
+            else:  # a problem inside the map: say which config key named it
+                problems.append(ConfigError(err.path, err.key, f"{err.reason} ({key} in {source})"))
+    if cfg.meter.backend == "opcua" and cfg.meter.opcua is not None and cfg.meter.opcua.security != "none":
+        from protocols.opcua.certs import security_file_problems
+
+        o = cfg.meter.opcua
+        for key, reason in security_file_problems(o.certificate, o.private_key, o.server_certificate):
+            problems.append(ConfigError(source, f"meter.opcua.{key}", reason))
+    return problems
 
 
 @dataclass

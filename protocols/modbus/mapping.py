@@ -334,6 +334,8 @@ def read_document(name_or_path: str | Path) -> tuple[Any, str]:
         return yaml.safe_load(raw), source
     except yaml.YAMLError as err:
         raise ConfigError(source, "(syntax)", str(err).replace("\n", " ")) from err
+    except RecursionError as err:
+        raise ConfigError(source, "(syntax)", "mappings or lists nested too deeply") from err
 
 
 def all_mapping_names() -> list[str]:
