@@ -29,7 +29,7 @@ from gateway.allocation import it_shed_at_caps_w
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
-from gateway.errors import AuditError, DeviceRejected, GatewayError
+from gateway.errors import AuditError, GatewayError, InvalidReading
 from gateway.events import EventBook, Feasibility
 from gateway.interfaces import AuditSink, Battery, GpuFleet, Meter
 from gateway.limits import limit
@@ -152,7 +152,7 @@ class ControlLoop:
                 return None
             try:
                 state = await self.battery.read()
-            except DeviceRejected as err:  # a "not available" or out-of-bounds value, or a refusal
+            except InvalidReading as err:  # it answered, with a "not available" or out-of-bounds value
                 untrusted.append(True)
                 faults.append(f"battery: {err}")
                 return None
@@ -571,6 +571,13 @@ class ControlLoop:
         self._limit_w = base - self._frac * nominal
         if self._phase == "recovery" and self._frac <= 0.0 and self._required_shed_w < RELEASE_BELOW_W:
             return True
+        notes: list[str] = []
+        if self._battery_untrusted and not self._battery_stopped and self.dispatcher.battery_w is not None:
+            # Its state of charge cannot be known: nothing may go on discharging (or charging) it. Released
+            # before planning, so the GPUs are planned without it this very tick.
+            self._battery_stopped = True
+            notes.append("battery released: its reading is not a possible one")
+            await self.dispatcher.release_battery("battery reading not possible", self._event_id)
         p = self._plan(snap, base)
         lim = limit(
             p.battery_w if snap.battery else None,
@@ -582,12 +589,7 @@ class ControlLoop:
             self.cfg.limits,
             dt,
         )
-        notes = list(lim.notes)
-        if self._battery_untrusted and not self._battery_stopped and self.dispatcher.battery_w is not None:
-            # Its state of charge cannot be known: nothing may go on discharging (or charging) it.
-            self._battery_stopped = True
-            notes.append("battery released: its reading is not a possible one")
-            await self.dispatcher.release_battery("battery reading not possible", self._event_id)
+        notes += lim.notes
         await self.audit.append(
             "control.tick",
             {

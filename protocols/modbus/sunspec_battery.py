@@ -8,7 +8,7 @@ model 124 (StorCtl_Mod with OutWRte/InWRte in % of WChaMax and InOutWRte_RvrtTms
 setpoint carries the reversion timer and a controller heartbeat (802 CtrlHb or 715
 ControllerHb) and is read back. 802/715 LocRemCtl must say REMOTE before anything is sent.
 "Not implemented" values are never read as 0: a missing state of charge (or one outside 0-100 %,
-or an enabled setpoint without a value) is a DeviceRejected.
+or an enabled setpoint without a value) is an InvalidReading (a DeviceRejected).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import ConfigError, DeviceRejected, InputRejected, ReadbackMismatch
+from gateway.errors import ConfigError, DeviceRejected, InputRejected, InvalidReading, ReadbackMismatch
 from gateway.model import BatteryState
 from protocols.modbus import codec, sunspec
 from protocols.modbus.codec import Value
@@ -130,13 +130,13 @@ class SunspecBattery(LeasedDevice):
     def _first(
         self, values: dict[str, Value], names: tuple[str, ...], what: str, bounds: tuple[float, float] | None = None
     ) -> float:
-        """Return the first valid number among ``names`` (within ``bounds``); raise DeviceRejected if none is."""
+        """Return the first valid number among ``names`` (within ``bounds``); raise InvalidReading if none is."""
         for n in names:
             v = values.get(n)
             if isinstance(v, float) and (bounds is None or bounds[0] <= v <= bounds[1]):
                 return v
         seen = ", ".join(f"{n} {values.get(n)}" for n in self._present(names)) or "no point"
-        raise DeviceRejected(self.device_id, f"{what}: not available or not a possible reading ({seen})")
+        raise InvalidReading(self.device_id, f"{what}: not available or not a possible reading ({seen})")
 
     async def read(self) -> BatteryState:
         """Return state of charge, power, setpoint and limits from the battery and control models."""
@@ -165,7 +165,7 @@ class SunspecBattery(LeasedDevice):
     def _setpoint_of(self, v: dict[str, Value]) -> float:
         """Return the setpoint (W, + discharge) the control model holds; 0 when not enabled.
 
-        An enabled control whose value is "not implemented" is no setpoint: DeviceRejected, never 0 W.
+        An enabled control whose value is "not implemented" is no setpoint: InvalidReading, never 0 W.
         """
         if self.spec.control == "704":
             return self._number(v, "704.WSet") if v.get("704.WSetEna") == 1 else 0.0
@@ -178,10 +178,10 @@ class SunspecBattery(LeasedDevice):
         return (out - into) / 100.0 * (self._rate_w or 0.0)
 
     def _number(self, v: dict[str, Value], name: str) -> float:
-        """Return point ``name``'s number; raise DeviceRejected when the device reports it not implemented."""
+        """Return point ``name``'s number; raise InvalidReading when the device reports it not implemented."""
         x = v.get(name)
         if not isinstance(x, float):
-            raise DeviceRejected(self.device_id, f"{name}: in force but not available ({x!r})")
+            raise InvalidReading(self.device_id, f"{name}: in force but not available ({x!r})")
         return x
 
     def _remember_remote(self, v: dict[str, Value]) -> None:

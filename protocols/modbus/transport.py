@@ -14,8 +14,8 @@ Errors, mapped here and nowhere else:
   carrying the Modbus exception code);
 - no connection, a timeout, a garbled reply: ``DeviceUnavailable``;
 - a strict ``read`` of a point the device reports as not available (a sentinel, NaN, or an
-  invalid scale factor) or that reads outside its physical ``bounds``: ``DeviceRejected``
-  naming why. ``read_values`` returns None for it instead.
+  invalid scale factor) or that reads outside its physical ``bounds``: ``InvalidReading``
+  (a ``DeviceRejected``) naming why. ``read_values`` returns None for it instead.
 
 Points scaled by a scale-factor point (SunSpec) are read together with it; the last value
 seen of each scale factor is kept to encode writes (read first if never seen).
@@ -33,7 +33,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
+from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from protocols.modbus import codec
 from protocols.modbus.codec import Value
 from protocols.modbus.mapping import Mapping, Point, Table
@@ -182,7 +182,7 @@ class ModbusTransport:
             v = codec.decode_value(p, raw[p.name], self._scale_of(p))
             if v is None:
                 why = codec.why_invalid(p, raw[p.name], self._scale_of(p))
-                raise DeviceRejected(self.device_id, f"{p.name}: {why}")
+                raise InvalidReading(self.device_id, f"{p.name}: {why}")
             if isinstance(v, str):
                 raise InputRejected(f"{self.device_id}: {p.name} is text; use read_values")
             out[p.name] = v

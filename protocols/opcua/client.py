@@ -27,7 +27,7 @@ from asyncua.crypto import uacrypto
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, InputRejected
+from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from gateway.logs import get_logger
 from protocols.opcua.nodemap import INT_RANGE, NodeMap, load_node_map
 
@@ -373,7 +373,7 @@ class OpcuaMeter:
         if not isinstance(value, float):
             b = self.client.node_map.node(self._name).bounds
             possible = f"{b.min:g}..{b.max:g} W" if b is not None else "a finite number"
-            raise DeviceRejected(
+            raise InvalidReading(
                 self.device_id, f"{self._name}: not available, or not a possible reading (outside {possible})"
             )
         return value
