@@ -69,10 +69,9 @@ class Gateway:
         """
         resumed = await self.book.load(self.clock.now()) if resume else 0
         await self.audit.append("gateway.start", {"site": self.cfg.site.name, "open_events": resumed})
-        # Reconcile before anything else: devices start from normal; the loop re-applies any
-        # active event on its first tick.
-        await self.dispatcher.release("startup reconcile")
-        await self.loop.snapshot()
+        # Reconcile before anything else: what the devices hold for an event in force is kept (the
+        # loop moves it to the plan on its first tick); everything else is released.
+        await self.loop.reconcile()
         if with_mgmt and self.cfg.management.enabled:
             from protocols.mgmt import ManagementServer
 

@@ -343,11 +343,15 @@ class MeterConfig(_Section):
     mapping: str = "meter_facility"
     timeout_s: float = Field(1.0, gt=0, le=60)
     opcua: OpcuaClientConfig | None = None
+    min_w: float | None = Field(None, allow_inf_nan=False)  # a reading below is impossible here: a fault
+    max_w: float | None = Field(None, allow_inf_nan=False)  # a reading above is impossible here: a fault
 
     @model_validator(mode="after")
     def _backend(self) -> MeterConfig:
         if self.backend == "opcua" and self.opcua is None:
             raise ValueError("backend opcua needs a [meter.opcua] section")
+        if self.min_w is not None and self.max_w is not None and self.min_w >= self.max_w:
+            raise ValueError(f"min_w {self.min_w} must be below max_w {self.max_w}")
         return self
 
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from gateway import planner, shedprofile
+from gateway import planner, plausible, shedprofile
 from gateway.accounting import EventAccount
 from gateway.allocation import it_shed_at_caps_w
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
-from gateway.errors import AuditError, GatewayError
+from gateway.errors import AuditError, GatewayError, InvalidReading
 from gateway.events import EventBook, Feasibility
 from gateway.interfaces import AuditSink, Battery, GpuFleet, Meter
 from gateway.limits import limit
@@ -43,6 +43,7 @@ RELEASE_BELOW_W = 1.0  # a recovery is done when the planned shed is below this
 BASELINE_HOLD_S = 60.0  # after a release the site takes a while to return to normal: keep the baseline
 ACCOUNT_KEEP_S = 5.0  # the running accounting of an event is kept in the store this often (restarts)
 STEP_WAKE_S = 0.001  # tick this long after a step of the directive (an event's start or end), not a tick later
+DELIVERY_MIN_W = 100.0  # below this discharge setpoint the battery's delivery is not measured
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class ControlLoop:
         self._down: dict[str, tuple[str, str]] = {}  # role -> (error, down since)
         self._account_saved_mono = -1e18  # when the running accounting was last kept in the store
         self._orphan_checked = False  # whether an event left open by an earlier process was closed
+        self._battery_untrusted = False  # the battery answered its last read with no possible reading
+        self._battery_stopped = False  # it was released for that (once per such episode)
+        self._battery_delivery = 1.0  # share of its discharge setpoint the battery really delivers (measured)
+        self._resume_at_goal = False  # a restart found the devices holding the event's shed: no new ramp
         # What the facility BMS offers now from cooling or backup generation (W); None: no BMS face.
         self.bms_flex_w: Callable[[], float] | None = None
         # Called with every tick's record (measurement store, telemetry); must not block or raise.
@@ -124,26 +129,42 @@ class ControlLoop:
     # -- reading the site -------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        """Read every device concurrently into one snapshot; a failed read becomes a fault."""
+        """Read every device concurrently into one snapshot; a failed or impossible reading becomes a fault."""
         faults: list[str] = []
+        untrusted: list[bool] = []  # the battery answered, with something that is not a possible reading
 
         async def meter() -> float | None:
             if self.meter is None:
                 return None
             try:
-                return await self.meter.read_facility_w()
+                w = await self.meter.read_facility_w()
             except GatewayError as err:
                 faults.append(f"meter: {err}")
                 return None
+            bad = plausible.facility_fault(w, self.cfg.meter.min_w, self.cfg.meter.max_w)
+            if bad is not None:
+                faults.append(f"meter: {self._device_id('meter')}: {bad}")
+                return None
+            return w
 
         async def battery() -> BatteryState | None:
             if self.battery is None:
                 return None
             try:
-                return await self.battery.read()
+                state = await self.battery.read()
+            except InvalidReading as err:  # it answered, with a "not available" or out-of-bounds value
+                untrusted.append(True)
+                faults.append(f"battery: {err}")
+                return None
             except GatewayError as err:
                 faults.append(f"battery: {err}")
                 return None
+            bad = plausible.battery_fault(state)
+            if bad is not None:
+                untrusted.append(True)
+                faults.append(f"battery: {state.device_id}: {bad}")
+                return None
+            return state
 
         async def gpus() -> tuple[GpuState, ...]:
             if self.fleet is None:
@@ -155,6 +176,8 @@ class ControlLoop:
                 return ()
 
         f, b, g = await asyncio.gather(meter(), battery(), gpus())
+        self._battery_untrusted = bool(untrusted)
+        self._battery_stopped = self._battery_stopped and self._battery_untrusted  # a new episode may stop it again
         snap = Snapshot(t=self.clock.now(), facility_w=f, battery=b, gpus=g, faults=tuple(faults))
         await self._track_links(faults)
         self._calibrate(snap)
@@ -162,11 +185,11 @@ class ControlLoop:
         return snap
 
     async def _track_links(self, faults: list[str]) -> None:
-        """Audit and log a device read failing, and its recovery, once per change of state."""
+        """Audit and log a device read failing (or giving no possible reading), and its recovery, once per change."""
         now_down = {f.split(":", 1)[0]: f.split(":", 1)[1].strip() for f in faults}
         for dev, err in now_down.items():
             if dev not in self._down:
-                log.warning("device not answering; planning without it", device=dev, error=err)
+                log.warning("device unreadable; planning without it", device=dev, error=err)
                 await self.audit.append(
                     "fault.device",
                     {"action": "read", "error": err},
@@ -348,6 +371,8 @@ class ControlLoop:
         start, end = self._window(ev) if ev is not None else (snap.t, snap.t + timedelta(hours=1))
         self.account = self._new_account(target.event_id, start, end, base, down)
         resumed = await self._resume_account(self.account, snap.t) if kept is not None else False
+        if resumed:
+            self._restore_natural(self.account, snap)
         await self.audit.append(
             "event.start",
             {
@@ -366,6 +391,41 @@ class ControlLoop:
             event_id=target.event_id,
         )
         log.info("event active", event_id=target.event_id, baseline_w=round(base), limit_w=round(self._limit_full_w))
+
+    def _restore_natural(self, account: EventAccount, snap: Snapshot) -> None:
+        """Take the uncapped draw of GPUs still capped at a restart from the event's kept accounting.
+
+        This process never saw them uncapped; their capped draw would make the planner cap them deeper.
+        """
+        for g in snap.gpus:
+            tally = account.gpus.get(g.gpu_id)
+            if tally is not None and g.gpu_id in self.dispatcher.caps_w and tally.natural_w0 > 0:
+                self.natural_w[g.gpu_id] = tally.natural_w0
+                if tally.natural_tput0:
+                    self.natural_tput[g.gpu_id] = tally.natural_tput0
+
+    async def reconcile(self) -> None:
+        """Reconcile the devices with the event book at start: keep what an event in force has, release the rest.
+
+        A restart mid-event finds the battery and GPU caps still holding what the last process
+        commanded (their leases outlive it): they are adopted, and the first tick moves them to the
+        plan with no release in between (a release would notch the meter the utility reads). With
+        no event in force, everything is released; a battery whose reading is not possible is too.
+        """
+        snap = await self.snapshot()
+        target = self.book.target_at(snap.t)
+        upcoming = self._upcoming(snap.t) if target is None else None
+        lead = target if target is not None else (upcoming[0] if upcoming else None)
+        if lead is None:
+            await self.dispatcher.release("startup reconcile")
+            return
+        if self._battery_untrusted:
+            self._battery_stopped = True
+            await self.dispatcher.release_battery("startup reconcile: battery reading not possible", lead.event_id)
+        kept = self.dispatcher.adopt(snap.battery, snap.gpus)
+        await self.audit.append("reconcile.kept", {"reason": "startup reconcile", **kept}, event_id=lead.event_id)
+        log.info("devices kept for the event in force", event_id=lead.event_id, kept=sorted(kept))
+        self._resume_at_goal = bool(kept)
 
     async def _kept_baseline_w(self, event_id: str) -> float | None:
         """Return the baseline kept for an event by an earlier start (or process); None if none or unreadable."""
@@ -483,6 +543,7 @@ class ControlLoop:
         full = self._limit_full_w if self._limit_full_w is not None else base
         if snap.battery is not None:
             self._battery_seen_mono = self.clock.monotonic()
+            self._measure_delivery(snap.battery)
         if snap.gpus:
             self._gpus_seen_mono = self.clock.monotonic()
         if snap.facility_w is not None:
@@ -494,6 +555,10 @@ class ControlLoop:
             if ev is not None:  # a modification may move or stretch the event: budgets follow it
                 self.account.start, self.account.end = self._window(ev)
             self.account.add(snap, dt, self.natural_w, self.natural_tput, set(self.dispatcher.caps_w))
+        if self._resume_at_goal:  # the devices still hold what the last process commanded: carry on, no new ramp
+            self._resume_at_goal = False
+            self._frac = goal
+            self._required_shed_w = min(goal * max(0.0, base - full), self.cfg.limits.max_shed_w)
         up_s, down_s = self._ramp_s()
         rise = dt / up_s if up_s > 0 else 1.0
         fall = dt / down_s if down_s > 0 else 1.0
@@ -506,6 +571,13 @@ class ControlLoop:
         self._limit_w = base - self._frac * nominal
         if self._phase == "recovery" and self._frac <= 0.0 and self._required_shed_w < RELEASE_BELOW_W:
             return True
+        notes: list[str] = []
+        if self._battery_untrusted and not self._battery_stopped and self.dispatcher.battery_w is not None:
+            # Its state of charge cannot be known: nothing may go on discharging (or charging) it. Released
+            # before planning, so the GPUs are planned without it this very tick.
+            self._battery_stopped = True
+            notes.append("battery released: its reading is not a possible one")
+            await self.dispatcher.release_battery("battery reading not possible", self._event_id)
         p = self._plan(snap, base)
         lim = limit(
             p.battery_w if snap.battery else None,
@@ -517,6 +589,7 @@ class ControlLoop:
             self.cfg.limits,
             dt,
         )
+        notes += lim.notes
         await self.audit.append(
             "control.tick",
             {
@@ -530,7 +603,7 @@ class ControlLoop:
                 "gpus_capped": sum(1 for g in snap.gpus if lim.gpu_caps_w.get(g.gpu_id, g.max_cap_w) < g.max_cap_w),
                 "planned_throughput_kept": round(p.throughput_kept_fraction, 4),
                 "shortfall_w": round(p.shortfall_w, 1),
-                "limit_notes": list(lim.notes),
+                "limit_notes": notes,
                 "faults": list(snap.faults),
             },
             event_id=self._event_id,
@@ -564,9 +637,17 @@ class ControlLoop:
             remaining,
             allowance=allowance,
             horizon=horizon,
+            battery_delivery=self._battery_delivery,
         )
         self.last_plan = p
         return p
+
+    def _measure_delivery(self, b: BatteryState) -> None:
+        """Learn what share of its discharge setpoint the battery delivers (a weak, derated or lying unit)."""
+        if b.setpoint_w < DELIVERY_MIN_W:
+            return  # no discharge asked: nothing to learn
+        seen = min(1.0, max(0.0, b.power_w / b.setpoint_w))
+        self._battery_delivery += self.cfg.control.gain * (seen - self._battery_delivery)
 
     def _battery_out_of_reach_w(self, snap: Snapshot) -> float:
         """Return what an unanswering battery is assumed to still discharge (W): its last setpoint, until its lease."""
@@ -641,6 +722,7 @@ class ControlLoop:
         self._phase = ""
         self._limit_w = self._limit_full_w = None
         self._required_shed_w = self._frac = self._bias_w = 0.0
+        self._battery_delivery = 1.0
 
     def accounting(self, event_id: str | None) -> dict[str, Any]:
         """Return one event's accounting totals (energy shed, battery energy, throughput kept, ...)."""

@@ -1,19 +1,22 @@
 """The dispatcher: the only code that writes to equipment.
 
 It writes, reads back, audits both, renews leases, and releases everything at event end,
-cancellation and shutdown. A device fault is audited and the rest keeps working.
+cancellation and shutdown. A device fault is audited and the rest keeps working. After a
+restart mid-event it adopts what the devices still hold (``adopt``) instead of releasing them,
+so the next ``apply`` moves them from there, with no 0 W notch in between.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from gateway.clock import Clock
 from gateway.errors import AuditError, DeviceError, GatewayError
 from gateway.interfaces import AuditSink, Battery, GpuFleet
 from gateway.logs import get_logger
+from gateway.model import BatteryState, GpuState
 
 log = get_logger("gateway.dispatcher")
 
@@ -126,6 +129,23 @@ class Dispatcher:
         if mismatched:
             await self._audit.append("fault.readback", {"mismatched": mismatched}, event_id=event_id, device_id="gpus")
 
+    def adopt(self, battery: BatteryState | None, gpus: Sequence[GpuState]) -> dict[str, Any]:
+        """Take over the setpoint and caps the devices hold from an earlier process; return what was kept.
+
+        Nothing is written: the next ``apply`` renews every lease, moving each device from what it
+        holds to what the plan says (a restart mid-event, so no release and re-apply).
+        """
+        kept: dict[str, Any] = {}
+        if self.battery is not None and battery is not None and abs(battery.setpoint_w) >= BATTERY_DEADBAND_W:
+            self.battery_w = battery.setpoint_w
+            kept["battery_w"] = round(battery.setpoint_w, 1)
+        caps = {g.gpu_id: g.cap_w for g in gpus if g.cap_w < g.default_cap_w - CAP_DEADBAND_W}
+        if self.fleet is not None and caps:
+            self.caps_w.update(caps)
+            kept["gpu_caps_w"] = _round(caps)
+        self.active = self.active or bool(kept)
+        return kept
+
     async def release(self, reason: str, event_id: str | None = None) -> None:
         """Return every device to normal and audit the release; never raises on device or audit faults.
 
@@ -133,16 +153,7 @@ class Dispatcher:
         refuses the record of it (the refusal is logged here and counted by the log's health).
         """
         await _unaudited(self._audit_lapses(event_id), "fault.lease_lapsed")
-        if self.battery is not None:
-            dev = self.battery.device_id
-            try:
-                await self.battery.release()
-            except DeviceError as err:
-                await _unaudited(self._fault(dev, "release.battery", err, event_id, {}), "release.battery")
-            else:
-                self.battery_w = None
-                record = self._audit.append("release.battery", {"reason": reason}, event_id=event_id, device_id=dev)
-                await _unaudited(record, "release.battery")
+        await self.release_battery(reason, event_id)
         if self.fleet is not None:
             try:
                 await self.fleet.release()
@@ -155,6 +166,20 @@ class Dispatcher:
                 await _unaudited(record, "release.gpus")
         self.active = False
         log.info("released", reason=reason, event_id=event_id)
+
+    async def release_battery(self, reason: str, event_id: str | None = None) -> None:
+        """Return the battery alone to normal and audit it; never raises on device or audit faults."""
+        if self.battery is None:
+            return
+        dev = self.battery.device_id
+        try:
+            await self.battery.release()
+        except DeviceError as err:
+            await _unaudited(self._fault(dev, "release.battery", err, event_id, {}), "release.battery")
+        else:
+            self.battery_w = None
+            record = self._audit.append("release.battery", {"reason": reason}, event_id=event_id, device_id=dev)
+            await _unaudited(record, "release.battery")
 
     async def _audit_lapses(self, event_id: str | None) -> None:
         """Audit the leases the fleet reports lapsed (node agents restore defaults on their own; the fleet logs it)."""

@@ -6,6 +6,7 @@ GatewayError
 ├── DeviceError            equipment did not do what was asked (carries device_id)
 │   ├── DeviceUnavailable  transport failure or timeout: the device did not answer
 │   ├── DeviceRejected     the device answered with an error (exception code, NVML status)
+│   │   └── InvalidReading   it answered with no possible value: "not available", outside physical bounds
 │   ├── ReadbackMismatch   the device reports a value other than the one written
 │   └── PermissionDenied   the gateway lacks the privilege to act (e.g. NVML without root)
 └── AuditError             the audit log cannot be written or read
@@ -47,6 +48,10 @@ class DeviceUnavailable(DeviceError):
 
 class DeviceRejected(DeviceError):
     """The device answered with an error."""
+
+
+class InvalidReading(DeviceRejected):
+    """The device answered with a value that is no reading: a "not available" sentinel, NaN, outside physics."""
 
 
 class ReadbackMismatch(DeviceError):

@@ -11,6 +11,8 @@ loop ("what now?") and the opt decision ("could we deliver this?").
   gives the same power in every interval.
 - The GPUs carry the rest, at the least weighted throughput loss (``gateway.allocation``),
   each within its allowance: its tier's loss, or what is left of its budget for the event.
+  "The rest" is what the battery will really deliver: a battery measured to give only part of
+  its setpoint (``battery_delivery``) leaves the GPUs the residual, not the setpoint's promise.
 """
 
 from __future__ import annotations
@@ -165,12 +167,14 @@ def plan(
     *,
     allowance: Mapping[str, float] | None = None,
     horizon: Horizon = (),
+    battery_delivery: float = 1.0,
 ) -> Plan:
     """Split ``required_shed_w`` of facility power: battery by policy, then GPU caps at least loss.
 
     ``remaining_s`` is the time left in the event; ``horizon`` lists the intervals after the
     current one as (duration_s, facility shed W); ``allowance`` is each GPU's allowed throughput
-    loss now (0..1), default its tier's.
+    loss now (0..1), default its tier's; ``battery_delivery`` is the share (0..1) of its setpoint
+    the battery is measured to deliver: the GPUs are planned for what it will not.
     """
     need = max(0.0, required_shed_w)
     fleet = fleet_arrays(gpus, natural_w, ctx, allowance)
@@ -188,16 +192,17 @@ def plan(
             ctx.battery_policy,
         )
         batt = min(need, sched[0])
-    alloc = allocation.allocate(fleet, (need - batt) / k)
+    delivered = batt * min(1.0, max(0.0, battery_delivery))
+    alloc = allocation.allocate(fleet, (need - delivered) / k)
     gpu_facility = alloc.shed_w * k
     caps = dict(zip(fleet.ids, alloc.caps_w.tolist(), strict=True))
     kept = fleet.kept(alloc.f)
     return Plan(
         battery_w=batt if battery is not None else 0.0,
         gpu_caps_w=caps,
-        battery_shed_w=batt,
+        battery_shed_w=delivered,
         gpu_facility_shed_w=gpu_facility,
-        shortfall_w=max(0.0, need - batt - gpu_facility),
+        shortfall_w=max(0.0, need - delivered - gpu_facility),
         gpus_capped=int(np.sum(alloc.caps_w < fleet.max_cap_w - 1e-9)),
         weighted_loss=alloc.weighted_loss,
         throughput_kept_fraction=float(np.mean(kept)) if len(fleet) else 1.0,

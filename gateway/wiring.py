@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway import plausible
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -61,14 +62,17 @@ async def build_devices(
     revert_s = cfg.battery.revert_s
 
     async def batt_w() -> float:
-        """The battery's power; while it does not answer, its last reading until its revert timer
-        would have returned it to normal (what the control loop assumes too), then 0."""
+        """The battery's power; while it does not answer (or gives no possible reading), its last reading
+        until its revert timer would have returned it to normal (what the control loop assumes too), then 0."""
         if battery_ref is None:
             return 0.0
         try:
-            last[:] = [float((await battery_ref.read()).power_w), clock.monotonic()]
+            state = await battery_ref.read()
         except GatewayError:
+            state = None
+        if state is None or plausible.battery_fault(state) is not None:
             return last[0] if clock.monotonic() - last[1] <= revert_s else 0.0
+        last[:] = [float(state.power_w), clock.monotonic()]
         return last[0]
 
     meter = ModelMeter(gpu_w, batt_w, cfg.site.non_gpu_it_w, cfg.site.cooling_overhead, clock)

@@ -118,6 +118,7 @@ class ModbusBattery(LeasedDevice):
             if self._remote is not None:
                 self._remote_seen = (self._clock.monotonic(), self._is_remote(v[self._remote.name]))
         status = int(v[self._name("status")])
+        self._seen_holding(v[self._name("setpoint_w")])
         return BatteryState(
             device_id=self.device_id,
             soc_pct=v[self._name("soc_pct")],

@@ -4,9 +4,10 @@ Register order uses pymodbus' converters; byte order inside each register is swa
 by hand (pymodbus has no option for it). ``value = raw * scale * 10**sf`` where ``sf`` is the
 value of the point's scale-factor point (0 when it has none); integer types round on encode.
 A ``bit`` point reads one bit (0 or 1) of its integer status word.
-A raw value listed in the point's ``invalid`` sentinels, a NaN, an empty string, or an
-invalid scale factor decodes to None: "not available", never 0. Out-of-range values raise
-ValueError.
+A raw value listed in the point's ``invalid`` sentinels, a NaN, an empty string, an
+invalid scale factor, or a value outside the point's physical ``bounds`` decodes to None:
+"not available", never 0 (``why_invalid`` says which). Out-of-range values raise ValueError
+on encode.
 """
 
 from __future__ import annotations
@@ -175,7 +176,27 @@ def decode_value(point: Point, registers: Sequence[int], sf: int | None = 0) -> 
         return float((raw >> point.bit) & 1)
     if sf is None:
         return None
-    return float(raw) * factor(point, sf)
+    value = float(raw) * factor(point, sf)
+    return value if in_bounds(point, value) else None
+
+
+def in_bounds(point: Point, value: float) -> bool:
+    """Return whether ``value`` (engineering units) is one the point can physically read."""
+    b = point.bounds
+    return b is None or b.min <= value <= b.max
+
+
+def why_invalid(point: Point, registers: Sequence[int], sf: int | None = 0) -> str:
+    """Return why the registers do not carry a valid reading of ``point`` (for ``decode_value`` giving None)."""
+    raw = raw_value(point, registers)
+    if is_invalid(point, raw) or sf is None or isinstance(raw, str):
+        return "the device reports it as not available"
+    value = float(raw) * factor(point, sf)
+    b = point.bounds
+    unit = f" {point.unit}" if point.unit else ""
+    if b is not None and not b.min <= value <= b.max:
+        return f"reads {value:g}{unit}, outside its physical bounds {b.min:g}..{b.max:g}{unit}: not a valid reading"
+    return "the device reports it as not available"
 
 
 def decode(point: Point, registers: Sequence[int], sf: int = 0) -> float:

@@ -4,7 +4,8 @@ A setpoint is leased: ``dispatched`` holds until the lease lapses or the driver 
 While leased, a keep-alive task calls the driver's ``refresh()`` at half the revert timer
 the driver last wrote, so the device's own timer never fires while the gateway lives and
 always fires once it stops. A map's ``control.max_ramp_w_per_s`` limits how fast commanded
-setpoints move.
+setpoints move: from the last command, or from what the device was read holding (a setpoint
+an earlier process left, after a restart), never from an assumed 0 W.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class LeasedDevice:
         self._lease_until: float | None = None  # clock.monotonic() when the lease lapses; None: released
         self._watchdog_s = revert_s  # the revert timer most recently written
         self._last_command: tuple[float, float] | None = None  # (monotonic, W) last commanded
+        self._held_w = 0.0  # the setpoint the device was last read holding while not dispatched by us
         self._kick = asyncio.Event()
         self._keepalive: asyncio.Task[None] | None = None
 
@@ -51,13 +53,19 @@ class LeasedDevice:
         """Forget the lease after a release."""
         self._lease_until = None
         self._last_command = None
+        self._held_w = 0.0
+
+    def _seen_holding(self, setpoint_w: float) -> None:
+        """Note the setpoint a read found; while undispatched it is where the next ramp starts."""
+        if not self.dispatched:
+            self._held_w = setpoint_w
 
     def _ramped(self, power_w: float, ramp_w_per_s: float | None) -> float:
-        """Return ``power_w`` moved no faster than ``ramp_w_per_s`` from the last command (0 W when undispatched)."""
+        """Return ``power_w`` moved no faster than ``ramp_w_per_s`` from the last command (or what the device holds)."""
         if ramp_w_per_s is None:
             return power_w
         now = self._clock.monotonic()
-        at, last_w = self._last_command if self._last_command and self.dispatched else (now, 0.0)
+        at, last_w = self._last_command if self._last_command and self.dispatched else (now, self._held_w)
         room = ramp_w_per_s * max(0.0, now - at)
         return min(max(power_w, last_w - room), last_w + room)
 

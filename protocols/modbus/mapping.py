@@ -2,7 +2,7 @@
 
 A file names the model, vendor and ``kind``, then its ``points`` (one value each: table,
 address, type, word and byte order, scale or scale-factor point, unit, access, polling
-group, not-available sentinels, and the ``role`` a driver reads it for), the ``limits`` a
+group, not-available sentinels, physical bounds, and the ``role`` a driver reads it for), the ``limits`` a
 write must respect, how reads may be coalesced (``block``) and how often each polling group
 is read (``polling``). A SunSpec device declares ``sunspec:`` instead of listing points: its
 points come from pysunspec2's model definitions (``protocols.modbus.sunspec``).
@@ -47,6 +47,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Limit(_Strict):
+    """A range in engineering units: what a written value must lie in, or what a reading can physically be."""
+
+    min: float
+    max: float
+
+
 class Point(_Strict):
     """One value on the device: where it lives, how it is encoded, and who may write it."""
 
@@ -60,6 +67,7 @@ class Point(_Strict):
     scale: float = 1.0
     scale_factor: str | None = None  # a point whose int16 value e scales this one by 10**e (SunSpec)
     invalid: tuple[int, ...] = ()  # raw values that mean "not available" (read as invalid, never 0)
+    bounds: Limit | None = None  # what a reading can physically be (engineering units); outside reads as invalid
     bit: int | None = Field(None, ge=0, le=63)  # read one bit (0 or 1) of an integer status word
     unit: str = ""
     access: Literal["r", "rw"] = "r"
@@ -86,13 +94,6 @@ class Point(_Strict):
     def numeric(self) -> bool:
         """Return whether the point carries a number (not text)."""
         return self.type != "string"
-
-
-class Limit(_Strict):
-    """The range (engineering units) a written value must lie in."""
-
-    min: float
-    max: float
 
 
 class Block(_Strict):
@@ -208,6 +209,11 @@ def _check_point(m: Mapping, name: str, p: Point) -> tuple[str, str] | None:
             return f"{key}.bit", f"a {p.type} has bits 0..{16 * p.count - 1}"
         if p.writable or p.scale != 1 or p.scale_factor is not None:
             return f"{key}.bit", "a bit point is read-only and unscaled"
+    if p.bounds is not None:
+        if not (p.numeric and p.bit is None):
+            return f"{key}.bounds", "only numeric points (not bits) have physical bounds"
+        if not (math.isfinite(p.bounds.min) and math.isfinite(p.bounds.max)) or p.bounds.min > p.bounds.max:
+            return f"{key}.bounds", f"min {p.bounds.min} and max {p.bounds.max} must be finite, min <= max"
     if p.scale_factor is not None:
         sf = m.points.get(p.scale_factor)
         if sf is None:

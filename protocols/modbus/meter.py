@@ -2,8 +2,10 @@
 
 The map's ``facility_w`` role is the facility's import power (W, positive importing); a map
 whose meter counts export as positive says so with a negative ``scale``. Other points are
-telemetry for the probe and the audit log. Reads go through the link's backoff, so a meter
-that stops answering is not hammered and its outage and recovery are logged once each.
+telemetry for the probe and the audit log. A reading the meter marks not available, or one
+outside the point's physical ``bounds``, is a ``DeviceRejected``, never a value. Reads go
+through the link's backoff, so a meter that stops answering is not hammered and its outage
+and recovery are logged once each.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import Clock
-from gateway.errors import DeviceRejected
 from protocols.modbus.codec import Value
 from protocols.modbus.device import ModbusDevice
 from protocols.modbus.mapping import Mapping
@@ -41,13 +42,10 @@ class ModbusMeter(ModbusDevice):
         self._point = self.mapping.require_roles((ROLE,))[ROLE]
 
     async def read_facility_w(self) -> float:
-        """Return facility import power in W; raise DeviceRejected if the meter reports it not available."""
+        """Return facility import power in W; raise DeviceRejected if not available or outside its bounds."""
         name = self._point.name
-        values = await self._link.call("read", lambda: self._transport.read_values([name]))
-        value = values[name]
-        if not isinstance(value, float):
-            raise DeviceRejected(self.device_id, f"{name}: the meter reports it as not available")
-        return value
+        values = await self._link.call("read", lambda: self._transport.read([name]))
+        return values[name]
 
     async def read_group(self, group: str) -> dict[str, Value]:
         """Return every point of one polling group (telemetry), None where not available."""

@@ -4,7 +4,10 @@
 pymodbus' own TCP server (SimDevice/SimData), so every shipped map can be round-tripped in
 a test. ``BatterySimulator`` adds a battery's physics on top: power follows the remote
 setpoint within its limits and state of charge, and the revert timer (``watchdog_s``) puts
-the battery back to 0 W and local mode when the controller stops writing.
+the battery back to 0 W and local mode when the controller stops writing. Two faults real
+units have: ``delivery_fraction`` (a weak or derated battery delivers only that share of its
+setpoint, and says so in its power register) and ``report_soc_raw`` (a state-of-charge
+register that lies, whatever the real charge).
 """
 
 from __future__ import annotations
@@ -97,6 +100,12 @@ class PointServer:
             return 0
         raw = codec.raw_value(sf, self.registers(sf.name))
         return None if codec.is_invalid(sf, raw) or not isinstance(raw, int) else raw
+
+    def set_raw(self, name: str, raw: int) -> None:
+        """Set integer point ``name`` to the unscaled ``raw`` (a sentinel, or a value no device should hold)."""
+        p = self.mapping.point(name)
+        for i, reg in enumerate(codec.encode_raw(p, raw)):
+            self._image[p.table][p.address + i] = reg
 
     def set_offline(self, offline: bool) -> None:
         """Stop (or resume) answering: requests are then dropped unanswered and change nothing."""
@@ -242,6 +251,7 @@ class BatterySimulator(PhysicsDevice):
         watchdog_s: float = 60.0,
         ramp_w_per_s: float | None = None,
         tick_s: float = 0.1,
+        delivery_fraction: float = 1.0,
     ) -> None:
         self.mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
         self._pts = self.mapping.require_roles(ROLES)
@@ -252,6 +262,8 @@ class BatterySimulator(PhysicsDevice):
         self.max_charge_w = max_charge_w
         self.ramp_w_per_s = ramp_w_per_s
         self.tick_s = tick_s
+        self.delivery_fraction = delivery_fraction  # share of the setpoint really delivered (a weak unit)
+        self._soc_raw: int | None = None  # what the SoC register shows instead of the charge (a lying unit)
         self._soc_pct = soc_pct
         self._power_w = 0.0
         self._expired = False
@@ -305,6 +317,18 @@ class BatterySimulator(PhysicsDevice):
         """Return whether the revert timer has fired since the last remote command."""
         return self._expired
 
+    def report_soc_raw(self, raw: int | None) -> None:
+        """Make the SoC register show ``raw`` whatever the real charge (0xFFFF, say); None: the truth again."""
+        self._soc_raw = raw
+        self._publish_soc()
+
+    def _publish_soc(self) -> None:
+        """Write the state of charge into its register, or the lie it was told to tell."""
+        if self._soc_raw is None:
+            self._set("soc_pct", self._soc_pct)
+        else:
+            self.server.set_raw(self._pts["soc_pct"].name, self._soc_raw)
+
     def set_local(self, local: bool) -> None:
         """Turn the unit's local/remote switch (if its map has one) to local or to remote."""
         if self._remote is not None:
@@ -326,7 +350,7 @@ class BatterySimulator(PhysicsDevice):
             self._expired = True
             mode = MODE_LOCAL
         target = self._get("setpoint_w") if mode == MODE_REMOTE else 0.0
-        target = min(max(target, -self.max_charge_w), self.max_discharge_w)
+        target = min(max(target, -self.max_charge_w), self.max_discharge_w) * self.delivery_fraction
         if (target > 0 and self._soc_pct <= 0.0) or (target < 0 and self._soc_pct >= 100.0):
             target = 0.0
         if self.ramp_w_per_s is None:
@@ -334,7 +358,7 @@ class BatterySimulator(PhysicsDevice):
         else:
             room = self.ramp_w_per_s * dt
             self._power_w += min(max(target - self._power_w, -room), room)
-        self._set("soc_pct", self._soc_pct)
+        self._publish_soc()
         self._set("power_w", self._power_w)
         self._set("status", STATUS_ONLINE | (STATUS_WATCHDOG_EXPIRED if self._expired else 0))
 

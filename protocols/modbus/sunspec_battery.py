@@ -7,7 +7,8 @@ with WSetEna, WSetMod = WATTS and the WSetRvrtTms reversion timer) or, for older
 model 124 (StorCtl_Mod with OutWRte/InWRte in % of WChaMax and InOutWRte_RvrtTms). Each
 setpoint carries the reversion timer and a controller heartbeat (802 CtrlHb or 715
 ControllerHb) and is read back. 802/715 LocRemCtl must say REMOTE before anything is sent.
-"Not implemented" values are never read as 0: a missing state of charge is a DeviceRejected.
+"Not implemented" values are never read as 0: a missing state of charge (or one outside 0-100 %,
+or an enabled setpoint without a value) is an InvalidReading (a DeviceRejected).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import ConfigError, DeviceRejected, InputRejected, ReadbackMismatch
+from gateway.errors import ConfigError, DeviceRejected, InputRejected, InvalidReading, ReadbackMismatch
 from gateway.model import BatteryState
 from protocols.modbus import codec, sunspec
 from protocols.modbus.codec import Value
@@ -35,6 +36,7 @@ STOR_CHARGE, STOR_DISCHARGE = 1 << 0, 1 << 1
 REMOTE_CHECK_MAX_AGE_S = 10.0
 # First valid point wins, in this order.
 SOC = ("802.SoC", "713.SoC", "124.ChaState")
+SOC_BOUNDS_PCT = (0.0, 100.0)  # a state of charge outside is not a reading: the next model's, or a fault
 MAX_DISCHARGE = ("802.WDisChaRteMax", "124.WChaMax")
 MAX_CHARGE = ("802.WChaRteMax", "124.WChaMax")
 CAPACITY = ("802.WHRtg", "713.WHRtg")
@@ -125,13 +127,16 @@ class SunspecBattery(LeasedDevice):
         """Return the names the device has."""
         return [n for n in names if self._has(n)]
 
-    def _first(self, values: dict[str, Value], names: tuple[str, ...], what: str) -> float:
-        """Return the first valid number among ``names``; raise DeviceRejected if none is."""
+    def _first(
+        self, values: dict[str, Value], names: tuple[str, ...], what: str, bounds: tuple[float, float] | None = None
+    ) -> float:
+        """Return the first valid number among ``names`` (within ``bounds``); raise InvalidReading if none is."""
         for n in names:
             v = values.get(n)
-            if isinstance(v, float):
+            if isinstance(v, float) and (bounds is None or bounds[0] <= v <= bounds[1]):
                 return v
-        raise DeviceRejected(self.device_id, f"{what}: not available ({', '.join(self._present(names)) or 'no point'})")
+        seen = ", ".join(f"{n} {values.get(n)}" for n in self._present(names)) or "no point"
+        raise InvalidReading(self.device_id, f"{what}: not available or not a possible reading ({seen})")
 
     async def read(self) -> BatteryState:
         """Return state of charge, power, setpoint and limits from the battery and control models."""
@@ -145,9 +150,10 @@ class SunspecBattery(LeasedDevice):
             self._remember_remote(v)
         state = v.get("802.State")
         setpoint_w = self._setpoint_of(v)
+        self._seen_holding(setpoint_w)
         return BatteryState(
             device_id=self.device_id,
-            soc_pct=self._first(v, SOC, "state of charge"),
+            soc_pct=self._first(v, SOC, "state of charge", SOC_BOUNDS_PCT),
             power_w=self.spec.power_sign * self._first(v, ("802.W",), "battery power"),
             setpoint_w=setpoint_w,
             max_discharge_w=self._first(v, MAX_DISCHARGE, "max discharge rate"),
@@ -157,16 +163,26 @@ class SunspecBattery(LeasedDevice):
         )
 
     def _setpoint_of(self, v: dict[str, Value]) -> float:
-        """Return the setpoint (W, + discharge) the control model holds; 0 when not enabled."""
+        """Return the setpoint (W, + discharge) the control model holds; 0 when not enabled.
+
+        An enabled control whose value is "not implemented" is no setpoint: InvalidReading, never 0 W.
+        """
         if self.spec.control == "704":
-            return float(v.get("704.WSet") or 0.0) if v.get("704.WSetEna") == 1 else 0.0
+            return self._number(v, "704.WSet") if v.get("704.WSetEna") == 1 else 0.0
         rate = v.get("124.WChaMax")
         if isinstance(rate, float):
             self._rate_w = rate
         mode = int(v.get("124.StorCtl_Mod") or 0)
-        out = float(v.get("124.OutWRte") or 0.0) if mode & STOR_DISCHARGE else 0.0
-        into = float(v.get("124.InWRte") or 0.0) if mode & STOR_CHARGE else 0.0
+        out = self._number(v, "124.OutWRte") if mode & STOR_DISCHARGE else 0.0
+        into = self._number(v, "124.InWRte") if mode & STOR_CHARGE else 0.0
         return (out - into) / 100.0 * (self._rate_w or 0.0)
+
+    def _number(self, v: dict[str, Value], name: str) -> float:
+        """Return point ``name``'s number; raise InvalidReading when the device reports it not implemented."""
+        x = v.get(name)
+        if not isinstance(x, float):
+            raise InvalidReading(self.device_id, f"{name}: in force but not available ({x!r})")
+        return x
 
     def _remember_remote(self, v: dict[str, Value]) -> None:
         """Cache whether every local/remote point present says REMOTE."""

@@ -14,7 +14,8 @@ Errors, mapped here and nowhere else:
   carrying the Modbus exception code);
 - no connection, a timeout, a garbled reply: ``DeviceUnavailable``;
 - a strict ``read`` of a point the device reports as not available (a sentinel, NaN, or an
-  invalid scale factor): ``DeviceRejected``. ``read_values`` returns None for it instead.
+  invalid scale factor) or that reads outside its physical ``bounds``: ``InvalidReading``
+  (a ``DeviceRejected``) naming why. ``read_values`` returns None for it instead.
 
 Points scaled by a scale-factor point (SunSpec) are read together with it; the last value
 seen of each scale factor is kept to encode writes (read first if never seen).
@@ -32,7 +33,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
+from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from protocols.modbus import codec
 from protocols.modbus.codec import Value
 from protocols.modbus.mapping import Mapping, Point, Table
@@ -174,19 +175,27 @@ class ModbusTransport:
         """Return the engineering value of each named numeric point (all if None); strict about validity."""
         if names is None:
             names = [p.name for p in self.mapping.points.values() if p.numeric]
-        values = await self.read_values(names)
+        points = [self._point(n) for n in names]
+        raw = await self._read_raw(points)
         out: dict[str, float] = {}
-        for name, v in values.items():
+        for p in points:
+            v = codec.decode_value(p, raw[p.name], self._scale_of(p))
             if v is None:
-                raise DeviceRejected(self.device_id, f"{name}: the device reports it as not available")
+                why = codec.why_invalid(p, raw[p.name], self._scale_of(p))
+                raise InvalidReading(self.device_id, f"{p.name}: {why}")
             if isinstance(v, str):
-                raise InputRejected(f"{self.device_id}: {name} is text; use read_values")
-            out[name] = v
+                raise InputRejected(f"{self.device_id}: {p.name} is text; use read_values")
+            out[p.name] = v
         return out
 
     async def read_values(self, names: Iterable[str] | None = None) -> dict[str, Value]:
         """Return each named point's value (all if None), None where the device says not available."""
         points = list(self.mapping.points.values()) if names is None else [self._point(n) for n in names]
+        raw = await self._read_raw(points)
+        return {p.name: codec.decode_value(p, raw[p.name], self._scale_of(p)) for p in points}
+
+    async def _read_raw(self, points: list[Point]) -> dict[str, list[int]]:
+        """Return the registers of ``points`` (and their scale factors, whose exponents are kept) in few reads."""
         scales = {p.scale_factor: self.mapping.points[p.scale_factor] for p in points if p.scale_factor}
         wanted = {p.name: p for p in (*points, *scales.values())}
         raw: dict[str, list[int]] = {}
@@ -197,7 +206,7 @@ class ModbusTransport:
                 raw[p.name] = regs[off : off + p.count]
         for name in raw.keys() & self._sf_names:
             self._sf[name] = _exponent(self.mapping.points[name], raw[name])
-        return {p.name: codec.decode_value(p, raw[p.name], self._scale_of(p)) for p in points}
+        return raw
 
     async def write(self, values: cabc.Mapping[str, float | str]) -> None:
         """Write engineering values to writable points; check every one before sending any."""

@@ -7,7 +7,8 @@ from its browse path or id at every connect, reads every node's data type once s
 out typed (a Float node refuses a Double), keeps subscribed values current, and reconnects on
 its own (asyncua's supervisor), restoring the subscriptions. A lost link is logged once and
 its recovery once. asyncua's errors are translated here: no answer is ``DeviceUnavailable``,
-a refusal (bad status, security, credentials) is ``DeviceRejected``.
+a refusal (bad status, security, credentials) is ``DeviceRejected``. A number that is NaN,
+infinite or outside its node's physical ``bounds`` reads as None, like a bad status.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from asyncua.crypto import uacrypto
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, InputRejected
+from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from gateway.logs import get_logger
 from protocols.opcua.nodemap import INT_RANGE, NodeMap, load_node_map
 
@@ -221,11 +222,14 @@ class OpcuaClient:
         self._by_id = {node.nodeid: name for name, node in nodes.items()}
 
     def _value(self, name: str, raw: Any) -> Reading:
-        """Return the engineering value of a raw node value."""
+        """Return the engineering value of a raw node value; None for NaN, infinity or outside the node's bounds."""
         n = self.node_map.node(name)
         if raw is None or n.type in ("Boolean", "String"):
             return raw  # type: ignore[no-any-return]
-        return float(raw) * n.scale
+        value = float(raw) * n.scale
+        if not math.isfinite(value) or (n.bounds is not None and not n.bounds.min <= value <= n.bounds.max):
+            return None  # not a reading: the same as a bad status
+        return value
 
     async def read(self, names: Iterable[str] | None = None) -> dict[str, Reading]:
         """Return each named node's value (all if None) in one request; None where the status is bad."""
@@ -367,7 +371,11 @@ class OpcuaMeter:
                 return latest[0]
         value = (await self.client.read([self._name]))[self._name]
         if not isinstance(value, float):
-            raise DeviceRejected(self.device_id, f"{self._name}: the server reports it as not available")
+            b = self.client.node_map.node(self._name).bounds
+            possible = f"{b.min:g}..{b.max:g} W" if b is not None else "a finite number"
+            raise InvalidReading(
+                self.device_id, f"{self._name}: not available, or not a possible reading (outside {possible})"
+            )
         return value
 
     async def breaker_closed(self) -> bool | None:

@@ -3,8 +3,8 @@
 A node map (``protocol: opcua``) names its namespaces by URI (never by index: indexes are
 resolved from the URIs at every connect) and its ``nodes``: each is found by a browse path
 below the Objects folder or by an identifier inside a namespace (``s=Feeder1.P``, ``i=1001``),
-and has an OPC UA data type, a unit, a scale, an access mode and the ``role`` a driver reads
-it for. Every problem is a ``ConfigError(file, "nodes.<name>.<field>", reason)``.
+and has an OPC UA data type, a unit, a scale, physical bounds, an access mode and the ``role``
+a driver reads it for. Every problem is a ``ConfigError(file, "nodes.<name>.<field>", reason)``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import ConfigError
-from protocols.modbus.mapping import all_mapping_names, read_document
+from protocols.modbus.mapping import Limit, all_mapping_names, read_document
 
 NodeType = Literal["Boolean", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float", "Double", "String"]
 INT_RANGE: dict[str, tuple[int, int]] = {
@@ -45,6 +45,7 @@ class Node(_Strict):
     type: NodeType
     unit: str = ""
     scale: float = 1.0  # value = raw * scale (numbers only)
+    bounds: Limit | None = None  # what a reading can physically be (engineering units); outside reads as None
     access: Literal["r", "rw"] = "r"
     role: str | None = None
     subscribe: bool = True
@@ -116,6 +117,9 @@ def _check(m: NodeMap) -> tuple[str, str] | None:
                 return f"{key}.path", f"{part!r}: a browse name, or alias:name with a defined alias"
         if n.scale == 0 or not math.isfinite(n.scale) or (n.scale != 1 and not n.numeric):
             return f"{key}.scale", "scale must be a finite, non-zero number (numbers only)"
+        b = n.bounds
+        if b is not None and (not n.numeric or not (math.isfinite(b.min) and math.isfinite(b.max)) or b.min > b.max):
+            return f"{key}.bounds", f"min {b.min} and max {b.max} must be finite, min <= max (numbers only)"
         if n.role is not None:
             if n.role in roles:
                 return f"{key}.role", f"role {n.role!r} is already used by node {roles[n.role]!r}"

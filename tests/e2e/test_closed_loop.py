@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 from gateway.clock import ManualClock
@@ -22,61 +21,10 @@ from gateway.events import EventBook
 from gateway.model import BatteryState, DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.simulation.gpus import SimGpuFleet
 from gateway.simulation.site import ModelMeter
+from tests.e2e.memory import Audit, Store
 
 T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 TICK_S = 5.0
-
-
-class Audit:
-    """An in-memory audit sink."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, dict[str, Any], str | None]] = []
-
-    async def append(
-        self,
-        kind: str,
-        data: Mapping[str, Any],
-        *,
-        actor: str = "gateway",
-        event_id: str | None = None,
-        device_id: str | None = None,
-    ) -> int:
-        self.rows.append((kind, dict(data), event_id))
-        return len(self.rows)
-
-    def kinds(self) -> list[str]:
-        return [k for k, _, _ in self.rows]
-
-    def last(self, kind: str) -> dict[str, Any]:
-        return [d for k, d, _ in self.rows if k == kind][-1]
-
-
-class Store:
-    """An in-memory event store with the event book's interface."""
-
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, int], Any] = {}
-
-    async def get(self, event_id: str, modification_number: int) -> Any:
-        return self.rows.get((event_id, modification_number))
-
-    async def latest(self, event_id: str) -> Any:
-        mine = [v for (e, _), v in self.rows.items() if e == event_id]
-        return max(mine, key=lambda v: v.event.modification_number) if mine else None
-
-    async def put(self, ev: DemandEvent, opt: Opt, reason: str, **_: Any) -> bool:
-        self.rows[(ev.event_id, ev.modification_number)] = SimpleNamespace(event=ev, opt=opt)
-        return True
-
-    async def open_events(self, now: datetime) -> list[Any]:
-        return []
-
-    async def get_state(self, key: str) -> str | None:
-        return None
-
-    async def set_state(self, key: str, value: str) -> None:
-        return None
 
 
 class Battery:

@@ -67,7 +67,7 @@ async def test_killed_mid_event_resumes_from_its_store_without_acting_twice(tmp_
         await vtn.stop()  # and the VTN is gone while the gateway restarts
         answered = len(vtn.responses)
         procs.append(await _start(cfg))
-        # The second process releases at start (reconcile), then dispatches again from its store.
+        # The second process reconciles at start (keeps what the battery holds), then dispatches from its store.
         await until(lambda: _commands_after_restart(db) > 0, 30.0, "battery dispatch resumed with the VTN down")
         assert bsim.setpoint_w > 1000
         assert len(vtn.responses) == answered, "nothing could have reached the VTN"

@@ -51,6 +51,16 @@ async def test_kill9_mid_event_resumes_from_own_store(make_site: MakeSite) -> No
     before_plan = tick["data"]
     answered = len(site.vtn.responses)
 
+    setpoints: list[float] = []  # the battery's setpoint register after every write it sees from here on
+    seen = site.bsim.server.on_write
+    assert seen is not None
+
+    def on_write(names: frozenset[str]) -> None:
+        seen(names)
+        if "setpoint_w" in names:
+            setpoints.append(site.bsim.setpoint_w)
+
+    site.bsim.server.on_write = on_write
     t_kill, killed_at = time.monotonic(), datetime.now(UTC)
     await site.kill()
     # The device holds the setpoint under its own revert timer: the restart must deal with it.
@@ -94,8 +104,12 @@ async def test_kill9_mid_event_resumes_from_own_store(make_site: MakeSite) -> No
     ticks_to_dispatch = kinds[:dispatched].count("control.tick")
     assert ticks_to_dispatch <= 2, f"the plan was dispatched only on tick {ticks_to_dispatch}"
 
-    # Reconcile first: the restart released what the dead process left, then re-applied the plan.
-    assert kinds.index("release.battery") < kinds.index("command.battery")
+    # Reconcile first: the restart kept what the dead process left for the event, then moved it to the plan.
+    # No release in between: the battery's setpoint never went to 0 W (the meter would see the notch).
+    assert "release.battery" not in kinds and "release.gpus" not in kinds, kinds
+    assert kinds.index("reconcile.kept") < kinds.index("command.battery")
+    across = list(setpoints)  # the stop at the end releases it: 0 W then is right
+    assert across and min(across) > 2900, f"the battery was notched across the restart: {across}"
     restarted = site.rows("event.start", event_id, second)
     assert len(restarted) == 1 and restarted[0]["data"]["modification_number"] == 0
     first_start = site.rows("event.start", event_id)[0]["data"]
@@ -145,6 +159,8 @@ async def test_kill9_mid_event_resumes_from_own_store(make_site: MakeSite) -> No
         kill_to_devices_on_plan_s=t_match - t_kill,
         ticks_to_dispatch=ticks_to_dispatch,
         ticks_seen_before_match=ticks,
+        battery_writes_across_restart=len(across),
+        lowest_setpoint_across_restart_w=min(across),
         vtn_answers_for_event=len(answers),
         opt_decided=1,
         **lost,

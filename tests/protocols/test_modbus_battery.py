@@ -335,6 +335,32 @@ async def test_the_maps_ramp_limit_moves_setpoints_gradually() -> None:
         await sim.stop()
 
 
+async def test_a_restarted_driver_ramps_from_what_the_device_holds_not_from_0_w() -> None:
+    """A new driver (a restarted gateway) reads the 3 kW an earlier one left and moves from there: no 0 W write."""
+    doc = yaml.safe_load((MAPS / "bess_generic.yaml").read_text(encoding="utf-8"))
+    doc["control"] = {"max_ramp_w_per_s": 1_000.0}
+    m = parse_mapping(doc, "ramped.yaml")
+    clock = ManualClock()
+    sim = BatterySimulator(m, clock=clock)
+    port = await sim.start()
+    first = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
+    second = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
+    try:
+        await first.set_discharge_w(0.0, lease_s=300)
+        clock.advance(3.0)
+        assert await first.set_discharge_w(3_000, lease_s=300) == 3_000
+        await first.close()  # the earlier process is gone; the device holds 3 kW on its revert timer
+        assert (await second.read()).setpoint_w == 3_000
+        assert await second.set_discharge_w(3_000, lease_s=300) == 3_000  # was 0 W: a notch
+        assert sim.setpoint_w == 3_000
+        clock.advance(1.0)
+        assert await second.set_discharge_w(5_000, lease_s=300) == 4_000  # and ramps on from there
+    finally:
+        await first.close()
+        await second.close()
+        await sim.stop()
+
+
 @pytest.mark.parametrize(("name", "reason"), [("ups_generic", "telemetry only"), ("meter_facility", "telemetry only")])
 def test_telemetry_maps_cannot_drive_a_battery(name: str, reason: str) -> None:
     """Refuse a UPS map (unless it says dispatchable: true) and a meter map as a battery."""

@@ -152,6 +152,20 @@ async def test_guarded_battery_holds_discharge_while_the_ups_is_on_battery(
         await sim.stop()
 
 
+async def test_ups_with_an_impossible_charge_or_runtime_allows_no_discharge(
+    ups_site: tuple[PointServer, ModbusUps],
+) -> None:
+    """A UPS reporting 6000 % charge or a year of runtime is not "ready": the guard allows nothing."""
+    server, ups = ups_site
+    server.set("battery_soc_pct", 6000.0)
+    state = await ups.read()
+    assert state.soc_pct is None and discharge_allowance_w(state, 600, 50)[0] == 0.0
+    server.set("battery_soc_pct", 100.0)
+    server.set("runtime_remaining_s", 365 * 86_400.0)
+    state = await ups.read()
+    assert state.runtime_s is None and discharge_allowance_w(state, 600, 50)[0] == 0.0
+
+
 async def test_ups_with_a_not_available_value_is_rejected_by_a_strict_read(
     ups_site: tuple[PointServer, ModbusUps],
 ) -> None:

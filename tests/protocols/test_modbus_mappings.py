@@ -24,7 +24,7 @@ NAMES = mapping_names()
 
 
 def sample_value(p: Point, lim: Limit | None) -> float | str:
-    """Return a non-trivial value ``p`` carries exactly, inside its limits (negative if signed)."""
+    """Return a non-trivial value ``p`` carries exactly, inside its limits and bounds (negative if signed)."""
     if p.type == "string":
         return "drgw-probe"[: 2 * p.count]
     if p.bit is not None:
@@ -35,6 +35,8 @@ def sample_value(p: Point, lim: Limit | None) -> float | str:
         lo, hi = codec.RAW_RANGE[p.type]
         raw = -(hi // 3) - 7 if lo < 0 else hi // 3 + 7
         value = float(raw * p.scale)
+    if p.bounds is not None:
+        lim = p.bounds if lim is None else Limit(min=max(lim.min, p.bounds.min), max=min(lim.max, p.bounds.max))
     if lim is not None:
         target = lim.min + 0.3 * (lim.max - lim.min)
         step = codec.lsb(p)
@@ -118,6 +120,41 @@ async def test_sentinels_read_as_not_available(served: tuple[Mapping, PointServe
             await transport.read([marked[0]])
 
 
+async def test_readings_outside_physical_bounds_are_not_values(
+    served: tuple[Mapping, PointServer, ModbusTransport],
+) -> None:
+    """Read a value beyond a point's physical bounds (a SoC of 6553.4 %) as None; a strict read names the bounds."""
+    m, server, transport = served
+    bounded = [p for p in m.points.values() if p.bounds is not None]
+    for p in bounded:
+        lo, hi = codec.value_range(p)
+        assert p.bounds is not None
+        beyond = p.bounds.max + max(codec.lsb(p), abs(p.bounds.max) * 0.5, 1.0)
+        if beyond > hi:  # the type cannot exceed the top bound: go below the bottom one
+            beyond = p.bounds.min - max(codec.lsb(p), abs(p.bounds.min) * 0.5, 1.0)
+            if beyond < lo:
+                continue  # the bounds are the type's whole range
+        server.set(p.name, beyond)
+        assert (await transport.read_values([p.name]))[p.name] is None, p.name
+        with pytest.raises(DeviceRejected, match=f"{p.name}: reads .* outside its physical bounds"):
+            await transport.read([p.name])
+
+
+PHYSICAL_ROLES = ("soc_pct", "power_w", "setpoint_w", "max_discharge_w", "max_charge_w", "capacity_wh")
+PHYSICAL_ROLES += ("facility_w", "runtime_s")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if load_mapping(n).sunspec is None])
+def test_every_quantity_a_driver_trusts_has_physical_bounds(name: str) -> None:
+    """Give every point a driver decides on (SoC, power, ratings, facility power) bounds, and a sentinel if integer."""
+    m = load_mapping(name)
+    for p in m.points.values():
+        if p.role in PHYSICAL_ROLES:
+            assert p.bounds is not None, f"{name}: {p.name} ({p.role}) declares no physical bounds"
+            if p.type not in ("float32", "float64"):
+                assert p.invalid, f"{name}: {p.name} ({p.role}) declares no 'not available' value"
+
+
 async def test_bits_share_their_status_word(served: tuple[Mapping, PointServer, ModbusTransport]) -> None:
     """Read each bit point as its bit of the status word it shares, set from inside the device."""
     m, server, transport = served
@@ -189,6 +226,10 @@ GOOD = {"table": "holding", "address": 0, "type": "uint16"}
         ({"s": {**GOOD, "bit": 16}}, {}, "points.s.bit", "bits 0..15"),
         ({"s": {**GOOD, "bit": 1, "access": "rw"}}, {}, "points.s.bit", "read-only"),
         ({"bad name": GOOD}, {}, "points.bad name", "letters"),
+        ({"s": {**GOOD, "bounds": {"min": 100, "max": 0}}}, {}, "points.s.bounds", "min <= max"),
+        ({"s": {**GOOD, "bounds": {"min": 0, "max": float("inf")}}}, {}, "points.s.bounds", "finite"),
+        ({"s": {**GOOD, "type": "string", "size": 2, "bounds": {"min": 0, "max": 1}}}, {}, "points.s.bounds", "only"),
+        ({"s": {**GOOD, "bounds": {"min": 0}}}, {}, "points.s.bounds.max", "required"),
         ({"s": GOOD}, {"kind": "meter", "dispatchable": True}, "dispatchable", "meter"),
         ({"s": GOOD}, {"polling": {"fast": 0}}, "polling.fast", "positive"),
         ({"s": GOOD}, {"protocol": "opcua"}, "protocol", "not a Modbus"),

@@ -122,6 +122,8 @@ async def test_every_shipped_node_map_round_trips(sim: OpcuaSimServer, client: O
     for node in nm.nodes.values():
         value = SAMPLES[node.type]
         value = value * node.scale if isinstance(value, float) and node.type in ("Double", "Float") else value
+        if node.bounds is not None and isinstance(value, float):
+            value = node.bounds.min + 0.3 * (node.bounds.max - node.bounds.min)
         await sim.set(node.name, value)
         got = (await client.read([node.name]))[node.name]
         assert got == (pytest.approx(value) if isinstance(value, float) else value), node.name
@@ -253,6 +255,24 @@ async def test_meter_reads_the_facility_node(sim: OpcuaSimServer, pki: Pki) -> N
         assert await m.read_facility_w() == pytest.approx(4_100_000.0)
     finally:
         await meter.close()
+
+
+@pytest.mark.parametrize("impossible", [float("nan"), float("inf"), -5.0e9, 2.0e9])
+async def test_meter_refuses_an_impossible_reading(sim: OpcuaSimServer, pki: Pki, impossible: float) -> None:
+    """Refuse NaN, infinity and a value beyond the node's physical bounds: a fault, never a facility power."""
+    meter = OpcuaMeter(OpcuaClient("sub-meter", sim.url, "opcua_substation", pki.security()), max_age_s=60.0)
+    await sim.set("facility_w", 4_000_000.0)
+    await meter.start()
+    try:
+        await until(lambda: "facility_w" in meter.client.latest)
+        assert await meter.read_facility_w() == pytest.approx(4_000_000.0)
+        await sim.set("facility_w", impossible)
+        await until(lambda: meter.client.latest["facility_w"][0] is None)  # the subscription delivers it as invalid
+        with pytest.raises(DeviceRejected, match="not a possible reading"):
+            await meter.read_facility_w()
+    finally:
+        await meter.close()
+        await sim.set("facility_w", 4_000_000.0)  # the server is shared by the module
 
 
 async def test_probe_reads_every_node(sim: OpcuaSimServer, pki: Pki) -> None:

@@ -22,6 +22,8 @@ GOOD = {"namespace": "site", "path": ["A", "B"], "type": "Double"}
         ({"p": {**GOOD, "path": None, "node_id": "ns=2;s=X"}}, "nodes.p.node_id", "s=<string id>"),
         ({"p": {**GOOD, "path": ["other:B"]}}, "nodes.p.path", "alias"),
         ({"p": {**GOOD, "type": "Boolean", "scale": 10}}, "nodes.p.scale", "numbers only"),
+        ({"p": {**GOOD, "bounds": {"min": 5, "max": 1}}}, "nodes.p.bounds", "min <= max"),
+        ({"p": {**GOOD, "type": "String", "bounds": {"min": 0, "max": 1}}}, "nodes.p.bounds", "numbers only"),
         ({"p": {**GOOD, "type": "Decimal"}}, "nodes.p.type", "Boolean"),
         ({"p": {**GOOD, "role": "x"}, "q": {**GOOD, "role": "x"}}, "nodes.q.role", "already"),
         ({"p": {**GOOD, "colour": 1}}, "nodes.p.colour", "unknown key"),

@@ -172,6 +172,28 @@ async def test_state_of_charge_falls_back_and_never_reads_a_sentinel_as_zero(sit
         await bat.read()
 
 
+async def test_a_state_of_charge_outside_0_to_100_is_not_a_reading(site: Site) -> None:
+    """Skip a SoC no battery can have (650 %) for the next model's; refuse the reading when none is possible."""
+    sim, bat = site
+    sim._publish = lambda: None  # type: ignore[method-assign]  # hold the values set here
+    sim.set("802.SoC", 650.0)
+    sim.set("713.SoC", 42.0)
+    assert (await bat.read()).soc_pct == 42.0
+    sim.set("713.SoC", 101.0)
+    sim.set("124.ChaState", 6553.0)
+    with pytest.raises(DeviceRejected, match="state of charge: not available or not a possible reading"):
+        await bat.read()
+
+
+async def test_an_enabled_setpoint_without_a_value_is_refused_not_read_as_0(site: Site) -> None:
+    """Read 704 WSet's "not implemented" value under WSetEna = 1 as a fault, never as a 0 W setpoint."""
+    sim, bat = site
+    await bat.set_discharge_w(2_000.0, 30.0)
+    sim.set("704.WSet", None)
+    with pytest.raises(DeviceRejected, match="704.WSet: in force but not available"):
+        await bat.read()
+
+
 async def test_a_device_without_the_control_model_is_rejected_at_connect() -> None:
     """Refuse a device whose chain lacks a required model."""
     sim = SunspecSimulator(storage_map(models=[1, 124, 802], optional=[], control="124"))

@@ -38,3 +38,32 @@ async def test_estimate_keeps_the_battery_discharge_until_its_revert_timer_would
     finally:
         for close in closers:
             await close()
+
+
+async def test_estimate_never_takes_an_impossible_battery_reading_as_a_value() -> None:
+    """A power register no battery of this rating can show (900 kW on 250 kW) counts as unreadable, not as export."""
+    clock = ManualClock()
+    sim = BatterySimulator("bess_generic", clock=clock, max_discharge_w=250_000.0, max_charge_w=250_000.0)
+    port = await sim.start()
+    cfg = parse_config(
+        {
+            "site": {"non_gpu_it_w": 10_000.0, "cooling_overhead": 0.0},
+            "battery": {"port": port, "revert_s": 30.0, "timeout_s": 0.3},
+            "gpus": {"backend": "none"},
+        }
+    )
+    meter, battery, _fleet, closers = await build_devices(cfg, clock)
+    assert meter is not None and battery is not None
+    try:
+        await battery.set_discharge_w(4_000.0, lease_s=30.0)
+        clock.advance(1.0)
+        sim.step()
+        assert await meter.read_facility_w() == pytest.approx(6_000.0, abs=50.0)
+        sim.server.set("power_w", 900_000.0)  # inside the map's bounds, far beyond this unit's rating
+        assert await meter.read_facility_w() == pytest.approx(6_000.0, abs=50.0)  # the last possible reading
+        clock.advance(35.0)  # past the revert timer: counted as back to normal, never as 900 kW of export
+        assert await meter.read_facility_w() == pytest.approx(10_000.0)
+    finally:
+        for close in closers:
+            await close()
+        await sim.stop()

@@ -32,6 +32,8 @@ def test_example_config_is_valid() -> None:
         ("[[gpus.groups]]\ncount = 2\ntier = 'flex9'\n", "gpus", "flex9"),
         ('[openadr.simple_levels]\n"4" = 0.5\n', "openadr.simple_levels", "level '4'"),
         ("[control\ntick_s = 1\n", "(syntax)", ""),
+        ("[meter]\nmin_w = 10.0\nmax_w = 5.0\n", "meter", "min_w 10.0 must be below max_w 5.0"),
+        ("[meter]\nmax_w = inf\n", "meter.max_w", "finite"),
     ],
 )
 def test_bad_config_names_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:

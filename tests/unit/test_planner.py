@@ -62,6 +62,20 @@ def test_gpus_take_the_rest_after_battery() -> None:
     assert any(c < 700.0 for c in p.gpu_caps_w.values())
 
 
+def test_gpus_are_planned_for_what_a_weak_battery_will_not_deliver() -> None:
+    """A battery measured to deliver half its setpoint: the GPUs carry the need less what it really gives."""
+    gpus = tuple(_gpu(i, tier="flex2") for i in range(16))
+    full = planner.plan(3000.0, _battery(max_w=2000.0), gpus, _natural(gpus), CTX, remaining_s=3600)
+    half = planner.plan(
+        3000.0, _battery(max_w=2000.0), gpus, _natural(gpus), CTX, remaining_s=3600, battery_delivery=0.5
+    )
+    assert full.battery_w == half.battery_w == pytest.approx(2000.0)  # the setpoint is what it is asked
+    assert full.gpu_facility_shed_w == pytest.approx(1000.0, rel=1e-3)
+    assert half.battery_shed_w == pytest.approx(1000.0)
+    assert half.gpu_facility_shed_w == pytest.approx(2000.0, rel=1e-3)
+    assert half.expected_shed_w == pytest.approx(3000.0, rel=1e-3) and half.shortfall_w == pytest.approx(0.0, abs=1)
+
+
 def test_battery_energy_limits_its_share() -> None:
     # 20 kWh at 80 % with a 20 % floor leaves 12 kWh: over 4 h that is 3 kW, not 5 kW.
     p = planner.plan(5000.0, _battery(), (), {}, CTX, remaining_s=4 * 3600)
