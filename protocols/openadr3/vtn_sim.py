@@ -38,9 +38,9 @@ from protocols.openadr3.vtn_push import SimPush
 _log = get_logger("openadr3.sim_vtn")
 BASE_PATH = "/openadr3/3.1.0"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-QUERY = web.RequestKey("query", dict)
-BODY = web.RequestKey("body", object)
-CLIENT = web.RequestKey("client", str)
+QUERY: web.RequestKey[dict[str, Any]] = web.RequestKey("query")
+BODY: web.RequestKey[Any] = web.RequestKey("body")
+CLIENT: web.RequestKey[str] = web.RequestKey("client")
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
@@ -79,7 +79,7 @@ class SimVtn3:
         self.requests: list[tuple[str, str, int]] = []  # (method, path with query, status)
         self.tokens_issued = 0
         self.dropped = 0
-        self._per_conn: dict[int, int] = {}
+        self._per_conn: dict[Any, int] = {}
         self._seq = 0
         self._last_mod = datetime.now(UTC)
         self._runner: web.AppRunner | None = None
@@ -228,7 +228,7 @@ class SimVtn3:
     async def _drop(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Close a keep-alive connection without an answer after ``drop_after_requests`` requests."""
         if self.drop_after_requests is not None and request.transport is not None:
-            key = id(request.transport)
+            key = request.transport.get_extra_info("peername")  # one live connection per client port
             self._per_conn[key] = self._per_conn.get(key, 0) + 1
             if self._per_conn[key] > self.drop_after_requests:
                 self.dropped += 1

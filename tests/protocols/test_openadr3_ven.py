@@ -55,3 +55,110 @@ async def test_registers_reads_programmes_and_polls_events(sim: SimVtn3, tmp_pat
         assert any(status == 304 for _, path, status in sim.requests if path.startswith("/events"))
     finally:
         await ven.stop()
+
+
+async def test_token_refreshed_before_expiry_and_after_a_401_mid_event(sim: SimVtn3, tmp_path: Path) -> None:
+    """Definition, Security: "The VTN verifies the token and returns an Unauthorized response if invalid or
+    expired"; the VEN trades its credentials for a new one and carries on."""
+    program = await sim.add_program("dr")
+    sim.token_ttl_s = 2.0  # refreshed a tenth of its life before expiry
+    ev = await sim.add_event(simple_event(program["id"], soon()))
+    ven, gw, audit, _ = make_ven(config(sim.base_url, tmp_path))
+    await ven.start()
+    try:
+        await until(lambda: gw.events)
+        await until(lambda: sim.tokens_issued >= 2, timeout_s=6.0)  # refreshed on time, before any 401
+        assert not any(status == 401 for _, _, status in sim.requests)
+        issued = sim.tokens_issued
+        sim.expire_tokens()  # the VTN forgets every token mid-event
+        await sim.update_event(ev["id"], {"priority": 1})
+        await until(lambda: len(gw.events) == 2)
+        assert sim.tokens_issued > issued and ven.state == "registered"
+        assert any(status == 401 for _, _, status in sim.requests)
+    finally:
+        await ven.stop()
+
+
+async def test_a_second_401_after_a_fresh_token_is_a_link_fault(sim: SimVtn3, tmp_path: Path) -> None:
+    await sim.add_program("dr")
+    ven, gw, audit, _ = make_ven(config(sim.base_url, tmp_path))
+    await ven.start()
+    try:
+        await until(lambda: ven.state == "registered")
+        sim.refuse_tokens = True
+        await until(lambda: ven.state == "link_lost")
+        [lost] = audit.kinds("ven.link_lost")
+        assert "refused a freshly issued token" in lost["data"]["reason"]
+        sim.refuse_tokens = False
+        await until(lambda: ven.state == "registered")
+        assert audit.kinds("ven.link_restored")
+    finally:
+        await ven.stop()
+
+
+async def test_wrong_client_secret_is_refused_and_retried(sim: SimVtn3, tmp_path: Path) -> None:
+    sim.clients = {"drgw-ven": "another-secret"}
+    ven, _, audit, _ = make_ven(config(sim.base_url, tmp_path))
+    await ven.start()
+    try:
+        await until(lambda: len(audit.kinds("oadr3.exchange")) >= 2)
+        await until(lambda: ven.state == "refused")
+        assert not ven.registered
+        # The secret never reaches the evidence: token exchanges are kept redacted.
+        assert all(b"ven-secret" not in blob for blob in ven._wire._evidence.blobs.values())  # type: ignore[union-attr]
+    finally:
+        await ven.stop()
+
+
+async def test_a_vtn_that_drops_keep_alive_connections_is_followed_without_a_gap(sim: SimVtn3, tmp_path: Path) -> None:
+    """Field drift: a VTN closed HTTP/1.1 keep-alive connections after a couple of hundred requests
+    without saying so; the next request on the pooled connection died. The VEN retries once on a new one."""
+    program = await sim.add_program("dr")
+    sim.drop_after_requests = 5
+    cfg = config(sim.base_url, tmp_path).model_copy(update={"poll_interval_s": 0.05})
+    ven, gw, audit, _ = make_ven(cfg)
+    await ven.start()
+    try:
+        await until(lambda: sim.dropped >= 3, timeout_s=10.0)
+        await sim.add_event(simple_event(program["id"], soon()))
+        await until(lambda: gw.events)
+        assert sim.dropped >= 3  # aiohttp repeats an idempotent GET once by itself; the VEN repeats the rest
+        assert not audit.kinds("ven.link_lost") and not audit.kinds("ven.registration_refused")
+    finally:
+        await ven.stop()
+
+
+async def test_implied_cancellation_when_a_poll_no_longer_lists_the_event(sim: SimVtn3, tmp_path: Path) -> None:
+    program = await sim.add_program("dr")
+    ev = await sim.add_event(simple_event(program["id"], soon()))
+    ven, gw, _, _ = make_ven(config(sim.base_url, tmp_path))
+    await ven.start()
+    try:
+        await until(lambda: gw.events)
+        del sim.objects["EVENT"][ev["id"]]  # gone without a notification
+        await until(lambda: bool(gw.listings) and ev["id"] not in gw.listings[-1])
+    finally:
+        await ven.stop()
+
+
+async def test_restart_keeps_version_numbers(sim: SimVtn3, tmp_path: Path) -> None:
+    program = await sim.add_program("dr")
+    ev = await sim.add_event(simple_event(program["id"], soon()))
+    cfg = config(sim.base_url, tmp_path)
+    ven, gw, _, state = make_ven(cfg)
+    await ven.start()
+    await until(lambda: gw.events)
+    await sim.update_event(ev["id"], {"priority": 2})
+    await until(lambda: len(gw.events) == 2)
+    await ven.stop()
+    from gateway.clock import SystemClock
+    from protocols.openadr3 import Ven3
+
+    again = Ven3(cfg, gw.on_event, ven._audit_sink, SystemClock(), gw.on_cancel, state=state)
+    await again.start()
+    try:
+        await until(lambda: len(gw.events) == 3)
+        assert gw.versions(ev["id"]) == [0, 1, 1]  # the same version after a restart keeps its number
+        assert len(sim.objects["VEN"]) == 1  # found, not created again
+    finally:
+        await again.stop()
