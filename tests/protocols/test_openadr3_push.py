@@ -45,7 +45,7 @@ async def _webhook_ven(sim: SimVtn3, tmp_path: Path, **kw: object):  # type: ign
     cfg = cfg.model_copy(update={"poll_interval_s": 30.0})
     ven, gw, audit, state = make_ven(cfg)
     await ven.start()
-    await until(lambda: ven.push.ready)
+    await until(lambda: ven.push.ready and bool(gw.listings))  # subscribed, and the first poll is done
     return ven, gw, audit
 
 
@@ -201,7 +201,7 @@ async def test_event_arrives_by_mqtt_through_a_real_broker(tmp_path: Path) -> No
         ven, gw, audit, _ = make_ven(cfg.model_copy(update={"poll_interval_s": 30.0}))
         await ven.start()
         try:
-            await until(lambda: ven.push.mqtt is not None and ven.push.mqtt.connected.is_set())
+            await until(lambda: ven.push.mqtt is not None and ven.push.mqtt.connected.is_set() and bool(gw.listings))
             listings = len(gw.listings)
             ev = await sim.add_event(simple_event(program["id"], soon()))
             await until(lambda: gw.events)
