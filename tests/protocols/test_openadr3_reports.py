@@ -48,8 +48,10 @@ async def test_usage_demand_and_status_reports_after_the_intervals(sim: SimVtn3,
         assert [iv["id"] for iv in usage["intervals"]] == [0, 1]
         assert usage["intervals"][0]["payloads"][0]["values"][0] == pytest.approx(1000.0 / 3600, rel=0.05)
         demand = reports["DEMAND"]["resources"][0]
-        assert demand["resourceName"] == "AGGREGATED_REPORT" and demand["intervals"][0]["payloads"][0]["values"] == [1000.0]
-        assert reports["OPERATING_STATE"]["resources"][0]["intervals"][0]["payloads"][0]["values"] == ["RUNNING_CURTAILED"]
+        assert demand["resourceName"] == "AGGREGATED_REPORT"
+        assert demand["intervals"][0]["payloads"][0]["values"] == [1000.0]
+        state = reports["OPERATING_STATE"]["resources"][0]["intervals"][0]["payloads"][0]
+        assert state["values"] == ["RUNNING_CURTAILED"]
         [refused] = audit.kinds("report.refused")
         assert "STORAGE_CHARGE_LEVEL" in refused["data"]["reason"]
     finally:
@@ -63,7 +65,7 @@ async def test_field_drift_end_to_end(sim: SimVtn3, tmp_path: Path) -> None:
     drifted = {"programID": program["id"], "intervalPeriod": {"duration": "P9999Y0M0DT0H0M0S"},
                "payloadDescriptors": [{"payloadType": "IMPORT_CAPACITY_LIMIT", "units": "KW"}],
                "reportDescriptors": [{"payloadType": "READING", "units": "KW", "frequency": "PT1S"}],
-               "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [800.0]}]}]}  # fmt: skip
+               "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [800]}]}]}  # fmt: skip
     cap = await sim.add_event(drifted, raw=True)
     private = await sim.add_event(simple_event(program["id"], at(60)) | {"intervals": [
         {"id": 0, "payloads": [{"type": "X_SITE_MOOD", "values": ["calm"]}]}]})  # fmt: skip
