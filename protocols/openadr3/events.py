@@ -77,6 +77,7 @@ class EventFollower:
         self._ignored: set[tuple[str, str]] = set()
         self._price_types = frozenset({"price"} if cfg.price_levels else set())
         self.handled = 0  # event versions handed to the gateway
+        self.duplicates = 0  # versions received again and not acted on again
 
     async def accept(self, obj: Any, source: str) -> str:
         """Handle one event object from a poll or a notification; return what was done."""
@@ -91,6 +92,7 @@ class EventFollower:
         assert eid is not None
         mdt = fixed["modificationDateTime"]
         if self._seen.get(eid) == mdt:
+            self.duplicates += 1
             return "duplicate"
         program = self.programs.get(fixed["programID"])
         if program is None:

@@ -75,6 +75,7 @@ async def test_token_refreshed_before_expiry_and_after_a_401_mid_event(sim: SimV
         await until(lambda: len(gw.events) == 2)
         assert sim.tokens_issued > issued and ven.state == "registered"
         assert any(status == 401 for _, _, status in sim.requests)
+        assert not audit.kinds("ven.link_lost")  # the 401 was absorbed by one refresh, inside the request
     finally:
         await ven.stop()
 
@@ -162,3 +163,18 @@ async def test_restart_keeps_version_numbers(sim: SimVtn3, tmp_path: Path) -> No
         assert len(sim.objects["VEN"]) == 1  # found, not created again
     finally:
         await again.stop()
+
+
+async def test_versions_number_each_modification_and_an_older_one_is_stale(tmp_path: Path) -> None:
+    """Deliveries are at least once and unordered: (id, modificationDateTime) is the version."""
+    from protocols.openadr.testing import MemoryState
+    from protocols.openadr3.events import EventFollower
+
+    state = MemoryState()
+    follower = EventFollower(config("http://x", tmp_path), None, None, None, None, None, None,  # type: ignore[arg-type]
+                             None, state, "vtn")  # fmt: skip
+    t10, t11, t09 = "2026-06-01T10:00:00.000Z", "2026-06-01T11:00:00Z", "2026-06-01T09:00:00Z"
+    assert [await follower._version("e", t) for t in (t10, t11, t11, t09)] == [0, 1, 1, 0]
+    again = EventFollower(config("http://x", tmp_path), None, None, None, None, None, None,  # type: ignore[arg-type]
+                          None, state, "vtn")  # fmt: skip
+    assert await again._version("e", t11) == 1 and await again._version("e", "2026-06-01T12:00:00Z") == 2
