@@ -73,6 +73,7 @@ class Ven3:
         self._poll_failures = 0
         self._etags: dict[str, tuple[str, frozenset[str]]] = {}  # programme id -> (ETag, event ids listed)
         self._program_etag: tuple[str, list[dict[str, Any]]] | None = None
+        self._missing_programs: frozenset[str] = frozenset()
         self.last_poll_ok: datetime | None = None
         self.last_push: datetime | None = None
 
@@ -255,9 +256,12 @@ class Ven3:
                 await self._audit("oadr3.drift", {"object": "program", "id": fixed["id"], "corrections": notes})
             if not wanted or fixed["programName"] in wanted:
                 followed[str(fixed["id"])] = fixed
-        missing = wanted - {p["programName"] for p in followed.values()}
-        if missing and set(self._events.programs) != set(followed):
-            await self._audit("oadr3.programs_missing", {"programs": sorted(missing)}, "utility")
+        missing = frozenset(wanted - {p["programName"] for p in followed.values()})
+        if missing != self._missing_programs:
+            self._missing_programs = missing
+            if missing:
+                _log.warning("programmes not offered by the vtn", programs=sorted(missing))
+                await self._audit("oadr3.programs_missing", {"programs": sorted(missing)}, "utility")
         self._events.programs = followed
 
     async def _poll_round(self) -> None:

@@ -38,11 +38,13 @@ async def test_registers_reads_programmes_and_polls_events(sim: SimVtn3, tmp_pat
     program = await sim.add_program("dr")
     await sim.add_program("other")
     ev = await sim.add_event(simple_event(program["id"], soon()))
-    ven, gw, audit, _ = make_ven(config(sim.base_url, tmp_path))
+    ven, gw, audit, _ = make_ven(config(sim.base_url, tmp_path, programs=["dr", "absent"]))
     await ven.start()
     try:
         await until(lambda: gw.events)
         assert ven.registered and ven.state == "registered"
+        [missing] = audit.kinds("oadr3.programs_missing")  # once, not at every poll
+        assert missing["data"]["programs"] == ["absent"]
         assert [v["venName"] for v in sim.objects["VEN"].values()] == [VEN_NAME]
         assert [r["resourceName"] for r in sim.objects["RESOURCE"].values()] == ["facility"]
         got = gw.events[0]
