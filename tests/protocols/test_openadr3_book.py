@@ -7,8 +7,8 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
-from gateway.eventstore import EventStore
 from gateway.events import EventBook
+from gateway.eventstore import EventStore
 from gateway.model import TargetKind
 from protocols.openadr.testing import until
 from protocols.openadr3 import SimVtn3, Ven3
