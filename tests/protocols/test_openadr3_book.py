@@ -25,8 +25,8 @@ async def test_capacity_limit_becomes_the_books_cap_and_deletion_stops_it(tmp_pa
         cfg = config(sim.base_url, tmp_path).model_copy(update={"opt_policy": "always"})
         store = EventStore(audit.engine, clock)
         book = EventBook(cfg, store, audit, clock=clock)
-        program = await sim.add_program("dr", payloadDescriptors=[
-            {"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "IMPORT_CAPACITY_LIMIT", "units": "KW"}])  # fmt: skip
+        kw = {"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "IMPORT_CAPACITY_LIMIT", "units": "KW"}
+        program = await sim.add_program("dr", payloadDescriptors=[kw])
         start = datetime.now(UTC) - timedelta(seconds=1)
         ev = await sim.add_event({"programID": program["id"], "priority": 0,
                                   "intervalPeriod": {"start": format_datetime(start), "duration": "PT1H"},
