@@ -20,7 +20,8 @@ due at the end of interval ``startInterval + k * frequency`` and covers the ``nu
 it, ``repeat`` times (-1: while intervals remain). ``frequency`` 0 is an ad hoc report, sent at
 once. A frequency written as a duration (field drift, see ``drift``) reports every that many
 seconds while the event lasts. Report intervals carry the event's interval ids and periods; an
-interval without a sample carries 0 with a ``DATA_QUALITY`` ``MISSING`` payload. Forecasts
+interval without a sample carries 0 with a ``DATA_QUALITY`` ``MISSING`` payload. Of the reports
+already due when an event (version) is received, only the latest is sent, at once. Forecasts
 (``historical`` false), ``SUB_INTERVALS`` beyond the event's own sub-intervals, and payload types or
 units not in the table are refused and audited once.
 """
@@ -226,7 +227,10 @@ class Reporter:
                     await self._post(p, [Slot(0, last, (now - last).total_seconds(), {})])
                     last = now
             else:
-                for due, covered in p.windows:
+                now = self._clock.now()
+                past = [w for w in p.windows if w[0] <= now]
+                # User Guide 7.5, 'do it now' reporting: of the reports already due, only the latest is sent.
+                for due, covered in past[-1:] + [w for w in p.windows if w[0] > now]:
                     delay = (due - self._clock.now()).total_seconds()
                     if delay > 0:
                         await self._clock.sleep(delay)

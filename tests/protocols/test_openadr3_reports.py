@@ -103,3 +103,24 @@ async def test_the_simulator_refuses_a_request_that_departs_from_the_definition(
         sim.violations.clear()
     finally:
         await ven.stop()
+
+
+async def test_of_the_reports_already_due_only_the_latest_is_sent(sim: SimVtn3, tmp_path: Path) -> None:
+    """User Guide 7.5, 'do it now' event reporting: 'If any reporting intervals have already been passed,
+    a single report should be issued immediately'."""
+    program = await sim.add_program("dr")
+    body = simple_event(program["id"], at(-100), "PT20S")
+    body["intervals"] = [{"id": i, "payloads": [{"type": "SIMPLE", "values": [1]}]} for i in range(3)]
+    body["intervals"].append({"id": 3, "intervalPeriod": {"duration": "PT1H"}, "payloads": []})  # still active
+    body["reportDescriptors"] = [{"payloadType": "DEMAND", "startInterval": 0, "numIntervals": 1, "frequency": 1,
+                                  "repeat": 3}]  # fmt: skip
+    await sim.add_event(body)  # three reports were due, at -80 s, -60 s and -40 s
+    ven, gw, audit, _ = make_ven(config(sim.base_url, tmp_path), telemetry=sample)
+    await ven.start()
+    try:
+        await until(lambda: len(audit.kinds("report.requested")) == 1)
+        await until(lambda: not ven._reports.jobs())
+        reports = list(sim.objects["REPORT"].values())
+        assert len(reports) == 1 and reports[0]["resources"][0]["intervals"][0]["id"] == 2
+    finally:
+        await ven.stop()
