@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -132,20 +133,15 @@ _FORMATS.checks("date-time")(is_datetime)
 
 
 @functools.cache
-def _validator_for(key: str, schema_json: str) -> Draft202012Validator:
+def _validator_for(schema_json: str) -> Draft202012Validator:
     """Return a validator for one converted schema (cached by its text)."""
-    import json
-
     schema = {"$defs": _defs(), **json.loads(schema_json)}
     return Draft202012Validator(schema, format_checker=_FORMATS)
 
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     """Return a (cached) validator for a converted schema fragment."""
-    import json
-
-    text = json.dumps(schema, sort_keys=True)
-    return _validator_for(text, text)
+    return _validator_for(json.dumps(schema, sort_keys=True))
 
 
 def _check(what: str, schema: dict[str, Any], value: Any) -> None:
