@@ -129,7 +129,50 @@ class AuditConfig(_Section):
         return v
 
 
+class OpenAdr3Config(_Section):
+    """OpenADR 3.1 keys ([openadr.v3]); used when [openadr] version = "3.1"."""
+
+    base_url: HttpUrl = "https://127.0.0.1:8443/openadr3/3.1.0"  # the VTN's base URL (paths are appended)
+    token_url: HttpUrl | None = None  # OAuth2 token endpoint; None: ask the VTN (GET /auth/server)
+    client_id: str | None = None  # None: a VTN that does not authenticate (public tariffs)
+    client_secret_file: str | None = None  # file holding the client secret (read at start)
+    scope: str | None = None
+    token_refresh_margin_s: float = Field(60.0, ge=0, le=86_400)  # refresh this long before expiry
+    programs: list[str] = Field(default_factory=list)  # programme names followed; empty: all this VEN may read
+    targets: list[str] = Field(default_factory=list)  # target strings asked for (3.1 targets are strings)
+    resource_names: list[str] = Field(default_factory=lambda: ["facility"], min_length=1)
+    notify: Literal["webhook", "mqtt", "poll"] = "poll"  # push method; polling runs in every mode
+    webhook_host: str = "127.0.0.1"  # the callback server binds here
+    webhook_port: int = Field(8444, ge=0, le=65535)
+    webhook_url: HttpUrl | None = None  # the callback URL given to the VTN; None: built from host and port
+    webhook_cert: str | None = None  # TLS certificate and key of the callback server (HTTPS required)
+    webhook_key: str | None = None
+    webhook_secret_file: str | None = None  # HMAC-SHA256 key shared with the VTN (required for webhook)
+    webhook_max_age_s: float = Field(300.0, gt=0, le=3600)  # oldest signed delivery accepted
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    allow_insecure: bool = False  # permit http:// and mqtt:// (the spec requires TLS): labs and loopback tests
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpenAdr3Config:
+        for key in ("base_url", "token_url", "webhook_url"):
+            url = getattr(self, key)
+            if url is not None and url.startswith("http://") and not self.allow_insecure:
+                raise ValueError(f"{key} {url!r}: OpenADR 3 requires HTTPS (set allow_insecure for a lab)")
+        if (self.client_id is None) != (self.client_secret_file is None):
+            raise ValueError("client_id and client_secret_file go together")
+        if (self.webhook_cert is None) != (self.webhook_key is None):
+            raise ValueError("webhook_cert and webhook_key go together")
+        if self.notify == "webhook":
+            if self.webhook_secret_file is None:
+                raise ValueError("notify webhook needs webhook_secret_file (deliveries are HMAC-checked)")
+            if self.webhook_cert is None and not self.allow_insecure:
+                raise ValueError("notify webhook needs webhook_cert and webhook_key (callbacks must be HTTPS)")
+        return self
+
+
 class OpenAdrConfig(_Section):
+    version: Literal["2.0b", "3.1"] = "2.0b"  # which OpenADR the VEN speaks; 3.1 reads [openadr.v3]
+    v3: OpenAdr3Config = OpenAdr3Config()
     vtn_url: HttpUrl = "http://127.0.0.1:8080/OpenADR2/Simple/2.0b"
     ven_name: str = "drgw-ven"
     ven_id: str | None = None
