@@ -61,10 +61,28 @@ class Site:
         ]
 
 
+TOKEN = "t" * 40  # the operator's token (the token file holds it as "alice TOKEN")
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def token_file(tmp_path: Path, text: str = f"alice {TOKEN}\n", mode: int = 0o600) -> str:
+    """Write a token file with ``mode``; return its path."""
+    path = tmp_path / "operator.tokens"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
 @contextlib.asynccontextmanager
 async def running_site(tmp_path: Path, **management: Any) -> AsyncIterator[Site]:
-    """Start a gateway with only its management endpoint, on an ephemeral loopback port."""
+    """Start a gateway with only its management endpoint, on an ephemeral loopback port.
+
+    Operator commands take the token ``TOKEN`` unless ``management`` says otherwise."""
     db = str(tmp_path / "audit.db")
+    if "token_file" not in management:
+        management["token_file"] = token_file(tmp_path)
+    elif management["token_file"] is None:
+        del management["token_file"]
     cfg = parse_config({
         "audit": {"db_url": db},
         "management": {"port": 0, "max_body_bytes": MAX_BODY, **management},
@@ -97,9 +115,10 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
 
 
 async def post(site: Site, body: bytes, event_id: str = EVENT, **headers: str) -> tuple[int, str]:
-    """POST ``body`` to an event's opt-out; return (status, text)."""
+    """POST ``body`` to an event's opt-out, as the operator unless ``headers`` say otherwise; return (status, text)."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{site.url}/events/{event_id}/opt-out", data=body, headers=headers) as r:
+        sent = {**AUTH, **headers}
+        async with http.post(f"{site.url}/events/{event_id}/opt-out", data=body, headers=sent) as r:
             return r.status, await r.text()
 
 
@@ -179,9 +198,11 @@ async def test_an_oversized_body_is_413_and_changes_nothing(site: Site) -> None:
         yield b'"}'
 
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=chunks()) as r:
+        async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=chunks(), headers=AUTH) as r:
             assert r.status == 413
-    reply = await raw(site, b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}")
+    head = b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    reply = await raw(site, head + auth + b"Content-Length: 99999999999\r\n\r\n{}")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert site.opt() is Opt.IN and await site.acted() == []
     assert await healthy(site)
@@ -263,7 +284,9 @@ async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Sit
     starts = [
         b"",  # silent
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # headers never finished
-        b'POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{"reason": "slo',  # body
+        b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n".encode()
+        + b'Content-Length: 500\r\n\r\n{"reason": "slo',  # an operator's body, sent slowly
     ]
     drips = [b"", b"X-Slow: 1\r\n", b"o"]
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, int]] = []
@@ -289,7 +312,7 @@ async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Sit
 
 
 async def test_many_concurrent_connections_are_all_answered(site: Site) -> None:
-    """Two hundred health checks and fifty bad opt-outs at once: every one answered, nothing changed."""
+    """Two hundred health checks and fifty unauthenticated opt-outs at once: every one answered, nothing changed."""
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
 
@@ -298,11 +321,11 @@ async def test_many_concurrent_connections_are_all_answered(site: Site) -> None:
                 return r.status
 
         async def bad() -> int:
-            async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=b'{"reason": ""}') as r:
+            async with http.post(f"{site.url}/events/{EVENT}/opt-out", json={"reason": "x"}) as r:
                 return r.status
 
         statuses = await asyncio.gather(*[get() for _ in range(200)], *[bad() for _ in range(50)])
-    assert statuses == [200] * 200 + [400] * 50
+    assert statuses == [200] * 200 + [401] * 50
     assert site.opt() is Opt.IN and await site.acted() == []
 
 
