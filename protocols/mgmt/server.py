@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gateway.config import ManagementConfig
 from gateway.errors import InputRejected
+from gateway.fdbudget import ExhaustionLog
 from gateway.health import HealthReport
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
@@ -133,7 +134,7 @@ class ManagementServer:
         self._home = home
         self.refusals = RefusalLog(self._audit, "auth.refused", actor="gateway")
         self.refusals.start()
-        self._thread.start()
+        self._thread.start(on_loop=ExhaustionLog().install)
         try:
             self.port = await self._thread.run(lambda: self._serve(tls))
         except BaseException:

@@ -10,9 +10,10 @@ the request handler puts it in context variables for the request's task (``PEER`
 ``PEER_HOST`` the address alone, which budgets are keyed on: reconnecting resets nothing).
 
 pymodbus holds any number of connections for as long as they stay open, and each holds a file
-descriptor the gateway needs for its devices and its VTN. Over ``max_connections`` open at once a
-new connection is closed as it arrives; a connection that sends nothing for ``idle_timeout_s`` is
-closed. Reaching the cap, and leaving it, is logged once each.
+descriptor the gateway needs for its devices and its VTN. A connection that sends nothing for
+``idle_timeout_s`` is closed; with ``max_connections`` open, a new connection closes the one that
+has been silent longest (holding slots cannot lock the BMS out). Reaching the cap, and leaving
+it, is logged once each.
 """
 
 from __future__ import annotations
@@ -69,19 +70,19 @@ class _PeerHandler(ServerRequestHandler):
 
     server: PeerAwareTcpServer
     _idle: asyncio.TimerHandle | None = None
+    last_seen = 0.0  # loop time of the connection's last bytes (or its start)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Close the connection at once over the cap; otherwise start its idle timer."""
+        """Admit the connection (the longest silent may give way) and start its idle timer."""
         super().connection_made(transport)
-        if self.server.admit(self):
-            self._arm()
-        else:
-            self.close()
+        self.server.admit(self)
+        self._arm()
 
     def _arm(self) -> None:
         """Start (again) the wait for this connection's next bytes."""
         if self._idle is not None:
             self._idle.cancel()
+        self.last_seen = self.loop.time()
         self._idle = self.loop.call_later(self.server.idle_timeout_s, self._expire)
 
     def _expire(self) -> None:
@@ -161,8 +162,8 @@ class PeerAwareTcpServer(ModbusTcpServer):
         self.unit = unit
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
-        self.held: set[int] = set()  # ids of the handlers admitted and still open
-        self.refused = 0  # connections closed on arrival, over the cap
+        self.held: dict[int, _PeerHandler] = {}  # the connections admitted and still open, by id
+        self.evicted = 0  # connections closed to make room, silent the longest
         self.idled = 0  # connections closed for saying nothing
         self._at_cap = False
         self._logged: dict[str, float] = {}  # peer address -> when its last malformed frame was logged
@@ -171,23 +172,25 @@ class PeerAwareTcpServer(ModbusTcpServer):
         """Return a handler for a new connection."""
         return _PeerHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
-    def admit(self, handler: _PeerHandler) -> bool:
-        """Return whether a new connection may stay open (under the cap); log reaching the cap once."""
+    def admit(self, handler: _PeerHandler) -> None:
+        """Keep a new connection, closing the one silent longest when at the cap; log reaching the cap once."""
         if len(self.held) >= self.max_connections:
-            self.refused += 1
             if not self._at_cap:
                 self._at_cap = True
-                log.warning("bms face at its connection cap; closing new connections", limit=self.max_connections)
-            return False
-        self.held.add(id(handler))
-        return True
+                log.warning("bms face at its connection cap; the longest silent give way", limit=self.max_connections)
+            victim = min(self.held.values(), key=lambda h: h.last_seen)
+            del self.held[id(victim)]
+            self.evicted += 1
+            victim.close()
+        self.held[id(handler)] = handler
 
     def left(self, handler: _PeerHandler) -> None:
         """Forget a closed connection; log leaving the cap once."""
-        self.held.discard(id(handler))
-        if self._at_cap and len(self.held) < self.max_connections:
+        if self.held.pop(id(handler), None) is None:
+            return  # not admitted, or already forgotten (evicted)
+        if self._at_cap and len(self.held) * 4 < self.max_connections * 3:
             self._at_cap = False
-            log.info("bms face below its connection cap again", refused=self.refused, limit=self.max_connections)
+            log.info("bms face below its connection cap again", evicted=self.evicted, limit=self.max_connections)
 
     def loud(self, host: str) -> bool:
         """Return whether to log a malformed frame from ``host`` now (at most every ``QUIET_S`` per address)."""

@@ -351,10 +351,11 @@ async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tmp_path: Path) -> None:
+async def test_slow_heads_are_closed_at_the_deadline_and_give_way_at_the_cap(tmp_path: Path) -> None:
     """With a 0.5 s head deadline and 8 connections at most: 8 slowloris connections fill the cap, a
-    ninth is closed at once, and the deadline closes all 8 (dripping valid header lines does not
-    keep one open) so that /healthz is answered again; a keep-alive client is not cut mid-use."""
+    ninth closes the one that has waited longest (holding slots locks nobody out), and the deadline
+    closes the rest (dripping valid header lines does not keep one open) so that /healthz is
+    answered; a keep-alive client is not cut mid-use."""
     async with running_site(tmp_path, head_timeout_s=0.5, max_connections=8) as site:
         held = []
         for i in range(8):
@@ -362,10 +363,11 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
             await writer.drain()
             held.append((reader, writer))
-        await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)  # so that the first is the longest waiting
         reader9, writer9 = await asyncio.open_connection("127.0.0.1", site.port)
-        assert await _closed_unanswered(reader9), "over the cap: closed without an answer"
-        writer9.close()
+        assert await _closed_unanswered(held[0][0]), "the longest waiting gave way, unanswered"
+        held[0][1].close()
+        held[0] = (reader9, writer9)
         t0 = asyncio.get_running_loop().time()
         for _ in range(4):  # half stay silent, half drip a valid header line every 0.2 s
             for i, (_, writer) in enumerate(held):
@@ -377,7 +379,8 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
             writer.close()
         assert asyncio.get_running_loop().time() - t0 < 2.0
         assert site.gw.mgmt is not None and site.gw.mgmt.guard is not None
-        assert site.gw.mgmt.guard.expired == 8 and site.gw.mgmt.guard.refused == 1
+        guard = site.gw.mgmt.guard
+        assert (guard.evicted, guard.expired, guard.refused) == (1, 8, 0)
         assert await healthy(site)
         # A client that keeps one connection and asks again within the deadline keeps being served.
         connector = aiohttp.TCPConnector(limit=1)
@@ -386,5 +389,20 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
                 async with http.get(f"{site.url}/healthz") as r:
                     assert r.status == 200
                 await asyncio.sleep(0.2)
-        assert site.gw.mgmt.guard.expired == 8
+        assert guard.expired == 8
         assert site.opt() is Opt.IN and await site.acted() == []
+
+
+async def test_idle_connections_holding_every_slot_do_not_lock_out_a_health_check(tmp_path: Path) -> None:
+    """Idle connections at the cap (a long head deadline): /healthz is still answered at once, each
+    time closing the idlest connection; the cap is logged once, not once per connection."""
+    async with running_site(tmp_path, head_timeout_s=60.0, max_connections=8) as site:
+        held = [await asyncio.open_connection("127.0.0.1", site.port) for _ in range(20)]
+        try:
+            for _ in range(5):
+                assert await healthy(site)
+            guard = site.gw.mgmt.guard
+            assert guard.evicted >= 12 + 1 and guard.refused == 0 and len(guard.open) <= 8
+        finally:
+            for _, writer in held:
+                writer.close()
