@@ -93,7 +93,7 @@ class RefusalLog:
                 return False
             self._repeats[key] = 0
             self._keys_of[peer] += 1
-        self._emit({"peer": peer, "reason": reason, "count": 1, **detail})
+        self._emit({**detail, "peer": peer, "reason": reason, "count": 1})
         return True
 
     async def flush(self) -> None:

@@ -334,7 +334,7 @@ class BmsServer:
         self, host: str, peer: str, address: int, count: int, code: ExcCodes, reason: str, message: str = ""
     ) -> ExcCodes:
         """Audit a refused write (bounded per address and interval by ``refusals``); return the exception code."""
-        detail = {"address": address, "count": count, "exception_code": int(code), "message": message or reason}
+        detail = {"address": address, "registers": count, "exception_code": int(code), "message": message or reason}
         if self.refusals.refuse(host, reason, connection=peer, **detail):
             log.warning("bms write refused", peer=peer, reason=reason, **detail)
         return code
