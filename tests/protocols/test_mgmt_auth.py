@@ -192,3 +192,19 @@ async def test_an_authenticated_flood_of_commands_is_held_to_a_few_a_minute(tmp_
         rows = await refusals(site)
         assert [r["reason"] for r in rows] == ["too many commands", "too many commands"]
         assert sum(r["count"] for r in rows) == statuses.count(429)
+
+
+@pytest.mark.parametrize(
+    ("management", "reason"),
+    [
+        ({"tls_cert": "/x.pem"}, "tls_cert and tls_key go together"),
+        ({"tls_key": "/x.key"}, "tls_cert and tls_key go together"),
+        ({"client_ca": "/ca.pem"}, "client_ca needs tls_cert and tls_key"),
+    ],
+)
+def test_tls_settings_go_together(management: dict[str, str], reason: str) -> None:
+    from gateway.config import parse_config
+
+    with pytest.raises(ConfigError, match=reason) as info:
+        parse_config({"management": management}, "gw.toml")
+    assert info.value.key == "management"
