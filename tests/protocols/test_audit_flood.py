@@ -47,6 +47,7 @@ async def test_a_flood_of_unauthenticated_opt_outs_is_a_handful_of_rows(tmp_path
         assert 2 <= len(rows) <= 4, rows  # first of each reason, then its count
         assert {d["peer"] for _, d in rows} == {"127.0.0.1"}
         assert sum(d["count"] for _, d in rows) == FLOOD
+        print(f"FLOOD {FLOOD} unauthenticated opt-outs on new connections: {len(rows)} audit rows")
 
 
 async def test_bms_writes_from_reconnecting_clients_are_a_bounded_number_of_rows(tmp_path: Path) -> None:
@@ -91,6 +92,7 @@ async def test_bms_writes_from_reconnecting_clients_are_a_bounded_number_of_rows
     on_record = sum(1 if k == "bms.write" else 0 for k, d in bms if d.get("register") == "bms_opt_out")
     on_record += sum(d.get("repeats", 0) for d in opt_out_rows)
     assert on_record == codes["repeat"].count(0) and codes["repeat"].count(0) >= 90
+    print(f"FLOOD 300 BMS writes on new connections: {len(bms)} audit rows, {codes['change'].count(6)} busy")
 
 
 async def test_the_refusal_log_is_bounded_per_peer_and_in_total(tmp_path: Path) -> None:
