@@ -1,9 +1,10 @@
 """Prometheus metrics from the running gateway's state, rendered at most once per control tick.
 
 A scrape between two ticks gets the bytes rendered after the first of them: the values change
-only when the loop ticks, and a flood of scrapes must not cost the control loop a render each.
-When the loop does not tick (stalled, or stopped), a scrape at least ``max_age_s`` after the last
-render renders again, so the audit and link gauges still move.
+when the loop ticks, and a flood of scrapes must not cost the control loop a render each. What
+changes between ticks and matters at once (an audit append failing, devices released into the
+safe state) makes the render stale too; and when the loop does not tick (stalled, or stopped), a
+scrape at least ``max_age_s`` after the last render renders again.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class MetricsCache:
         self.ticks = 0  # control ticks seen
         self.renders = 0  # renders done
         self._monotonic = monotonic
-        self._cached: tuple[int, float, bytes] = (-1, -math.inf, b"")  # (tick, when, body): swapped whole
+        self._cached: tuple[tuple[Any, ...], float, bytes] = ((), -math.inf, b"")  # (stamp, when, body), swapped whole
 
     def on_tick(self, _record: Any) -> None:
         """Mark the cached render stale (a control loop observer)."""
@@ -107,17 +108,22 @@ class MetricsCache:
 
     def fresh(self) -> bytes | None:
         """Return the cached render if no tick came since and it is younger than ``max_age_s``, else None."""
-        tick, at, body = self._cached  # one attribute read: safe from the endpoint's thread
-        if tick == self.ticks and self._monotonic() - at < self.max_age_s:
+        stamp, at, body = self._cached  # one attribute read: safe from the endpoint's thread
+        if stamp == self._stamp() and self._monotonic() - at < self.max_age_s:
             return body
         return None
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """Return what, changed, makes a render stale: ticks, audit failures, devices commanded."""
+        gw = self.gw
+        return (self.ticks, gw.audit_health.failures, len(gw.dispatcher.caps_w), gw.dispatcher.active)
 
     def get(self) -> bytes:
         """Return the metrics, rendering them if the cached render is stale."""
         body = self.fresh()
         if body is None:
-            tick = self.ticks
+            stamp = self._stamp()
             body = render(self.gw)
             self.renders += 1
-            self._cached = (tick, self._monotonic(), body)
+            self._cached = (stamp, self._monotonic(), body)
         return body
