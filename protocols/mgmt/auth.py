@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
+from gateway.logs import get_logger
+
+log = get_logger("protocols.mgmt")
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{32,512}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
@@ -111,10 +114,12 @@ class TokenFile:
         try:
             self._tokens = read_tokens(self.path)
             self.error = None
+            log.info("operator token file read again", path=self.path, tokens=len(self._tokens))
         except ConfigError as err:
             # Refuse everyone rather than keep a token the operator may be revoking.
             self._tokens = {}
             self.error = str(err)
+            log.error("operator token file unusable; operator commands refused until it is fixed", error=str(err))
 
     def identify(self, token: str) -> str | None:
         """Return the name of ``token``, or None if it is not one of the file's."""

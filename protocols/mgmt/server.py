@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -151,7 +152,7 @@ class ManagementServer:
             log.warning(NO_AUTH)
         return self.port
 
-    async def _serve(self, tls: Any) -> int:
+    async def _serve(self, tls: ssl.SSLContext | None) -> int:
         """Bind and serve (on the endpoint's thread); return the bound port."""
         cfg = self.cfg
         guard = ConnectionGuard(cfg.head_timeout_s, cfg.max_connections)
