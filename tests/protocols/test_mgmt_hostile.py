@@ -93,7 +93,11 @@ async def running_site(tmp_path: Path, **management: Any) -> AsyncIterator[Site]
     clock = SystemClock()
     log = await AuditLog.open(db, clock=clock)
     gw = Gateway(cfg, clock, log, None, None, None)
-    await gw.start(with_ven=False)
+    try:
+        await gw.start(with_ven=False)
+    except BaseException:  # e.g. a bad token file: close the log, let the test see the error
+        await log.close()
+        raise
     start = datetime.now(UTC) + timedelta(hours=1)
     signal = Signal(SignalName.SIMPLE, "level", (Interval(start, 600.0, 1.0),))
     answer = await gw.book.answer(DemandEvent(EVENT, 0, "far", start, 600.0, (signal,), vtn_id="vtn"))
