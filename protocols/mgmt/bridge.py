@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -32,15 +32,19 @@ class Home:
         self.loop = loop
         self.timeout_s = timeout_s
 
-    async def run(self, make: Callable[[], Coroutine[Any, Any, T]], timeout_s: float | None = None) -> T:
+    async def run(self, make: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
         """Run the coroutine ``make()`` on the gateway's loop and return its result here.
 
         Giving up waiting (timeout, or the request going away) never cancels it there: an operator
         command that started runs to its end.
         """
         limit_s = self.timeout_s if timeout_s is None else timeout_s
+
+        async def there() -> T:
+            return await make()
+
         try:
-            fut = asyncio.run_coroutine_threadsafe(make(), self.loop)
+            fut = asyncio.run_coroutine_threadsafe(there(), self.loop)
         except RuntimeError as err:  # the gateway's loop is closed
             raise HomeUnavailable("the gateway is stopping") from err
         try:

@@ -13,7 +13,9 @@ are not: a request must be ``application/json``, must not come from another site
 certificate verified against ``management.client_ca`` (``protocols.mgmt.auth``). With neither
 configured, operator commands are refused. Each caller may give a few commands a minute. Every
 refusal is audited as ``auth.refused`` through a ``RefusalLog`` (bounded per peer address and per
-interval); every command is handed to the gateway with who asked.
+interval); every command is handed to the gateway with who asked. A route for another operator
+command is registered with ``ManagementServer.operator(handler)``: the handler runs on the
+gateway's loop, only for an authenticated caller, and ``who_asked(request)`` names them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class Refused(Exception):
     def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.reason, self.headers = status, reason, headers or {}
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+CALLER = "drgw.caller"  # request key of the authenticated Caller, set by ManagementServer.operator
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -160,7 +166,7 @@ class ManagementServer:
         app.router.add_get("/healthz", self._wrap(self._healthz))
         app.router.add_get("/readyz", self._wrap(self._readyz))
         app.router.add_get("/metrics", self._wrap(self._metrics_page))
-        app.router.add_post("/events/{event_id}/opt-out", self._wrap(self._opt_out))
+        app.router.add_post("/events/{event_id}/opt-out", self.operator(self._opt_out))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         handlers = self._runner.server  # aiohttp's protocol factory, made by setup()
@@ -269,19 +275,40 @@ class ManagementServer:
         ways = [w for w, on in ((BEARER, self._tokens is not None), (CERT, self._client_certs)) if on]
         raise Refused(401, "no credentials", f"authentication required: {' or '.join(ways)}", CHALLENGE)
 
+    def operator(self, handler: Handler) -> Handler:
+        """Wrap an operator command's handler: authenticate, read the body (bounded) and hold the caller to
+        its budget here, then run the handler on the gateway's loop with ``request["caller"]`` set.
+
+        The handler sees an ordinary request whose body is already read (``await request.read()``
+        returns it); it must not stream the body.
+        """
+
+        async def run(request: web.Request) -> web.Response:
+            caller = self._authenticate(request)
+            too_large = _json(413, {"error": f"body larger than {self._max_body} bytes"})
+            if (request.content_length or 0) > self._max_body:  # refuse at once, without waiting for the body
+                return too_large
+            try:
+                await request.read()  # kept on the request: the handler reads it without I/O
+            except web.HTTPRequestEntityTooLarge:
+                return too_large
+            wait_s = self._budget.take(caller.who)  # what reaches the gateway is audited there: a few a minute
+            if wait_s > 0:
+                raise Refused(
+                    429, "too many commands", f"too many commands from {caller.who}; try again in {wait_s:.0f} s",
+                    {"Retry-After": str(max(1, round(wait_s)))},
+                )  # fmt: skip
+            request[CALLER] = caller
+            return await self._home.run(lambda: handler(request), COMMAND_TIMEOUT_S)
+
+        return self._wrap(run)
+
     async def _opt_out(self, request: web.Request) -> web.Response:
-        """Opt out of an event on an authenticated operator's word; the reason is required and audited."""
-        caller = self._authenticate(request)
+        """Opt out of an event on an authenticated operator's word (on the gateway's loop); the reason is required."""
         event_id = request.match_info["event_id"]
         if not EVENT_ID_RE.match(event_id):
             raise InputRejected("event id: 1-128 characters of letters, digits and ._:- only")
-        too_large = _json(413, {"error": f"body larger than {self._max_body} bytes"})
-        if (request.content_length or 0) > self._max_body:  # refuse at once, without waiting for the body
-            return too_large
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return too_large
+        raw = await request.read()
         try:
             body = json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -295,14 +322,11 @@ class ManagementServer:
             raise InputRejected(f"reason: a non-empty string of at most {MAX_REASON_CHARS} characters is required")
         if bad := _BAD_TEXT.search(reason):  # the audit log stores UTF-8 text: no lone surrogates, no controls
             raise InputRejected(f"reason: not valid text (character U+{ord(bad.group()):04X} at {bad.start()})")
-        text = reason.strip()
-        wait_s = self._budget.take(caller.who)  # what reaches the gateway is audited there: a few a minute
-        if wait_s > 0:
-            raise Refused(
-                429, "too many commands", f"too many commands from {caller.who}; try again in {wait_s:.0f} s",
-                {"Retry-After": str(max(1, round(wait_s)))},
-            )  # fmt: skip
-        result = await self._home.run(
-            lambda: self._gw.operator_opt_out(event_id, text, caller.describe()), COMMAND_TIMEOUT_S
-        )
+        result = await self._gw.operator_opt_out(event_id, reason.strip(), who_asked(request))
         return _json(200 if result.get("ok") else 404, result)
+
+
+def who_asked(request: web.Request) -> str:
+    """Return who gave an operator command (``ADDRESS as token NAME`` / ``as cert SUBJECT``), for the audit log."""
+    caller = request.get(CALLER)
+    return caller.describe() if isinstance(caller, Caller) else request.remote or "unknown"
