@@ -51,6 +51,10 @@ class Gateway:
             audit.engine, lambda: self.loop.baseline_w, lambda: self.book.standing_override is not None
         )
         self.loop.observers.append(self.telemetry.observe)
+        from gateway.metrics import MetricsCache
+
+        self.metrics_cache = MetricsCache(self, max_age_s=2 * cfg.control.tick_s)
+        self.loop.observers.append(self.metrics_cache.on_tick)  # metrics rendered at most once per tick
         measure = getattr(audit, "measure", None)
         if measure is not None:  # every tick goes to the measurement store (sealed into the chain by batch)
             self.loop.observers.append(measure)
@@ -75,15 +79,7 @@ class Gateway:
         if with_mgmt and self.cfg.management.enabled:
             from protocols.mgmt import ManagementServer
 
-            m = self.cfg.management
-            self.mgmt = ManagementServer(
-                self,
-                m.host,
-                m.port,
-                m.max_body_bytes,
-                head_timeout_s=m.head_timeout_s,
-                max_connections=m.max_connections,
-            )
+            self.mgmt = ManagementServer(self, self.cfg.management, self.audit)
             await self.mgmt.start()
         if with_ven:
             from protocols.openadr import Ven
@@ -183,10 +179,12 @@ class Gateway:
         )
 
     def metrics(self) -> bytes:
-        """Return Prometheus metrics."""
-        from gateway.metrics import render
+        """Return Prometheus metrics (rendered at most once per control tick)."""
+        return self.metrics_cache.get()
 
-        return render(self)
+    def cached_metrics(self) -> bytes | None:
+        """Return the metrics rendered since the last tick, or None (safe from any thread)."""
+        return self.metrics_cache.fresh()
 
     async def operator_opt_out(self, event_id: str, reason: str, peer: str) -> dict[str, Any]:
         """Opt out of an event on the operator's word: audited, applied at once, sent to the VTN."""

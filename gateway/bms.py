@@ -149,9 +149,10 @@ class _Input:
 class BmsInputs:
     """The BMS's writable values, validated, with a time-to-live each."""
 
-    def __init__(self, ttl_s: float, max_flex_w: float, clock: Clock) -> None:
+    def __init__(self, ttl_s: float, max_flex_w: float, clock: Clock, site_max_w: float = math.inf) -> None:
         self.ttl_s = ttl_s
-        self.max_flex_w = max_flex_w
+        self.max_flex_w = max_flex_w  # [bms] max_flex_w
+        self.site_max_w = site_max_w  # the most the configured site could draw: no offer can shed more
         self._clock = clock
         self._inputs = {r.name: _Input() for r in WRITABLE}
 
@@ -160,13 +161,15 @@ class BmsInputs:
         reg = BY_NAME.get(name)
         if reg is None or not reg.writable:
             raise InputRejected(f"BMS register {name!r} is read-only")
-        hi = min(
-            reg.max if reg.max is not None else math.inf,
-            self.max_flex_w if name == "bms_available_flex_w" else math.inf,
-        )
+        hi = reg.max if reg.max is not None else math.inf
         lo = reg.min if reg.min is not None else -math.inf
         if not (math.isfinite(value) and lo <= value <= hi):
             raise InputRejected(f"BMS register {name}: {value:g} is outside {lo:g}..{hi:g}")
+        if name == "bms_available_flex_w" and value > min(self.max_flex_w, self.site_max_w):
+            bound, why = min(
+                (self.max_flex_w, "[bms] max_flex_w"), (self.site_max_w, "the most the configured site can draw")
+            )
+            raise InputRejected(f"BMS flexibility offer {value:g} W is above {bound:g} W ({why})")
 
     def accept(self, name: str, value: float, peer: str, event_id: str = "") -> None:
         """Store a validated write from ``peer``; it lapses ``ttl_s`` from now unless written again."""
@@ -212,6 +215,11 @@ class BmsInputs:
     def available_flex_w(self) -> float:
         """Return the flexibility (W) the BMS offers now from cooling or backup generation."""
         return self.value("bms_available_flex_w")
+
+
+def site_max_w(site_it_w: float, gpu_max_w: float, cooling_overhead: float) -> float:
+    """Return the most the configured site could draw (W): IT load at full GPU caps, plus cooling."""
+    return (site_it_w + gpu_max_w) * (1.0 + cooling_overhead)
 
 
 def snapshot_of(loop: Any, book: Any, now: datetime, stale_after_s: float) -> BmsSnapshot:
@@ -285,8 +293,15 @@ def render_markdown() -> str:
         "",
         "A write to a read-only or reserved register is refused with exception code 2 (ILLEGAL DATA ADDRESS),",
         "as is a write covering only part of a 32-bit value; a value out of range is refused with exception",
-        "code 3 (ILLEGAL DATA VALUE). Accepted writes are recorded in the audit log with the writer's address",
-        "and lapse `input_ttl_s` seconds (`[bms]`, default 300) after the last write: write again to keep them.",
+        "code 3 (ILLEGAL DATA VALUE), as is a flexibility offer above `[bms] max_flex_w` or above what the",
+        "configured site can draw (`[site]` IT load and `[[gpus.groups]]` at their max caps, plus cooling).",
+        "Accepted writes are recorded in the audit log with the writer's address and lapse `input_ttl_s`",
+        "seconds (`[bms]`, default 300) after the last write: write again to keep them. A write that repeats",
+        "the value in force, from the same address, within 10 s of the row that recorded it is counted in",
+        "the next row (`repeats`) instead of a row of its own. Writes that change something are taken up to",
+        "10 per address (40 in all) per 10 s; more are refused with code 6 (SERVER DEVICE BUSY).",
+        "At most `max_connections` (default 16) connections are open at once (a new one closes the one",
+        "silent longest); a connection silent for `idle_timeout_s` (default 60) is closed.",
         "An opt-out written while an event is current or pending opts the gateway out of that event (audited",
         "with actor `bms`); a later 0 or a lapse does not opt back in: an operator can.",
         "",

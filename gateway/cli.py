@@ -69,6 +69,7 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     from gateway.audit import AuditLog
     from gateway.audit.records import record_config
     from gateway.clock import SystemClock
+    from gateway.fdbudget import ExhaustionLog, fit_caps, raise_soft_limit
     from gateway.preflight import startup_problems
     from gateway.wiring import build_devices
     from protocols.modbus.build import build_bms_for
@@ -77,6 +78,8 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
     if problems:
         return _refuse(problems)
     log = get_logger("gateway.run")
+    ExhaustionLog().install(asyncio.get_running_loop())  # running out of descriptors: one line, not a flood
+    cfg = fit_caps(cfg, raise_soft_limit())  # listeners' caps leave descriptors for devices and the VTN
     clock = SystemClock()
     audit = await AuditLog.open_config(cfg.audit, clock, journal=True)
     closers: list[Any] = []

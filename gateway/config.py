@@ -343,6 +343,19 @@ class ManagementConfig(_Section):
     max_body_bytes: int = Field(4096, ge=64, le=1_048_576)
     head_timeout_s: float = Field(10.0, gt=0, le=300)
     max_connections: int = Field(256, ge=1, le=10_000)
+    # Operator commands need a token from this file or a client certificate verified against client_ca.
+    token_file: str | None = None
+    tls_cert: str | None = None  # serve HTTPS with this certificate (PEM) ...
+    tls_key: str | None = None  # ... and its key
+    client_ca: str | None = None  # CA whose client certificates authenticate operator commands
+
+    @model_validator(mode="after")
+    def _tls(self) -> ManagementConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca needs tls_cert and tls_key (client certificates are checked over TLS)")
+        return self
 
     @field_validator("host")
     @classmethod
@@ -416,7 +429,9 @@ class BmsConfig(_Section):
     port: int = Field(1502, ge=0, le=65535)
     unit: int = Field(1, ge=1, le=247)
     input_ttl_s: float = Field(300.0, gt=0, le=86400)
-    max_flex_w: float = Field(100e6, ge=0)
+    max_flex_w: float = Field(100e6, gt=0, allow_inf_nan=False)  # also bounded by what the site can draw
+    max_connections: int = Field(16, ge=1, le=1024)
+    idle_timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("host")
     @classmethod

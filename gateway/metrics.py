@@ -1,9 +1,18 @@
-"""Prometheus metrics, computed at scrape time from the running gateway's state."""
+"""Prometheus metrics from the running gateway's state, rendered at most once per control tick.
+
+A scrape between two ticks gets the bytes rendered after the first of them: the values change
+when the loop ticks, and a flood of scrapes must not cost the control loop a render each. What
+changes between ticks and matters at once (an audit append failing, devices released into the
+safe state) makes the render stale too; and when the loop does not tick (stalled, or stopped), a
+scrape at least ``max_age_s`` after the last render renders again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -80,3 +89,41 @@ def render(gw: Gateway) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gw))
     return generate_latest(registry)
+
+
+class MetricsCache:
+    """The rendered metrics, rendered again only after a tick (or ``max_age_s`` without one)."""
+
+    def __init__(self, gw: Gateway, max_age_s: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.gw = gw
+        self.max_age_s = max_age_s
+        self.ticks = 0  # control ticks seen
+        self.renders = 0  # renders done
+        self._monotonic = monotonic
+        self._cached: tuple[tuple[Any, ...], float, bytes] = ((), -math.inf, b"")  # (stamp, when, body), swapped whole
+
+    def on_tick(self, _record: Any) -> None:
+        """Mark the cached render stale (a control loop observer)."""
+        self.ticks += 1
+
+    def fresh(self) -> bytes | None:
+        """Return the cached render if no tick came since and it is younger than ``max_age_s``, else None."""
+        stamp, at, body = self._cached  # one attribute read: safe from the endpoint's thread
+        if stamp == self._stamp() and self._monotonic() - at < self.max_age_s:
+            return body
+        return None
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """Return what, changed, makes a render stale: ticks, audit failures, devices commanded."""
+        gw = self.gw
+        return (self.ticks, gw.audit_health.failures, len(gw.dispatcher.caps_w), gw.dispatcher.active)
+
+    def get(self) -> bytes:
+        """Return the metrics, rendering them if the cached render is stale."""
+        body = self.fresh()
+        if body is None:
+            stamp = self._stamp()
+            body = render(self.gw)
+            self.renders += 1
+            self._cached = (stamp, self._monotonic(), body)
+        return body

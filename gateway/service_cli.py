@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -21,7 +22,12 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     o.add_argument("event_id")
     o.add_argument("--reason", required=True, help="why; recorded in the audit log and sent to the VTN")
     o.add_argument("--url", help="management endpoint (default: from --config, else http://127.0.0.1:9464)")
-    o.add_argument("--config", help="gateway config file, to find the management endpoint")
+    o.add_argument("--config", help="gateway config file, to find the management endpoint and its credentials")
+    o.add_argument("--token-file", help="operator token file (default: management.token_file from --config)")
+    o.add_argument("--token-name", help="which token of the file to send (default: the first)")
+    o.add_argument("--cafile", help="CA (or the endpoint's own certificate) to trust over https")
+    o.add_argument("--cert", help="client certificate (PEM) for mutual TLS; --key goes with it")
+    o.add_argument("--key", help="the client certificate's private key (PEM)")
     o.set_defaults(func=_cmd_opt_out)
 
     b = bench_sub.add_parser(
@@ -39,25 +45,53 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     b.set_defaults(func=_cmd_bench_dispatch)
 
 
-def _cmd_opt_out(args: argparse.Namespace) -> int:
-    """POST an operator opt-out to the running gateway's management endpoint."""
-    url = args.url
-    if url is None and args.config:
-        try:
-            m = load_config(args.config).management
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
-        url = f"http://{m.host}:{m.port}"
+def _credentials(args: argparse.Namespace) -> tuple[str, dict[str, str], ssl.SSLContext | None]:
+    """Return the endpoint's URL, the headers that authenticate, and the TLS context; raise ConfigError."""
+    from protocols.mgmt.auth import token_lines
+
+    url, token_file, cafile, cert, key = args.url, args.token_file, args.cafile, args.cert, args.key
+    if args.config:
+        m = load_config(args.config).management
+        if url is None:
+            url = f"{'https' if m.tls_cert else 'http'}://{m.host}:{m.port}"
+        token_file = token_file or m.token_file
+        cafile = cafile or m.tls_cert  # the endpoint's own certificate, trusted as it is
     url = (url or "http://127.0.0.1:9464").rstrip("/")
+    headers = {"Content-Type": "application/json"}
+    if token_file:
+        tokens = token_lines(token_file)
+        chosen = [t for n, t in tokens if args.token_name in (None, n)]
+        if not chosen:
+            raise ConfigError(token_file, "--token-name", f"no token named {args.token_name!r}")
+        headers["Authorization"] = f"Bearer {chosen[0]}"
+    ctx = None
+    if url.startswith("https://"):
+        ctx = ssl.create_default_context(cafile=cafile)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    return url, headers, ctx
+
+
+def _cmd_opt_out(args: argparse.Namespace) -> int:
+    """POST an operator opt-out, with the operator's credentials, to the running gateway's management endpoint."""
+    try:
+        url, headers, ctx = _credentials(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ssl.SSLError) as err:
+        print(f"opt-out: cannot load the TLS files: {err}", file=sys.stderr)
+        return 2
+    if "Authorization" not in headers and not args.cert:
+        print("opt-out: no credentials (give --token-file or --config with management.token_file)", file=sys.stderr)
     req = urllib.request.Request(
         f"{url}/events/{args.event_id}/opt-out",
         data=json.dumps({"reason": args.reason}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - operator-supplied URL
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:  # noqa: S310 - operator-supplied URL
             body = json.loads(resp.read().decode())
     except urllib.error.HTTPError as err:
         body = json.loads(err.read().decode() or "{}")

@@ -41,11 +41,12 @@ def gateway_config(
     openadr: Mapping[str, Any] | None = None,
     battery: Mapping[str, Any] | None = None,
     management: Mapping[str, Any] | None = None,
+    bms: Mapping[str, Any] | None = None,
 ) -> str:
     """Return a gateway TOML config: a simulated battery, 8 simulated GPUs and JSON logs.
 
     ``mgmt_port=None`` disables the management endpoint; ``openadr``, ``battery`` and ``management``
-    add further settings to those sections."""
+    add further settings to those sections; ``bms`` adds a [bms] section."""
     sections: dict[str, Mapping[str, Any]] = {
         "site": {"name": site, "non_gpu_it_w": 15000.0, "cooling_overhead": 0.3},
         "audit": {"db_url": db_url},
@@ -63,6 +64,7 @@ def gateway_config(
         "[gpus.groups]": {"count": 8, "job_class": "training", "tier": tier},  # an array of tables: [[gpus.groups]]
         "logging": {"format": "json"},
         "management": {**({"enabled": False} if mgmt_port is None else {"port": mgmt_port}), **(management or {})},
+        **({"bms": bms} if bms is not None else {}),
     }
     return "".join(
         f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in body.items())

@@ -3,9 +3,12 @@
 aiohttp waits forever for a request's headers, so a client that sends them a byte at a time
 (slowloris) holds a connection and a file descriptor for as long as it likes. ``ConnectionGuard``
 wraps aiohttp's protocol factory: each connection must start a request within ``head_timeout_s``
-of connecting or of its previous response, else it is closed; over ``max_connections`` open at
-once, a new connection is closed at once. The middleware from :meth:`ConnectionGuard.middleware`
-tells the guard when a request's head has been parsed (and when its response is done).
+of connecting or of its previous response, else it is closed. With ``max_connections`` open, a
+new connection closes the one that has waited longest for a request's head (idle keep-alive or
+slowloris: holding slots cannot lock anyone out), or, when every connection is mid-request, is
+itself closed at once. Reaching the cap, and leaving it, is logged once each. The middleware
+from :meth:`ConnectionGuard.middleware` tells the guard when a request's head has been parsed
+(and when its response is done).
 """
 
 from __future__ import annotations
@@ -32,15 +35,20 @@ class _Guarded(asyncio.Protocol):
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._counted = False
+        self.waiting_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Refuse the connection over the cap; otherwise arm the head deadline and hand it to aiohttp."""
         self._transport = transport
-        if len(self._guard.open) >= self._guard.max_connections:
-            self._guard.refused += 1
-            log.warning("management connection refused: too many open", limit=self._guard.max_connections)
-            transport.close()
-            return
+        guard = self._guard
+        if len(guard.open) >= guard.max_connections:
+            if not guard.at_cap:  # once per episode, not once per connection
+                guard.at_cap = True
+                log.warning("management connections at the cap; the longest idle give way", limit=guard.max_connections)
+            if not guard.evict_idlest():
+                guard.refused += 1
+                transport.close()
+                return
         self._guard.open[transport] = self
         self._counted = True
         self.arm()
@@ -49,7 +57,20 @@ class _Guarded(asyncio.Protocol):
     def arm(self) -> None:
         """Start (again) the wait for the next request's head."""
         self.disarm()
-        self._timer = asyncio.get_running_loop().call_later(self._guard.head_timeout_s, self._expire)
+        loop = asyncio.get_running_loop()
+        self.waiting_since = loop.time()
+        self._timer = loop.call_later(self._guard.head_timeout_s, self._expire)
+
+    @property
+    def waiting(self) -> bool:
+        """Return whether the connection waits for a request's head (no request in progress)."""
+        return self._timer is not None
+
+    def evict(self) -> None:
+        """Close the connection to make room for a new one."""
+        self.disarm()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
 
     def disarm(self) -> None:
         """Stop the wait: a request's head arrived."""
@@ -89,6 +110,9 @@ class _Guarded(asyncio.Protocol):
         if self._counted:
             self._guard.open.pop(self._transport, None)  # type: ignore[arg-type]
             self._inner.connection_lost(exc)
+            if self._guard.at_cap and len(self._guard.open) < self._guard.max_connections:
+                self._guard.at_cap = False
+                log.info("management connections below the cap again", refused=self._guard.refused)
 
 
 class ConnectionGuard:
@@ -99,7 +123,20 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.open: dict[asyncio.BaseTransport, _Guarded] = {}
         self.expired = 0  # connections closed for not finishing a request's head in time
-        self.refused = 0  # connections closed for being over the cap
+        self.refused = 0  # connections closed on arrival: at the cap, every connection mid-request
+        self.evicted = 0  # connections closed to make room, having waited longest for a request's head
+        self.at_cap = False  # whether the cap was reached (logged once until connections fall below it)
+
+    def evict_idlest(self) -> bool:
+        """Close the connection that has waited longest for a request's head; False if none waits."""
+        idle = [c for c in self.open.values() if c.waiting]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.waiting_since)
+        self.open.pop(victim._transport, None)  # type: ignore[arg-type]  # its slot is the new one's now
+        victim.evict()
+        self.evicted += 1
+        return True
 
     def protocol_factory(self, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         """Return a protocol factory for ``loop.create_server`` that guards the protocols ``inner`` makes."""

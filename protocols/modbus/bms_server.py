@@ -3,20 +3,19 @@
 Reads are answered from the gateway's latest state (a ``StateProvider`` called per request).
 Only the registers the map marks writable may be written; anything else, or a write covering
 part of a 32-bit value, is refused with ILLEGAL_ADDRESS (2); an out-of-range value with
-ILLEGAL_VALUE (3). Each accepted write is audited (actor ``bms``) with the writer's address
-before it is acknowledged; if the audit log cannot take it, the BMS gets DEVICE_FAILURE (4)
-and nothing changes. Values lapse after ``input_ttl_s`` unless written again; a lapse is
-audited too. An accepted opt-out for the current event is also handed to ``on_opt_out`` (the
-gateway wires it to the event book) and stays readable as ``opt_out_requested()``. The server
-binds only to the configured address.
-
-Frames are screened before pymodbus parses them (``screen``): a malformed MBAP header (protocol id
-not 0, length outside 2..254) drops the connection; a function other than 3, 6 or 16 gets
-ILLEGAL_FUNCTION (1), a bad quantity or PDU length ILLEGAL_VALUE (3), another unit id
-GATEWAY_NO_RESPONSE (11), each with the request's function code and transaction id.
-
-pymodbus 3.16 does not hand the peer's address to the datastore or the ``action`` callback,
-so a request-handler subclass puts it in a context variable for the request's task.
+ILLEGAL_VALUE (3), a flexibility offer above ``[bms] max_flex_w`` or above what the configured
+site could draw (``site_max_w``) included. Each accepted write is audited (actor ``bms``) with
+the writer's address before it is acknowledged; if the audit log cannot take it, the BMS gets
+DEVICE_FAILURE (4) and nothing changes. A write that repeats the value in force, from the same
+address, within ``AUDIT_INTERVAL_S`` of the row that recorded it, refreshes the value without a
+row of its own: the next row for that register counts it (``repeats``). Writes that change
+something are audited at most ``WRITES_PER_PEER`` per address and ``WRITES_TOTAL`` in all per
+interval; more get SERVER_DEVICE_BUSY (6). Refusals are audited through a ``RefusalLog``
+(bounded per address and interval). Values lapse after ``input_ttl_s`` unless written again; a
+lapse is audited too. An accepted opt-out for the current event is also handed to ``on_opt_out``
+(the gateway wires it to the event book) and stays readable as ``opt_out_requested()``. The
+server binds only to the configured address; its connections are screened, capped and timed
+out by ``protocols.modbus.bms_wire``.
 """
 
 from __future__ import annotations
@@ -24,14 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from typing import Any, cast
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from gateway.bms import (
@@ -50,94 +45,18 @@ from gateway.config import BmsConfig
 from gateway.errors import AuditError, GatewayError, InputRejected
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
+from gateway.refusals import RefusalLog
 from protocols.modbus import codec
+from protocols.modbus.bms_wire import PEER, PEER_HOST, READ_CODES, WRITE_CODES, PeerAwareTcpServer
 from protocols.modbus.mapping import Point
 from protocols.modbus.transport import quiet_pymodbus_logs
 
-PEER: ContextVar[str] = ContextVar("modbus_peer", default="unknown")
 OptOutHook = Callable[[str, str], Awaitable[object]]  # (event id, peer address): pass an opt-out on
-REFUSAL_AUDIT_INTERVAL_S = 10.0  # at most one audited refusal per peer this often (a flood is not logged row by row)
-# FC 6 and 16 read the written registers back through the datastore after the write: that is a read too.
-READ_CODES, WRITE_CODES = frozenset({3, 6, 16}), frozenset({6, 16})
-SERVED_CODES = READ_CODES  # what docs/bms.md promises: read holding registers (3), write one (6) or many (16)
-MBAP = struct.Struct(">HHHB")  # transaction id, protocol id (0), length (unit id + PDU), unit id
-MAX_PDU_BYTES = 253  # Modbus application protocol spec: a PDU is 1 to 253 bytes
+AUDIT_INTERVAL_S = 10.0  # refusals and repeated writes are summed per this interval (a flood is not a row each)
+WRITES_PER_PEER = 10  # writes that change something, audited per peer address per interval ...
+WRITES_TOTAL = 40  # ... and from all peers together; more get SERVER DEVICE BUSY (6)
 
 log = get_logger(__name__)
-
-
-def screen(unit: int, pdu: bytes, served_unit: int) -> ExcCodes | None:
-    """Return the exception code for a request the face refuses before pymodbus parses it, else None.
-
-    ``pdu`` is one whole frame's function code and data. The checks run in the order of the Modbus
-    spec's request state diagram: function code (1), then the quantity and the PDU's length (3);
-    addresses (2) are left to pymodbus. Another unit id gets GATEWAY_NO_RESPONSE (11), as pymodbus
-    answers a device it does not serve.
-    """
-    if unit != served_unit:
-        return ExcCodes.GATEWAY_NO_RESPONSE
-    fc, body = pdu[0], pdu[1:]
-    if fc not in SERVED_CODES:
-        return ExcCodes.ILLEGAL_FUNCTION
-    if fc in (3, 6) and len(body) != 4:
-        return ExcCodes.ILLEGAL_VALUE
-    count = int.from_bytes(body[2:4], "big")
-    if fc == 3 and not 1 <= count <= 125:
-        return ExcCodes.ILLEGAL_VALUE
-    if fc == 16 and (len(body) < 5 or not 1 <= count <= 123 or body[4] != 2 * count or len(body) != 5 + 2 * count):
-        return ExcCodes.ILLEGAL_VALUE
-    return None
-
-
-class _PeerHandler(ServerRequestHandler):
-    """A request handler that screens frames and exposes its peer's address to the datastore through ``PEER``."""
-
-    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
-        """Drop the connection on a malformed MBAP header, answer frames the face does not serve, parse the rest."""
-        used = 0
-        while len(data) - used >= MBAP.size:
-            tid, pid, length, unit = MBAP.unpack_from(data, used)
-            if pid != 0 or not 2 <= length <= MAX_PDU_BYTES + 1:
-                # pymodbus would wait for more data, or skip a few bytes and misread the rest as frames
-                log.warning("bms frame malformed; dropped", peer=self._peer(), protocol_id=pid, length=length)
-                self.close()
-                return len(data)
-            end = used + MBAP.size - 1 + length  # the length counts the unit id, the header's last byte
-            if len(data) < end:
-                break  # wait for the rest of the frame
-            code = screen(unit, data[used + MBAP.size : end], self.server.unit)
-            if code is None:
-                return used + int(super().callback_data(data[used:], addr))
-            function = data[used + MBAP.size] | 0x80
-            log.debug("bms request refused", peer=self._peer(), function=function & 0x7F, exception_code=int(code))
-            cast(asyncio.Transport, self.transport).write(MBAP.pack(tid, 0, 3, unit) + bytes((function, int(code))))
-            used = end
-        return used
-
-    async def handle_request(self) -> None:
-        """Handle one request with ``PEER`` set to this connection's ``host:port``."""
-        token = PEER.set(self._peer())
-        try:
-            await super().handle_request()
-        finally:
-            PEER.reset(token)
-
-    def _peer(self) -> str:
-        """Return this connection's ``host:port``."""
-        info = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{info[0]}:{info[1]}" if info else "unknown"
-
-
-class PeerAwareTcpServer(ModbusTcpServer):
-    """``ModbusTcpServer`` whose connections screen frames for ``unit`` and record their peer in ``PEER``."""
-
-    def __init__(self, *args: Any, unit: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unit = unit
-
-    def callback_new_connection(self) -> ServerRequestHandler:
-        """Return a handler for a new connection."""
-        return _PeerHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
 
 def _point(r: BmsRegister) -> Point:
@@ -215,19 +134,28 @@ class BmsServer:
         *,
         on_opt_out: OptOutHook | None = None,
         expiry_poll_s: float = 1.0,
+        site_max_w: float = math.inf,
     ) -> None:
         self.cfg = cfg
         self.provider = provider
         self.audit = audit
         self.clock: Clock = clock or SystemClock()
-        self.inputs = BmsInputs(cfg.input_ttl_s, cfg.max_flex_w, self.clock)
+        self.inputs = BmsInputs(cfg.input_ttl_s, cfg.max_flex_w, self.clock, site_max_w)
         self.port = 0
         self._server: PeerAwareTcpServer | None = None
         self.on_opt_out = on_opt_out
         self.expiry_poll_s = expiry_poll_s
         self._expiry: asyncio.Task[None] | None = None
-        self._refused_at: dict[str, float] = {}
-        self._refused_quiet: dict[str, int] = {}
+        self.refusals = RefusalLog(audit, "bms.write_refused", actor="bms", interval_s=AUDIT_INTERVAL_S)
+        # register -> (value, writer's address, event id, clock.monotonic()) of the row that recorded it
+        self._recorded: dict[str, tuple[float, str, str, float]] = {}
+        self._repeats: Counter[str] = Counter()  # register -> repeats acknowledged since its last row
+        self._window = (-math.inf, Counter[str]())  # (start, audited writes by address) of this interval
+
+    @property
+    def wire(self) -> PeerAwareTcpServer | None:
+        """Return the listening server (its connection counters), or None before start."""
+        return self._server
 
     def opt_out_requested(self) -> bool:
         """Return whether the BMS asks, now, to opt out of the current event."""
@@ -254,8 +182,15 @@ class BmsServer:
             ),
             action=self._action,
         )
-        self._server = PeerAwareTcpServer(device, address=(self.cfg.host, self.cfg.port), unit=self.cfg.unit)
+        self._server = PeerAwareTcpServer(
+            device,
+            address=(self.cfg.host, self.cfg.port),
+            unit=self.cfg.unit,
+            max_connections=self.cfg.max_connections,
+            idle_timeout_s=self.cfg.idle_timeout_s,
+        )
         await self._server.serve_forever(background=True)
+        self.refusals.start()
         sockets = getattr(self._server.transport, "sockets", None) or ()
         if not sockets:
             raise RuntimeError("pymodbus did not expose the listening socket")
@@ -274,10 +209,23 @@ class BmsServer:
         server, self._server = self._server, None
         if server is not None:
             await server.shutdown()
+        await self._record_repeats()
+        await self.refusals.stop()
+
+    async def _record_repeats(self) -> None:
+        """Audit the repeats no later row has counted (at stop and when a value lapses)."""
+        for name, n in list(self._repeats.items()):
+            value, peer, event_id, _ = self._recorded.get(name, (0.0, "", "", 0.0))
+            del self._repeats[name]
+            data = {"register": name, "value": _plain(value), "peer": peer, "repeats": n}
+            with contextlib.suppress(AuditError):
+                await self.audit.append("bms.write_repeated", data, actor="bms", event_id=event_id or None)
 
     async def check_expiry(self) -> list[str]:
         """Audit every BMS input that has lapsed since the last check; return their names."""
         lapsed = self.inputs.lapsed()
+        if lapsed and self._repeats:
+            await self._record_repeats()
         for name in lapsed:
             log.info("bms input lapsed", register=name)
             with contextlib.suppress(AuditError):
@@ -314,13 +262,13 @@ class BmsServer:
 
     async def _write(self, address: int, values: list[int]) -> ExcCodes | None:
         """Validate a write of ``values`` at ``address``; audit and keep it, or refuse it."""
-        peer = PEER.get()
+        peer, host = PEER.get(), PEER_HOST.get()
         end = address + len(values)
         touched: list[BmsRegister] = []
         for a in range(address, end):
             r = OWNER.get(a)
             if r is None or not r.writable or r.address < address or r.address + r.count > end:
-                return await self._refuse(peer, address, len(values), ExcCodes.ILLEGAL_ADDRESS, "not writable")
+                return self._refuse(host, peer, address, len(values), ExcCodes.ILLEGAL_ADDRESS, "not writable")
             if r not in touched:
                 touched.append(r)
         decoded: list[tuple[BmsRegister, float]] = []
@@ -330,17 +278,27 @@ class BmsServer:
             try:
                 self.inputs.check(r.name, value)
             except InputRejected as err:
-                return await self._refuse(peer, address, len(values), ExcCodes.ILLEGAL_VALUE, str(err))
+                return self._refuse(
+                    host, peer, address, len(values), ExcCodes.ILLEGAL_VALUE, "out of range", message=str(err)
+                )
             decoded.append((r, value))
         event_id = self.provider().event_id
+        now = self.clock.monotonic()
+        if all(self._repeat(r.name, value, host, event_id, now) for r, value in decoded):
+            for r, value in decoded:  # refreshed, counted in the register's next row
+                self.inputs.accept(r.name, value, peer, event_id)
+                self._repeats[r.name] += 1
+            return None
+        if not self._budget(host, now):
+            return self._refuse(host, peer, address, len(values), ExcCodes.DEVICE_BUSY, "too many writes")
         try:
             for r, value in decoded:
-                await self.audit.append(
-                    "bms.write",
-                    {"register": r.name, "value": _plain(value), "peer": peer, "ttl_s": self.cfg.input_ttl_s},
-                    actor="bms",
-                    event_id=event_id or None,
-                )
+                data = {"register": r.name, "value": _plain(value), "peer": peer, "ttl_s": self.cfg.input_ttl_s}
+                if self._repeats[r.name]:
+                    data["repeats"] = self._repeats[r.name]  # refreshes acknowledged since its last row
+                await self.audit.append("bms.write", data, actor="bms", event_id=event_id or None)
+                self._repeats.pop(r.name, None)
+                self._recorded[r.name] = (value, host, event_id, now)
         except AuditError as err:
             log.error("bms write not audited; refused", peer=peer, error=str(err))
             return ExcCodes.DEVICE_FAILURE
@@ -354,25 +312,31 @@ class BmsServer:
                     log.warning("bms opt-out not passed on", event_id=event_id, peer=peer, error=str(err))
         return None
 
-    async def _refuse(self, peer: str, address: int, count: int, code: ExcCodes, reason: str) -> ExcCodes:
-        """Log and (rate-limited per peer) audit a refused write; return the exception code to send."""
-        now = self.clock.monotonic()
-        last = self._refused_at.get(peer)
-        if last is not None and now - last < REFUSAL_AUDIT_INTERVAL_S:
-            self._refused_quiet[peer] = self._refused_quiet.get(peer, 0) + 1
-            return code
-        self._refused_at[peer] = now
-        data: dict[str, Any] = {
-            "address": address,
-            "count": count,
-            "peer": peer,
-            "exception_code": int(code),
-            "reason": reason,
-            "not_logged_before": self._refused_quiet.pop(peer, 0),
-        }
-        log.warning("bms write refused", **data)
-        with contextlib.suppress(AuditError):
-            await self.audit.append("bms.write_refused", data, actor="bms")
+    def _repeat(self, name: str, value: float, host: str, event_id: str, now: float) -> bool:
+        """Return whether ``value`` repeats what is in force, from ``host``, under a row still recent."""
+        rec = self._recorded.get(name)
+        if rec is None or rec[:3] != (value, host, event_id) or now - rec[3] >= AUDIT_INTERVAL_S:
+            return False
+        return value == 0 or self.inputs.value(name) == value  # a value that lapsed since is written anew
+
+    def _budget(self, host: str, now: float) -> bool:
+        """Spend one audited write of ``host`` in this interval; False when it or everyone is over budget."""
+        start, spent = self._window
+        if now - start >= AUDIT_INTERVAL_S:
+            start, spent = now, Counter()
+            self._window = (start, spent)
+        if spent[host] >= WRITES_PER_PEER or sum(spent.values()) >= WRITES_TOTAL:
+            return False
+        spent[host] += 1
+        return True
+
+    def _refuse(
+        self, host: str, peer: str, address: int, count: int, code: ExcCodes, reason: str, message: str = ""
+    ) -> ExcCodes:
+        """Audit a refused write (bounded per address and interval by ``refusals``); return the exception code."""
+        detail = {"address": address, "registers": count, "exception_code": int(code), "message": message or reason}
+        if self.refusals.refuse(host, reason, connection=peer, **detail):
+            log.warning("bms write refused", peer=peer, reason=reason, **detail)
         return code
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.bms import BmsSnapshot, StateProvider, snapshot_of
+from gateway.bms import BmsSnapshot, StateProvider, site_max_w, snapshot_of
 from gateway.clock import Clock, SystemClock
 from gateway.config import BatteryConfig, BmsConfig, GatewayConfig, MeterConfig, OpcuaClientConfig, UpsConfig
 from gateway.errors import ConfigError, GatewayError
@@ -108,7 +108,13 @@ def build_bms_for(gw: Any, clock: Clock) -> BmsServer | None:
     async def opt_out(event_id: str, peer: str) -> None:
         await gw.book.override_opt(event_id, Opt.OUT, "bms", f"the BMS at {peer} asked to opt out")
 
-    return BmsServer(cfg.bms, provider, gw.audit, clock, on_opt_out=opt_out)
+    return BmsServer(cfg.bms, provider, gw.audit, clock, on_opt_out=opt_out, site_max_w=configured_site_max_w(cfg))
+
+
+def configured_site_max_w(cfg: GatewayConfig) -> float:
+    """Return the most the site in ``cfg`` could draw (W): [site] IT load, every GPU group at its max cap, cooling."""
+    gpus_w = 0.0 if cfg.gpus.backend == "none" else sum(g.count * g.max_cap_w for g in cfg.gpus.groups)
+    return site_max_w(cfg.site.non_gpu_it_w, gpus_w, cfg.site.cooling_overhead)
 
 
 async def equipment_problems(cfg: GatewayConfig, source: str) -> list[ConfigError]:

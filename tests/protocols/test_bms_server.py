@@ -21,7 +21,7 @@ from gateway.config import BmsConfig, parse_config
 from gateway.errors import AuditError, ConfigError, InputRejected
 from gateway.model import BatteryState, DemandEvent, GpuState, Opt, Snapshot
 from protocols.modbus import codec
-from protocols.modbus.bms_server import POINTS, BmsServer
+from protocols.modbus.bms_server import AUDIT_INTERVAL_S, POINTS, BmsServer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ async def test_writing_a_read_only_or_reserved_register_is_illegal_address(face:
     assert face.audit.kinds() == ["bms.write_refused"]  # audited once; the second inside the quiet window
     kind, data, actor, _ = face.audit.rows[0]
     assert (actor, data["exception_code"], data["address"]) == ("bms", 2, address)
-    assert data["peer"].startswith("127.0.0.1:")
+    assert data["peer"] == "127.0.0.1" and data["connection"].startswith("127.0.0.1:")
 
 
 async def test_a_write_across_writable_and_read_only_registers_is_refused_whole(face: Face) -> None:
@@ -341,6 +341,9 @@ async def test_an_opt_out_is_handed_to_the_event_book() -> None:
     f.server.on_opt_out = opt_out
     try:
         assert not (await f.client.write_register(100, 1, device_id=1)).isError()
+        assert not (await f.client.write_register(100, 1, device_id=1)).isError()  # a repeat: not passed on again
+        assert len(calls) == 1
+        f.clock.advance(AUDIT_INTERVAL_S)
         assert not (await f.client.write_register(100, 1, device_id=1)).isError()  # hook refuses: still accepted
         assert [c[0] for c in calls] == ["ev-42", "ev-42"] and calls[0][1].startswith("127.0.0.1:")
         assert f.server.opt_out_requested()

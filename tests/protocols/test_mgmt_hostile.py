@@ -61,10 +61,28 @@ class Site:
         ]
 
 
+TOKEN = "t" * 40  # the operator's token (the token file holds it as "alice TOKEN")
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def token_file(tmp_path: Path, text: str = f"alice {TOKEN}\n", mode: int = 0o600) -> str:
+    """Write a token file with ``mode``; return its path."""
+    path = tmp_path / "operator.tokens"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
 @contextlib.asynccontextmanager
 async def running_site(tmp_path: Path, **management: Any) -> AsyncIterator[Site]:
-    """Start a gateway with only its management endpoint, on an ephemeral loopback port."""
+    """Start a gateway with only its management endpoint, on an ephemeral loopback port.
+
+    Operator commands take the token ``TOKEN`` unless ``management`` says otherwise."""
     db = str(tmp_path / "audit.db")
+    if "token_file" not in management:
+        management["token_file"] = token_file(tmp_path)
+    elif management["token_file"] is None:
+        del management["token_file"]
     cfg = parse_config({
         "audit": {"db_url": db},
         "management": {"port": 0, "max_body_bytes": MAX_BODY, **management},
@@ -75,7 +93,11 @@ async def running_site(tmp_path: Path, **management: Any) -> AsyncIterator[Site]
     clock = SystemClock()
     log = await AuditLog.open(db, clock=clock)
     gw = Gateway(cfg, clock, log, None, None, None)
-    await gw.start(with_ven=False)
+    try:
+        await gw.start(with_ven=False)
+    except BaseException:  # e.g. a bad token file: close the log, let the test see the error
+        await log.close()
+        raise
     start = datetime.now(UTC) + timedelta(hours=1)
     signal = Signal(SignalName.SIMPLE, "level", (Interval(start, 600.0, 1.0),))
     answer = await gw.book.answer(DemandEvent(EVENT, 0, "far", start, 600.0, (signal,), vtn_id="vtn"))
@@ -97,9 +119,10 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
 
 
 async def post(site: Site, body: bytes, event_id: str = EVENT, **headers: str) -> tuple[int, str]:
-    """POST ``body`` to an event's opt-out; return (status, text)."""
+    """POST ``body`` to an event's opt-out, as the operator unless ``headers`` say otherwise; return (status, text)."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{site.url}/events/{event_id}/opt-out", data=body, headers=headers) as r:
+        sent = {**AUTH, **headers}
+        async with http.post(f"{site.url}/events/{event_id}/opt-out", data=body, headers=sent) as r:
             return r.status, await r.text()
 
 
@@ -179,9 +202,11 @@ async def test_an_oversized_body_is_413_and_changes_nothing(site: Site) -> None:
         yield b'"}'
 
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=chunks()) as r:
+        async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=chunks(), headers=AUTH) as r:
             assert r.status == 413
-    reply = await raw(site, b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}")
+    head = b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    reply = await raw(site, head + auth + b"Content-Length: 99999999999\r\n\r\n{}")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert site.opt() is Opt.IN and await site.acted() == []
     assert await healthy(site)
@@ -263,7 +288,9 @@ async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Sit
     starts = [
         b"",  # silent
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # headers never finished
-        b'POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{"reason": "slo',  # body
+        b"POST /events/ev-1/opt-out HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n".encode()
+        + b'Content-Length: 500\r\n\r\n{"reason": "slo',  # an operator's body, sent slowly
     ]
     drips = [b"", b"X-Slow: 1\r\n", b"o"]
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, int]] = []
@@ -289,7 +316,7 @@ async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Sit
 
 
 async def test_many_concurrent_connections_are_all_answered(site: Site) -> None:
-    """Two hundred health checks and fifty bad opt-outs at once: every one answered, nothing changed."""
+    """Two hundred health checks and fifty unauthenticated opt-outs at once: every one answered, nothing changed."""
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
 
@@ -298,11 +325,11 @@ async def test_many_concurrent_connections_are_all_answered(site: Site) -> None:
                 return r.status
 
         async def bad() -> int:
-            async with http.post(f"{site.url}/events/{EVENT}/opt-out", data=b'{"reason": ""}') as r:
+            async with http.post(f"{site.url}/events/{EVENT}/opt-out", json={"reason": "x"}) as r:
                 return r.status
 
         statuses = await asyncio.gather(*[get() for _ in range(200)], *[bad() for _ in range(50)])
-    assert statuses == [200] * 200 + [400] * 50
+    assert statuses == [200] * 200 + [401] * 50
     assert site.opt() is Opt.IN and await site.acted() == []
 
 
@@ -328,10 +355,11 @@ async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tmp_path: Path) -> None:
+async def test_slow_heads_are_closed_at_the_deadline_and_give_way_at_the_cap(tmp_path: Path) -> None:
     """With a 0.5 s head deadline and 8 connections at most: 8 slowloris connections fill the cap, a
-    ninth is closed at once, and the deadline closes all 8 (dripping valid header lines does not
-    keep one open) so that /healthz is answered again; a keep-alive client is not cut mid-use."""
+    ninth closes the one that has waited longest (holding slots locks nobody out), and the deadline
+    closes the rest (dripping valid header lines does not keep one open) so that /healthz is
+    answered; a keep-alive client is not cut mid-use."""
     async with running_site(tmp_path, head_timeout_s=0.5, max_connections=8) as site:
         held = []
         for i in range(8):
@@ -339,10 +367,11 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
             await writer.drain()
             held.append((reader, writer))
-        await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)  # so that the first is the longest waiting
         reader9, writer9 = await asyncio.open_connection("127.0.0.1", site.port)
-        assert await _closed_unanswered(reader9), "over the cap: closed without an answer"
-        writer9.close()
+        assert await _closed_unanswered(held[0][0]), "the longest waiting gave way, unanswered"
+        held[0][1].close()
+        held[0] = (reader9, writer9)
         t0 = asyncio.get_running_loop().time()
         for _ in range(4):  # half stay silent, half drip a valid header line every 0.2 s
             for i, (_, writer) in enumerate(held):
@@ -354,7 +383,8 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
             writer.close()
         assert asyncio.get_running_loop().time() - t0 < 2.0
         assert site.gw.mgmt is not None and site.gw.mgmt.guard is not None
-        assert site.gw.mgmt.guard.expired == 8 and site.gw.mgmt.guard.refused == 1
+        guard = site.gw.mgmt.guard
+        assert (guard.evicted, guard.expired, guard.refused) == (1, 8, 0)
         assert await healthy(site)
         # A client that keeps one connection and asks again within the deadline keeps being served.
         connector = aiohttp.TCPConnector(limit=1)
@@ -363,5 +393,20 @@ async def test_slow_heads_are_closed_at_the_deadline_and_the_cap_refuses_more(tm
                 async with http.get(f"{site.url}/healthz") as r:
                     assert r.status == 200
                 await asyncio.sleep(0.2)
-        assert site.gw.mgmt.guard.expired == 8
+        assert guard.expired == 8
         assert site.opt() is Opt.IN and await site.acted() == []
+
+
+async def test_idle_connections_holding_every_slot_do_not_lock_out_a_health_check(tmp_path: Path) -> None:
+    """Idle connections at the cap (a long head deadline): /healthz is still answered at once, each
+    time closing the idlest connection; the cap is logged once, not once per connection."""
+    async with running_site(tmp_path, head_timeout_s=60.0, max_connections=8) as site:
+        held = [await asyncio.open_connection("127.0.0.1", site.port) for _ in range(20)]
+        try:
+            for _ in range(5):
+                assert await healthy(site)
+            guard = site.gw.mgmt.guard
+            assert guard.evicted >= 12 + 1 and guard.refused == 0 and len(guard.open) <= 8
+        finally:
+            for _, writer in held:
+                writer.close()
