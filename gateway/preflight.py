@@ -60,6 +60,25 @@ def _openadr_tls(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     return []
 
 
+def _management(cfg: GatewayConfig, source: str) -> list[ConfigError]:
+    """Load the operator token file and the endpoint's TLS certificate, key and client CA as it will."""
+    m = cfg.management
+    if not m.enabled:
+        return []
+    from protocols.mgmt.auth import read_tokens, server_tls
+
+    problems = []
+    for key, load in (
+        ("management.token_file", lambda: m.token_file and read_tokens(m.token_file)),
+        ("management.tls_cert", lambda: m.tls_cert and m.tls_key and server_tls(m.tls_cert, m.tls_key, m.client_ca)),
+    ):
+        try:
+            load()
+        except ConfigError as err:
+            problems.append(ConfigError(source, err.key or key, f"{err.path}: {err.reason}"))
+    return problems
+
+
 def _files(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     """Check that every ``*_file`` key (password, token...) names a readable file."""
     problems = []
@@ -81,7 +100,7 @@ def _files(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     return problems
 
 
-CHECKS: tuple[Check, ...] = (_audit, _openadr_tls, _files)
+CHECKS: tuple[Check, ...] = (_audit, _openadr_tls, _management, _files)
 
 
 async def startup_problems(cfg: GatewayConfig, source: str) -> list[ConfigError]:

@@ -46,9 +46,11 @@ def _config(tmp_path: Path, extra: dict[str, dict[str, Any]]) -> dict[str, dict[
     return base
 
 
-def _write(tmp_path: Path, name: str, text: str) -> str:
+def _write(tmp_path: Path, name: str, text: str, mode: int | None = None) -> str:
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")
+    if mode is not None:
+        p.chmod(mode)
     return str(p)
 
 
@@ -191,6 +193,32 @@ MORE_CASES: dict[str, tuple[Case, str]] = {
     "journal in a missing folder": (
         lambda t: ({"audit": {"measurement_journal": str(t / "no" / "j")}}, "audit.measurement_journal"),
         "no folder",
+    ),
+    "operator token file holding no token": (
+        lambda t: (
+            {"management": {"enabled": True, "token_file": _write(t, "tokens", "# nobody yet\n", 0o600)}},
+            "management.token_file",
+        ),
+        "holds no token",
+    ),
+    "operator token file readable by anyone": (
+        lambda t: (
+            {
+                "management": {
+                    "enabled": True,
+                    "token_file": _write(t, "tokens", "alice s3cret-token-1234567890\n", 0o644),
+                }
+            },
+            "management.token_file",
+        ),
+        "chmod 600",
+    ),
+    "management TLS certificate missing": (
+        lambda t: (
+            {"management": {"enabled": True, "tls_cert": str(t / "mgmt.pem"), "tls_key": str(t / "mgmt.key")}},
+            "management.tls_cert",
+        ),
+        "cannot load certificate",
     ),
     "a password file that is a folder": (
         lambda t: (
