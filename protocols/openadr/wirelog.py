@@ -5,8 +5,11 @@ are stored once); each message's type, size and digest go to the hash-chained au
 answered with an empty ``oadrResponse`` is one ``xml.poll`` row carrying both digests, so polling
 every few seconds stays affordable while no message goes unrecorded. Bodies that the guard, the
 schema, the signature check or the parser refused become ``xml.rejected`` rows. The VTN's HTTP
-``Date`` is compared with the local clock; a difference beyond ``max_clock_skew_s`` is logged and
-audited once, and its end once.
+``Date`` is compared with the local clock on every answer; a difference beyond ``max_clock_skew_s``
+is logged and audited once (``ven.clock_skew``), and its end once (``ven.clock_ok``, when the
+difference is back half a second inside the limit, so a skew at the limit does not flap). While
+skewed, ``/readyz`` fails and new events are answered optOut (the gateway never shifts event times
+by the measured offset: see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ _ENVELOPE = frozenset({b"oadrPayload", b"oadrSignedObject"})
 _POLL = "OadrPoll"
 _PARSE_FAILURES = frozenset({"rejected", "schema", "signature", "parse"})
 _DATE_RESOLUTION_S = 2.0  # HTTP Date has 1 s resolution, plus the round trip
+_HYSTERESIS_S = 0.5  # a skew ends only this far inside the limit
 
 AuditFn = Callable[..., Awaitable[None]]  # (kind, data, actor="gateway", event_id=None)
 EvidenceSink = Callable[[str, bytes], Awaitable[None]]  # (sha256 hex, raw body)
@@ -51,7 +55,7 @@ class WireLog:
         self._audit = audit
         self._evidence = evidence
         self._clock = clock
-        self._max_skew_s = max(max_skew_s, _DATE_RESOLUTION_S)
+        self.max_skew_s = max(max_skew_s, _DATE_RESOLUTION_S)
         self._vtn_url = vtn_url
         self._poll_out: dict[str, Any] | None = None
         self.skewed = False
@@ -113,14 +117,15 @@ class WireLog:
         if skew is None:
             return
         self.last_skew_s = skew
-        off = abs(skew) > self._max_skew_s
+        limit = self.max_skew_s - _HYSTERESIS_S if self.skewed else self.max_skew_s
+        off = abs(skew) > limit
         if off == self.skewed:
             return
         self.skewed = off
         data = {"skew_s": round(skew, 1), "vtn_date": vtn_date, "local_time": self._clock.now().isoformat(),
-                "vtn_url": self._vtn_url, "max_skew_s": self._max_skew_s}  # fmt: skip
+                "vtn_url": self._vtn_url, "max_skew_s": self.max_skew_s}  # fmt: skip
         if off:
-            _log.warning("clock differs from the VTN's; signed messages may be refused", **data)
+            _log.warning("clock differs from the VTN's: not ready, new events answered optOut", **data)
             await self._audit("ven.clock_skew", data, "gateway")
         else:
             _log.info("clock agrees with the VTN's again", **data)

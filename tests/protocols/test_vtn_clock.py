@@ -1,0 +1,116 @@
+"""The VTN's clock far from ours (issue 12, item 13): refuse and alarm, never shift event times.
+
+openleadr's VTN on loopback sends every answer with its HTTP Date shifted (``SimVtn.date_offset_s``).
+While the difference exceeds ``openadr.max_clock_skew_s`` the gateway's ``/readyz`` (read over HTTP
+from its management endpoint) fails naming the skew, new events are answered optOut with the reason,
+and the start and the end of the skew are each audited once. Events keep the times the utility wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import sqlalchemy as sa
+
+from gateway.app import Gateway
+from gateway.audit import AuditLog
+from gateway.audit.schema import audit_log
+from gateway.clock import SystemClock
+from gateway.config import parse_config
+from gateway.model import Opt
+from protocols.openadr import SimVtn
+from tests.gwproc import until
+
+VEN = "clock-ven"
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[tuple[Gateway, SimVtn, AuditLog]]:
+    """A gateway (no devices) with its management endpoint and a VEN pointed at a simulated VTN."""
+    vtn = SimVtn(poll_interval_s=1.0)
+    url = await vtn.start()
+    db = str(tmp_path / "audit.db")
+    cfg = parse_config({
+        "audit": {"db_url": db},
+        "battery": {"enabled": False},
+        "gpus": {"backend": "none"},
+        "management": {"port": 0},
+        "openadr": {"vtn_url": url, "ven_name": VEN, "opt_policy": "always", "max_clock_skew_s": 30.0,
+                    "registration_retry_initial_s": 0.05, "registration_retry_max_s": 0.2},
+    })  # fmt: skip
+    clock = SystemClock()
+    log = await AuditLog.open(db, clock=clock)
+    gw = Gateway(cfg, clock, log, None, None, None)
+    await gw.start()
+    try:
+        yield gw, vtn, log
+    finally:
+        await gw.stop()
+        await log.close()
+        await vtn.stop()
+
+
+async def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
+    """Return (status, body) of the gateway's /readyz."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.mgmt.port}/readyz") as r:
+            return r.status, json.loads(await r.text())
+
+
+async def kinds(log: AuditLog, kind: str) -> list[dict[str, Any]]:
+    """Return the data of every committed audit row of one kind."""
+    async with log.engine.connect() as conn:
+        res = await conn.execute(sa.select(audit_log.c.data).where(audit_log.c.kind == kind).order_by(audit_log.c.seq))
+        return [json.loads(d) for (d,) in res]
+
+
+@pytest.mark.parametrize("offset_s", [3600.0, -90.0])
+async def test_a_vtn_clock_far_from_ours_fails_readyz_and_refuses_new_events(
+    site: tuple[Gateway, SimVtn, AuditLog], offset_s: float
+) -> None:
+    gw, vtn, log = site
+    vtn.date_offset_s = offset_s
+    ven_id = await vtn.wait_for_registration(VEN, timeout_s=10.0)
+    await until(lambda: gw.ven.last_poll_ok is not None, 10.0, "a poll answered")
+    status, body = await readyz(gw)
+    assert status == 503, body
+    check = body["checks"]["vtn_clock"]
+    shown = re.search(r"differs from ours by ([+-]\d+) s \(limit 30 s\)", check["detail"])
+    assert not check["ok"] and shown and abs(int(shown.group(1)) - offset_s) <= 2, check
+    assert body["checks"]["vtn"]["ok"], body  # the link itself is fine
+
+    start = (datetime.now(UTC) + timedelta(minutes=30)).replace(microsecond=0)
+    refused = vtn.add_event(ven_id, signal="SIMPLE", value=2, start=start, duration_s=600)
+    assert await vtn.wait_for_response(refused, timeout_s=10.0) is Opt.OUT
+    (decided,) = await kinds(log, "opt.decided")
+    assert "the VTN's clock differs from ours" in decided["reason"]
+    events = {ev.event_id: ev for ev, _ in gw.book.events()}
+    assert events[refused].start == start  # never shifted by the measured offset
+
+    polls = len(await kinds(log, "xml.poll"))
+
+    async def polled_more() -> bool:
+        return len(await kinds(log, "xml.poll")) >= polls + 2
+
+    await until(polled_more, 10.0, "two more polls while skewed")
+    (skew,) = await kinds(log, "ven.clock_skew")  # audited once, however many answers show it
+    assert abs(skew["skew_s"] - offset_s) < 3 and skew["max_skew_s"] == 30.0
+
+    vtn.date_offset_s = 0.0
+
+    async def ready() -> bool:
+        return (await readyz(gw))[0] == 200
+
+    await until(ready, 10.0, "/readyz 200 once the clocks agree")
+    (ok,) = await kinds(log, "ven.clock_ok")
+    assert abs(ok["skew_s"]) < 3
+    accepted = vtn.add_event(ven_id, signal="SIMPLE", value=2, start=start + timedelta(hours=1), duration_s=600)
+    assert await vtn.wait_for_response(accepted, timeout_s=10.0) is Opt.IN
+    assert {ev.event_id: opt for ev, opt in gw.book.events()} == {refused: Opt.OUT, accepted: Opt.IN}
