@@ -11,13 +11,14 @@ the answer from the store once it can, and the battery acts only on what was ans
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from gateway.model import Opt
 
 from .db_faults import SqliteWriteError
-from .harness import Site
+from .harness import Site, report
 
 
 def _read(site: Site, query: str) -> list[tuple[Any, ...]]:
@@ -63,10 +64,14 @@ async def test_the_vtn_hears_only_what_was_stored_while_the_database_refuses_wri
         assert (eid, 1) not in answered and (fresh, 0) not in answered, answered
     finally:
         await fault.clear(proc.pid)
+    cleared = time.monotonic()
 
     want = {(eid, 1): "optIn", (fresh, 0): "optIn"}
     await site.until(lambda: want.items() <= _agree(site).items(), 30.0, "both answered from the store")
+    answered_s = time.monotonic() - cleared
     await site.until(lambda: site.bsim.setpoint_w > 0, 30.0, "the battery discharging again")
+    report("answers while SQLite refuses writes", answered_after_clear_s=answered_s,
+           discharging_after_clear_s=time.monotonic() - cleared)  # fmt: skip
     latest = max(m for e, m in _agree(site) if e == eid)
     assert _agree(site)[(eid, latest)] == "optIn"  # it acts on what the utility was told
     assert await site.terminate() == 0, site.log_tail()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from gateway.model import Opt
 from protocols.modbus.bms_server import register
 from protocols.modbus.build import build_bms_for
 from protocols.openadr import SimVtn
+from tests.faults.harness import report
 from tests.gwproc import until
 from tests.pgdb import fetch, fresh_pg_database, raw
 
@@ -186,8 +188,10 @@ async def test_a_decision_the_database_refuses_is_neither_answered_nor_acted_on(
     await site.assert_agree()
 
     await site.allow()
+    allowed = time.monotonic()
     want = {(kept, 1): "optIn", (fresh, 0): "optIn", (cancelled, 1): "optIn"}
     await until(lambda: want.items() <= site.answered().items(), 10.0, "answers from the store", site.answered)
+    report(f"opt.decided refused by {backend}", answered_after_allowed_s=time.monotonic() - allowed)
     await site.assert_agree()
     assert want.keys() <= (await site.stored()).keys()
     assert site.in_book()[kept] == (1, "optIn") and site.in_book()[fresh] == (0, "optIn")
@@ -222,6 +226,7 @@ async def test_a_bms_opt_out_reaches_the_vtn(make_site: Any, opt_service: bool) 
     client = AsyncModbusTcpClient("127.0.0.1", port=site.bms.port)
     await client.connect()
     try:
+        written = time.monotonic()
         assert not (await client.write_register(register("bms_opt_out").address, 1, device_id=1)).isError()
         if opt_service:
             await site.vtn.wait_for(lambda: site.vtn.opts, timeout_s=5.0)
@@ -230,6 +235,8 @@ async def test_a_bms_opt_out_reaches_the_vtn(make_site: Any, opt_service: bool) 
         else:
             assert await site.vtn.wait_for_response(eid, timeout_s=5.0, modification_number=0) is Opt.OUT
             await site.vtn.wait_for(lambda: site.answered()[(eid, 0)] == "optOut", timeout_s=5.0)
+        report(f"BMS opt-out to the VTN via {'EiOpt' if opt_service else 'EiEvent'}",
+               write_to_vtn_s=time.monotonic() - written)  # fmt: skip
         # A refresh of the register (the BMS keeps its request alive) decides and sends nothing new.
         assert not (await client.write_register(register("bms_opt_out").address, 1, device_id=1)).isError()
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from gateway.clock import SystemClock
 from gateway.config import parse_config
 from gateway.model import Opt
 from protocols.openadr import SimVtn
+from tests.faults.harness import report
 from tests.gwproc import until
 
 VEN = "clock-ven"
@@ -79,6 +81,7 @@ async def test_a_vtn_clock_far_from_ours_fails_readyz_and_refuses_new_events(
     vtn.date_offset_s = offset_s
     ven_id = await vtn.wait_for_registration(VEN, timeout_s=10.0)
     await until(lambda: gw.ven.last_poll_ok is not None, 10.0, "a poll answered")
+    assert gw.ven.clock_skewed  # from the first answer on
     status, body = await readyz(gw)
     assert status == 503, body
     check = body["checks"]["vtn_clock"]
@@ -104,11 +107,13 @@ async def test_a_vtn_clock_far_from_ours_fails_readyz_and_refuses_new_events(
     assert abs(skew["skew_s"] - offset_s) < 3 and skew["max_skew_s"] == 30.0
 
     vtn.date_offset_s = 0.0
+    fixed = time.monotonic()
 
     async def ready() -> bool:
         return (await readyz(gw))[0] == 200
 
     await until(ready, 10.0, "/readyz 200 once the clocks agree")
+    report(f"VTN clock {offset_s:+.0f} s", ready_after_fixed_s=time.monotonic() - fixed, poll_s=gw.ven.poll_interval_s)
     (ok,) = await kinds(log, "ven.clock_ok")
     assert abs(ok["skew_s"]) < 3
     accepted = vtn.add_event(ven_id, signal="SIMPLE", value=2, start=start + timedelta(hours=1), duration_s=600)
