@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from gateway.clock import Clock, SystemClock
 from gateway.config import OpenAdrConfig
 from gateway.errors import AuditError, InputRejected
-from gateway.eventstore import Record, ends_at
+from gateway.eventstore import Record
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
 from gateway.model import DemandEvent, Opt, Signal, SignalName, Target, TargetKind
@@ -262,9 +262,7 @@ class EventBook:
         """Answer a version already seen (as stored) or an older one (rejected, rule 58); decide nothing.
 
         The answer is what the store holds, whether or not this repeat can be audited."""
-        entry = self._events.get(ev.event_id)
-        if entry is None or entry.event.modification_number != known:
-            entry = self._follow(latest)
+        entry = self._events.get(ev.event_id)  # never behind the store: it follows only what was stored
         opt = entry.opt if entry is not None else self._opt_after_override(ev.event_id, latest)
         if ev.modification_number == known:
             await self._note(
@@ -290,23 +288,6 @@ class EventBook:
         if override and not stored.event.cancelled:
             return Opt(override["opt"])
         return Opt(stored.opt)
-
-    def _follow(self, stored: Any) -> _Entry | None:
-        """Bring the book in line with a stored version it has not applied (None when it no longer matters)."""
-        ev = stored.event
-        if ends_at(ev) <= self._clock.now():
-            return None
-        override = self._overrides.get(ev.event_id)
-        opt = Opt(override["opt"]) if override and not ev.cancelled else Opt(stored.opt)
-        active = opt is Opt.IN and not ev.cancelled and mismatch(ev, self._cfg) is None and self._acts_on(ev)
-        entry = self._events.get(ev.event_id)
-        if entry is None:
-            entry = self._events[ev.event_id] = _Entry(ev, opt, float(stored.start_delay_s), active)
-        else:
-            entry.event, entry.opt, entry.delay_s, entry.active = ev, opt, float(stored.start_delay_s), active
-        log.warning("event book follows the store", event_id=ev.event_id, modification_number=ev.modification_number)
-        self.changed.set()
-        return entry
 
     async def _note(self, kind: str, data: dict[str, Any], actor: str, event_id: str) -> None:
         """Audit something that decides nothing; a log that cannot take it is logged, not raised."""
