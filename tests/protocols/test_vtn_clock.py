@@ -8,6 +8,7 @@ and the start and the end of the skew are each audited once. Events keep the tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -28,34 +29,44 @@ from gateway.config import parse_config
 from gateway.model import Opt
 from protocols.openadr import SimVtn
 from tests.faults.harness import report
+from tests.faults.proxy import FaultProxy
 from tests.gwproc import until
 
 VEN = "clock-ven"
 
 
-@pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[tuple[Gateway, SimVtn, AuditLog]]:
-    """A gateway (no devices) with its management endpoint and a VEN pointed at a simulated VTN."""
-    vtn = SimVtn(poll_interval_s=1.0)
-    url = await vtn.start()
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, url: str, **openadr: Any) -> AsyncIterator[tuple[Gateway, AuditLog]]:
+    """Run a gateway (no devices) with its management endpoint and a VEN pointed at ``url``."""
     db = str(tmp_path / "audit.db")
     cfg = parse_config({
         "audit": {"db_url": db},
         "battery": {"enabled": False},
         "gpus": {"backend": "none"},
         "management": {"port": 0},
-        "openadr": {"vtn_url": url, "ven_name": VEN, "opt_policy": "always", "max_clock_skew_s": 30.0,
-                    "registration_retry_initial_s": 0.05, "registration_retry_max_s": 0.2},
+        "openadr": {"vtn_url": url, "ven_name": VEN, "opt_policy": "always", "registration_retry_initial_s": 0.05,
+                    "registration_retry_max_s": 0.2, **openadr},
     })  # fmt: skip
     clock = SystemClock()
     log = await AuditLog.open(db, clock=clock)
     gw = Gateway(cfg, clock, log, None, None, None)
     await gw.start()
     try:
-        yield gw, vtn, log
+        yield gw, log
     finally:
         await gw.stop()
         await log.close()
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[tuple[Gateway, SimVtn, AuditLog]]:
+    """A running gateway registered at a simulated VTN, with a 30 s clock skew limit."""
+    vtn = SimVtn(poll_interval_s=1.0)
+    url = await vtn.start()
+    try:
+        async with running(tmp_path, url, max_clock_skew_s=30.0) as (gw, log):
+            yield gw, vtn, log
+    finally:
         await vtn.stop()
 
 
@@ -119,3 +130,28 @@ async def test_a_vtn_clock_far_from_ours_fails_readyz_and_refuses_new_events(
     accepted = vtn.add_event(ven_id, signal="SIMPLE", value=2, start=start + timedelta(hours=1), duration_s=600)
     assert await vtn.wait_for_response(accepted, timeout_s=10.0) is Opt.IN
     assert {ev.event_id: opt for ev, opt in gw.book.events()} == {refused: Opt.OUT, accepted: Opt.IN}
+
+
+async def test_a_slow_vtn_is_not_a_skewed_vtn(tmp_path: Path) -> None:
+    """Answers held 2.2 s each way by a slow link (the VTN's clock right): no skew, /readyz stays 200."""
+    vtn = SimVtn(poll_interval_s=1.0)
+    url = await vtn.start()
+    upstream = int(url.split(":")[2].split("/")[0])
+    proxy = FaultProxy("127.0.0.1", upstream)
+    await proxy.start()
+    try:
+        slow_url = url.replace(f":{upstream}/", f":{proxy.port}/")
+        async with running(tmp_path, slow_url, max_clock_skew_s=2.0, request_timeout_s=20.0) as (gw, log):
+            await vtn.wait_for_registration(VEN, timeout_s=10.0)
+            await until(lambda: gw.ven.last_poll_ok is not None, 10.0, "a poll answered")
+            await proxy.set_mode("slow", delay_s=2.2)
+            slowed = gw.ven.last_poll_ok
+            await until(lambda: gw.ven.last_poll_ok != slowed, 15.0, "the poll in flight answered")
+            first = gw.ven.last_poll_ok
+            await until(lambda: gw.ven.last_poll_ok != first, 15.0, "a poll answered through the slow link")
+            status, body = await readyz(gw)
+            assert status == 200 and body["checks"]["vtn_clock"]["ok"], body
+            assert not gw.ven.clock_skewed and await kinds(log, "ven.clock_skew") == []
+    finally:
+        await proxy.stop()
+        await vtn.stop()
