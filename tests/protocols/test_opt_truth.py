@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pymodbus.client import AsyncModbusTcpClient
 
 from gateway.app import Gateway
@@ -104,14 +105,32 @@ class Site:
         """Return the version and opt the event book acts on, by event id."""
         return {ev.event_id: (ev.modification_number, opt.value) for ev, opt in self.gw.book.events()}
 
+    async def in_force(self) -> dict[tuple[str, int], str]:
+        """Return the stored opt of each version, with a stored override applied to each event's latest one."""
+        stored = await self.stored()
+        got = await fetch(self.url, "SELECT key, value FROM ven_state WHERE key LIKE 'override:%'")
+        for key, value in got:
+            event_id, override = str(key).split(":", 1)[1], json.loads(str(value))
+            mods = [m for e, m in stored if e == event_id]
+            if override and mods:
+                stored[(event_id, max(mods))] = override["opt"]
+        return stored
+
     async def assert_agree(self) -> None:
         """Store, audit, VTN and book agree: every stored version has its row, every answer is stored as sent."""
         stored, decided, answered = await self.stored(), await self.decided(), self.answered()
         assert stored == decided, f"event store and opt.decided rows differ: {stored} != {decided}"
-        wrong = {k: (v, stored.get(k)) for k, v in answered.items() if stored.get(k) != v}
+        in_force = await self.in_force()
+        wrong = {k: (v, in_force.get(k)) for k, v in answered.items() if in_force.get(k) != v}
         assert not wrong, f"answered to the VTN (answer, stored): {wrong}"
         for event_id, (mod, opt) in self.in_book().items():
-            assert stored.get((event_id, mod)) == opt, f"the book acts on {event_id} {mod} {opt}, stored {stored}"
+            assert in_force.get((event_id, mod)) == opt, f"the book acts on {event_id} {mod} {opt}, stored {in_force}"
+
+    async def quiet(self) -> None:
+        """Wait until the VTN answers a poll with nothing: no distribution is queued or being answered."""
+        kinds: list[str] = []
+        self.vtn.poll_observers.append(lambda kind, _versions, _t: kinds.append(kind))
+        await until(lambda: "oadrResponse" in kinds, 5.0, "a poll answered with nothing")
 
     def add_event(self, start_in_s: float, **kw: Any) -> str:
         """Queue a 10-minute SIMPLE level-2 event starting ``start_in_s`` from now."""
@@ -124,8 +143,12 @@ async def make_site(tmp_path: Path) -> AsyncIterator[Any]:
     """Return a factory for running sites (``bms=True`` adds the BMS face); stop them after the test."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def make(bms: bool = False, opt_service: bool = True, backend: str = "sqlite") -> Site:
+        async def make(
+            bms: bool = False, opt_service: bool = True, backend: str = "sqlite", middleware: Any = None
+        ) -> Site:
             vtn = SimVtn(poll_interval_s=1.0, opt_service=opt_service)
+            if middleware is not None:
+                vtn.server.app.middlewares.append(middleware)
             url = await vtn.start()
             stack.push_async_callback(vtn.stop)
             if backend == "postgresql":
@@ -249,6 +272,7 @@ async def test_a_bms_opt_out_reaches_the_vtn(make_site: Any, opt_service: bool) 
     assert sent["seq"] > override["seq"] and sent["data"]["via"] == ("EiOpt" if opt_service else "EiEvent")
     assert (await site.state(f"override:{eid}"))["actor"] == "bms"
     assert len(site.vtn.opts) == (1 if opt_service else 0)
+    await site.assert_agree()
 
 
 async def test_operator_and_bms_opt_outs_take_the_same_path(make_site: Any) -> None:
@@ -266,3 +290,31 @@ async def test_operator_and_bms_opt_outs_take_the_same_path(make_site: Any) -> N
     assert again["ok"] and not again["sent_to_vtn"] and len(site.vtn.opts) == 1
     unknown = await site.gw.opt_out("no-such-event", "bms", "the BMS wrote bms_opt_out", "127.0.0.1:5020")
     assert unknown["ok"] is False and await site.rows("bms.opt_out_rejected")
+
+
+async def test_an_opt_out_the_vtn_did_not_take_is_answered_again_from_the_store(make_site: Any) -> None:
+    """The VTN fails both opt-change messages (HTTP 503): the VEN asks for the events after its next
+    poll and answers the event from the store (optOut), without anyone asking again."""
+    failing = {"EiOpt": 0, "EiEvent": 0}
+
+    @web.middleware
+    async def unavailable(request: web.Request, handler: Any) -> web.StreamResponse:
+        service = request.path.rsplit("/", 1)[-1]
+        body = await request.read()
+        if failing.get(service) and (b"oadrCreateOpt" in body or b"oadrCreatedEvent" in body):
+            failing[service] -= 1
+            return web.Response(status=503)
+        return await handler(request)
+
+    site = await make_site(middleware=unavailable)
+    eid = site.add_event(-60)
+    assert await site.vtn.wait_for_response(eid, timeout_s=10.0) is Opt.IN
+    await site.quiet()
+    failing.update(EiOpt=1, EiEvent=1)
+    result = await site.gw.operator_opt_out(eid, "chiller fault", "127.0.0.1")
+    assert result["ok"] and result["sent_to_vtn"] is False and failing == {"EiOpt": 0, "EiEvent": 0}
+    assert site.answered()[(eid, 0)] == "optIn"
+    (failed,) = await site.rows("opt.send_failed", eid)
+    assert failed["data"]["retry"] == "next poll"
+    await site.vtn.wait_for(lambda: site.answered()[(eid, 0)] == "optOut", timeout_s=5.0)
+    await site.assert_agree()
