@@ -16,10 +16,11 @@ from gateway.dispatcher import Dispatcher
 from gateway.errors import GatewayError
 from gateway.events import Answer, EventBook
 from gateway.eventstore import EventStore
-from gateway.health import AuditHealth, HealthReport, liveness, readiness
+from gateway.health import AuditHealth, HealthReport, clock_check, liveness, readiness
 from gateway.interfaces import Battery, GpuFleet, Meter
 from gateway.logs import get_logger
-from gateway.model import DemandEvent, Opt
+from gateway.model import DemandEvent
+from gateway.optout import OptOuts
 from gateway.telemetry import SiteTelemetry
 
 log = get_logger("gateway.app")
@@ -47,6 +48,7 @@ class Gateway:
         self.book = EventBook(cfg.openadr, self.store, self.audit, clock=clock)
         self.loop = ControlLoop(cfg, self.book, meter, battery, fleet, self.dispatcher, self.audit, clock)
         self.book._feasibility = self.loop.feasibility  # the loop owns the site model
+        self.opt_outs = OptOuts(self.book, self.audit)  # the one opt-out path (operator, BMS, ...)
         self.telemetry = SiteTelemetry(
             audit.engine, lambda: self.loop.baseline_w, lambda: self.book.standing_override is not None
         )
@@ -96,6 +98,8 @@ class Gateway:
                 history=self.telemetry.history,
                 evidence=getattr(self.audit_log, "store_evidence", None),
             )
+            self.opt_outs.send = self.ven.send_opt
+            self.book.clock_doubt = self._clock_doubt
             await self.ven.start()
         self._task = asyncio.create_task(self.loop.run(self._stop), name="control-loop")
         systemd.notify("READY=1\nSTATUS=gateway running")
@@ -167,7 +171,7 @@ class Gateway:
         return liveness(self.audit_health, self._writer_alive())
 
     def readiness(self) -> HealthReport:
-        """Return readiness: liveness plus the VTN and every device answering."""
+        """Return readiness: liveness plus the VTN (and its clock) and every device answering."""
         return readiness(
             self.audit_health,
             self._writer_alive(),
@@ -176,7 +180,17 @@ class Gateway:
             self.clock.now(),
             self.cfg.management.vtn_stale_s,
             self.devices_down(),
+            vtn_clock=None
+            if self.ven is None
+            else clock_check(self.ven.clock_skew_s, self.ven.clock_skewed, self.ven.max_clock_skew_s),
         )
+
+    def _clock_doubt(self) -> str | None:
+        """Return why event times cannot be trusted now (the VTN's clock is too far from ours), or None."""
+        if self.ven is None or not self.ven.clock_skewed or self.ven.clock_skew_s is None:
+            return None
+        skew_s, limit_s = self.ven.clock_skew_s, self.ven.max_clock_skew_s
+        return f"the VTN's clock differs from ours by {skew_s:+.0f} s (limit {limit_s:g} s)"
 
     def metrics(self) -> bytes:
         """Return Prometheus metrics (rendered at most once per control tick)."""
@@ -186,24 +200,10 @@ class Gateway:
         """Return the metrics rendered since the last tick, or None (safe from any thread)."""
         return self.metrics_cache.fresh()
 
+    async def opt_out(self, event_id: str, actor: str, reason: str, origin: str) -> dict[str, Any]:
+        """Opt out of an event for ``actor`` (operator, bms): decided, stored and audited, then sent to the VTN."""
+        return await self.opt_outs.opt_out(event_id, actor, reason, origin)
+
     async def operator_opt_out(self, event_id: str, reason: str, peer: str) -> dict[str, Any]:
-        """Opt out of an event on the operator's word: audited, applied at once, sent to the VTN."""
-        known = {ev.event_id: ev for ev, _ in self.book.events()}
-        ev = known.get(event_id)
-        if ev is None:
-            await self.audit.append(
-                "operator.opt_out_rejected",
-                {"reason": "unknown event", "peer": peer},
-                actor="operator",
-                event_id=event_id,
-            )
-            return {"ok": False, "error": f"event {event_id} is not known to this gateway"}
-        override = getattr(self.book, "override_opt", None)
-        if override is None:
-            return {"ok": False, "error": "operator overrides are not supported by this event book"}
-        await override(event_id, Opt.OUT, actor="operator", reason=f"{reason} (from {peer})")
-        sent = False
-        send = getattr(self.ven, "send_opt", None) if self.ven is not None else None
-        if send is not None:
-            sent = bool(await send(event_id, Opt.OUT, reason, ev.modification_number))
-        return {"ok": True, "event_id": event_id, "opt": Opt.OUT.value, "sent_to_vtn": sent}
+        """Opt out of an event on the operator's word (the management endpoint), through ``opt_out``."""
+        return await self.opt_out(event_id, "operator", reason, peer)

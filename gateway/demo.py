@@ -89,6 +89,8 @@ def demo_config(
         "opt_policy": "feasible",
         "registration_retry_initial_s": 0.5,
         "registration_retry_max_s": 5.0,
+        # The rehearsal runs on a scaled clock: the VTN's real-time HTTP Date is no reference for it.
+        "max_clock_skew_s": 366 * 86_400.0,  # the largest the config takes
     }
     data["battery"] = {**data["battery"], "host": "127.0.0.1", "port": battery_port, "timeout_s": battery_timeout_s}
     for section, values in (overrides or {}).items():

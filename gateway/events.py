@@ -14,8 +14,12 @@ which target applies now. What OpenADR 2.0b leaves to the VEN is done here:
   the one that started first (rule 18);
 - events for another market context or whose eiTarget does not match are answered and ignored
   (rules 22 and 48); test events are acknowledged and audited, acted on only if configured;
-- opt decisions come from an override (operator or BMS, per event or standing), then config
-  policy and the feasibility estimate, each with its reason audited.
+- opt decisions come from an override (operator or BMS, per event or standing), then the clock
+  check (optOut while the VTN's clock is too far from ours), config policy and the feasibility
+  estimate, each with its reason audited;
+- a decision is stored together with its ``opt.decided`` row (one transaction) before the book, the
+  control loop or the answer to the VTN follow it; when it cannot be stored nothing changes and
+  the caller answers nothing (the VEN asks for the event again later).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Any, Protocol
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import OpenAdrConfig
-from gateway.errors import InputRejected
+from gateway.errors import AuditError, InputRejected
+from gateway.eventstore import Record
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
 from gateway.model import DemandEvent, Opt, Signal, SignalName, Target, TargetKind
@@ -92,7 +97,18 @@ class EventStoreLike(Protocol):
 
     async def get(self, event_id: str, modification_number: int) -> Any: ...
     async def latest(self, event_id: str) -> Any: ...
-    async def put(self, ev: DemandEvent, opt: Opt, reason: str, *, start_delay_s: float = 0.0) -> bool: ...
+    async def put_audited(
+        self,
+        ev: DemandEvent,
+        opt: Opt,
+        reason: str,
+        audit: AuditSink,
+        record: Record,
+        *,
+        start_delay_s: float = 0.0,
+        state: Mapping[str, str] | None = None,
+    ) -> None: ...
+    async def set_state_audited(self, state: Mapping[str, str], audit: AuditSink, record: Record) -> None: ...
     async def open_events(self, now: datetime) -> list[Any]: ...
     async def get_state(self, key: str) -> str | None: ...
     async def set_state(self, key: str, value: str) -> None: ...
@@ -168,6 +184,9 @@ class EventBook:
         self._standing: dict[str, str] | None = None
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
+        # Why event times cannot be trusted now (the VTN's clock is too far from ours), or None: new
+        # versions are then answered optOut (docs/reliability.md, "Clock skew against the VTN").
+        self.clock_doubt: Callable[[], str | None] | None = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -240,23 +259,25 @@ class EventBook:
             return await self._record(ev, updated=latest is not None)
 
     async def _repeat_or_stale(self, ev: DemandEvent, latest: Any, known: int) -> Answer:
-        """Answer a version already seen (as before) or an older one (rejected, rule 58)."""
-        entry = self._events.get(ev.event_id)
+        """Answer a version already seen (as stored) or an older one (rejected, rule 58); decide nothing.
+
+        The answer is what the store holds, whether or not this repeat can be audited."""
+        entry = self._events.get(ev.event_id)  # never behind the store: it follows only what was stored
         opt = entry.opt if entry is not None else self._opt_after_override(ev.event_id, latest)
         if ev.modification_number == known:
-            await self._audit.append(
+            await self._note(
                 "event.repeat",
                 {"modification_number": ev.modification_number, "opt": opt.value},
-                actor="utility",
-                event_id=ev.event_id,
+                "utility",
+                ev.event_id,
             )
             return Answer(opt, Outcome.REPEAT, "same version as before: answered as before")
         reason = f"modification number {ev.modification_number} is lower than {known}, already received"
-        await self._audit.append(
+        await self._note(
             "event.stale",
             {"modification_number": ev.modification_number, "known_modification_number": known, "opt": opt.value},
-            actor="utility",
-            event_id=ev.event_id,
+            "utility",
+            ev.event_id,
         )
         log.warning("stale modification number", event_id=ev.event_id, modification_number=ev.modification_number)
         return Answer(opt, Outcome.STALE, reason)
@@ -268,43 +289,53 @@ class EventBook:
             return Opt(override["opt"])
         return Opt(stored.opt)
 
+    async def _note(self, kind: str, data: dict[str, Any], actor: str, event_id: str) -> None:
+        """Audit something that decides nothing; a log that cannot take it is logged, not raised."""
+        try:
+            await self._audit.append(kind, data, actor=actor, event_id=event_id)
+        except AuditError as err:
+            log.error("audit append failed", kind=kind, event_id=event_id, error=str(err))
+
     async def _record(self, ev: DemandEvent, updated: bool) -> Answer:
-        """Decide, store and audit a new or newer version; replan at once."""
+        """Decide a new or newer version, store it with its opt.decided row, then apply it and replan.
+
+        The version, its ``opt.decided`` row and any stop it lifts are one transaction: when it fails
+        this raises AuditError and the book is as before (nothing to answer, nothing to act on).
+        """
         now = self._clock.now()
         entry = self._events.get(ev.event_id)
         opt, outcome, reason, actor = self._decide(ev, updated)
         delay = self._delay_for(ev, entry)
-        await self._store.put(ev, opt, reason, start_delay_s=delay)
-        if entry is None:
-            entry = _Entry(ev, opt, delay, False)
-            self._events[ev.event_id] = entry
-        was_active = entry.active
-        entry.event, entry.opt, entry.delay_s = ev, opt, delay
+        was_active = entry is not None and entry.active
+        state: dict[str, str] = {}
         if ev.cancelled:
-            entry.active = was_active
-            if was_active and entry.stop_at is None:
-                await self._stop(entry, now + timedelta(seconds=delay), "cancelled by the utility")
+            active = was_active
         else:
-            entry.active = opt is Opt.IN and outcome not in (Outcome.NOT_TARGETED, Outcome.WRONG_MARKET)
-            entry.active = entry.active and self._acts_on(ev)
-            if ev.event_id in self._overrides and Opt(self._overrides[ev.event_id]["opt"]) is Opt.OUT:
-                entry.active = False
-            elif entry.stop_at is not None:  # the VTN announced it again: it runs again
-                entry.stop_at = None
-                await self._store.set_state(f"stop:{ev.event_id}", "{}")
-        await self._audit.append(
-            "opt.decided",
-            {
-                "modification_number": ev.modification_number,
-                "opt": opt.value,
-                "reason": reason,
-                "outcome": outcome.value,
-                "status": ev.status,
-                "start_delay_s": round(delay, 3),
-            },
-            actor=actor,
-            event_id=ev.event_id,
-        )
+            active = opt is Opt.IN and outcome not in (Outcome.NOT_TARGETED, Outcome.WRONG_MARKET)
+            active = active and self._acts_on(ev)
+            override_out = ev.event_id in self._overrides and Opt(self._overrides[ev.event_id]["opt"]) is Opt.OUT
+            if override_out:
+                active = False
+            elif entry is not None and entry.stop_at is not None:  # the VTN announced it again: it runs again
+                state[f"stop:{ev.event_id}"] = "{}"
+        data = {
+            "modification_number": ev.modification_number,
+            "opt": opt.value,
+            "reason": reason,
+            "outcome": outcome.value,
+            "status": ev.status,
+            "start_delay_s": round(delay, 3),
+        }
+        record = Record("opt.decided", data, actor, ev.event_id)
+        await self._store.put_audited(ev, opt, reason, self._audit, record, start_delay_s=delay, state=state)
+        # Stored and audited: only now does the book (and so the control loop and the answer) follow it.
+        if entry is None:
+            entry = self._events[ev.event_id] = _Entry(ev, opt, delay, False)
+        entry.event, entry.opt, entry.delay_s, entry.active = ev, opt, delay, active
+        if ev.cancelled and active and entry.stop_at is None:
+            await self._stop(entry, now + timedelta(seconds=delay), "cancelled by the utility")
+        elif state:
+            entry.stop_at = None
         log.info("event recorded", event_id=ev.event_id, modification_number=ev.modification_number,
                  opt=opt.value, outcome=outcome.value, reason=reason)  # fmt: skip
         self.changed.set()
@@ -324,6 +355,9 @@ class EventBook:
             return Opt(override["opt"]), fresh, f"{who} override: {override['reason']}", who
         if ev.test_event and not self._cfg.act_on_test_events:
             return Opt.IN, fresh, "test event: acknowledged, not acted on", "policy"
+        doubt = self.clock_doubt() if self.clock_doubt is not None else None
+        if doubt is not None:
+            return Opt.OUT, fresh, f"event times cannot be placed on this clock: {doubt}", "policy"
         if self._cfg.opt_policy == "never":
             return Opt.OUT, fresh, "policy: never participate", "policy"
         if self._cfg.opt_policy == "always":
@@ -374,22 +408,32 @@ class EventBook:
         return gone
 
     async def _stop(self, entry: _Entry, at: datetime, reason: str, actor: str = "utility") -> None:
-        """Stop an event at ``at`` (then recovery): persist and audit it, then replan."""
-        record = {"at": at.isoformat(), "active": entry.active, "reason": reason}
-        await self._store.set_state(f"stop:{entry.event.event_id}", json.dumps(record))
-        await self._audit.append(
-            "event.stopped",
-            {"stop_at": at.isoformat(), "reason": reason, "recovery_s": entry.event.recovery_s,
-             "was_active": entry.active, "modification_number": entry.event.modification_number},
-            actor=actor,
-            event_id=entry.event.event_id,
-        )  # fmt: skip
-        log.info("event stopped", event_id=entry.event.event_id, reason=reason, stop_at=at.isoformat())
+        """Stop an event at ``at`` (then recovery) at once, and persist and audit it in one transaction.
+
+        Stopping is the safe direction: it applies even when the store cannot record it (logged)."""
         entry.stop_at = at
+        log.info("event stopped", event_id=entry.event.event_id, reason=reason, stop_at=at.isoformat())
         self.changed.set()
+        event_id = entry.event.event_id
+        state = {f"stop:{event_id}": json.dumps({"at": at.isoformat(), "active": entry.active, "reason": reason})}
+        data = {
+            "stop_at": at.isoformat(),
+            "reason": reason,
+            "recovery_s": entry.event.recovery_s,
+            "was_active": entry.active,
+            "modification_number": entry.event.modification_number,
+        }
+        try:
+            await self._store.set_state_audited(state, self._audit, Record("event.stopped", data, actor, event_id))
+        except AuditError as err:
+            log.error("event stop not recorded; stopped anyway", event_id=event_id, error=str(err))
 
     async def override_opt(self, event_id: str, opt: Opt, actor: str, reason: str) -> Answer:
-        """Change the opt of a known event on an operator's or the BMS's word; applies at once."""
+        """Change the opt of a known event on an operator's or the BMS's word; applies at once.
+
+        The override and its ``opt.override`` row are stored in one transaction before anything
+        changes: an override the log cannot take is refused (AuditError) and changes nothing. Asking
+        for the opt already in force by an override decides nothing (outcome REPEAT)."""
         opt = Opt(opt)
         if actor not in OVERRIDE_ACTORS:
             raise InputRejected(f"override actor {actor!r} is not one of {', '.join(sorted(OVERRIDE_ACTORS))}")
@@ -401,25 +445,25 @@ class EventBook:
                 raise InputRejected(f"event {event_id} is not known to this gateway")
             if entry.event.cancelled:
                 raise InputRejected(f"event {event_id} was cancelled by the utility")
+            held = self._overrides.get(event_id)
+            if held is not None and Opt(held["opt"]) is opt and entry.opt is opt:
+                return Answer(opt, Outcome.REPEAT, f"already overridden by {held['actor']}: {held['reason']}")
             now = self._clock.now()
             previous = entry.opt
             record = {"opt": opt.value, "actor": actor, "reason": reason, "at": now.isoformat()}
-            # Audit first: an override the log cannot take is refused, never applied un-audited.
-            await self._audit.append(
-                "opt.override",
-                {"opt": opt.value, "previous_opt": previous.value, "reason": reason,
-                 "modification_number": entry.event.modification_number},
-                actor=actor,
-                event_id=event_id,
-            )  # fmt: skip
+            state = {f"override:{event_id}": json.dumps(record)}
+            resume = opt is Opt.IN and mismatch(entry.event, self._cfg) is None and self._acts_on(entry.event)
+            if resume:
+                state[f"stop:{event_id}"] = "{}"
+            data = {"opt": opt.value, "previous_opt": previous.value, "reason": reason,
+                    "modification_number": entry.event.modification_number}  # fmt: skip
+            await self._store.set_state_audited(state, self._audit, Record("opt.override", data, actor, event_id))
             self._overrides[event_id] = record
-            await self._store.set_state(f"override:{event_id}", json.dumps(record))
             entry.opt = opt
             if opt is Opt.OUT and entry.active and entry.stop_at is None:
                 await self._stop(entry, now, f"{actor} opted out: {reason}", actor)
-            elif opt is Opt.IN and mismatch(entry.event, self._cfg) is None and self._acts_on(entry.event):
+            elif resume:
                 entry.active, entry.stop_at = True, None
-                await self._store.set_state(f"stop:{event_id}", "{}")
             log.warning("opt overridden", event_id=event_id, opt=opt.value, actor=actor, reason=reason)
             self.changed.set()
             return Answer(opt, Outcome.UPDATED, f"{actor} override: {reason}")
@@ -429,11 +473,11 @@ class EventBook:
         if actor not in OVERRIDE_ACTORS:
             raise InputRejected(f"override actor {actor!r} is not one of {', '.join(sorted(OVERRIDE_ACTORS))}")
         record = None if opt is None else {"opt": Opt(opt).value, "actor": actor, "reason": reason}
-        self._standing = record
-        await self._store.set_state(_STANDING, json.dumps(record or {}))
-        await self._audit.append(
-            "override.standing", {"opt": None if opt is None else Opt(opt).value, "reason": reason}, actor=actor
+        data = {"opt": None if opt is None else Opt(opt).value, "reason": reason}
+        await self._store.set_state_audited(
+            {_STANDING: json.dumps(record or {})}, self._audit, Record("override.standing", data, actor)
         )
+        self._standing = record
 
     # -- the directive ------------------------------------------------------------------------
 

@@ -3,13 +3,15 @@
 Tables ``demand_events`` and ``ven_state`` are created by the Alembic migrations that
 ``AuditLog.open`` applies; pass ``audit_log.engine`` here. Writes to ``demand_events`` are
 inserts only: a version once stored is never changed (an update arrives as a new modification
-number).
+number). A decision and the audit row that records it go in one transaction (``put_audited``,
+``set_state_audited``), so the store and the log never disagree about what was decided.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,10 +24,21 @@ from gateway.audit.chain import format_ts, parse_ts
 from gateway.audit.schema import demand_events, ven_state
 from gateway.clock import Clock, SystemClock
 from gateway.errors import AuditError
+from gateway.interfaces import AuditSink, TransactionalAuditSink
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
 PAYLOAD_VERSION = 1
 _FAR_FUTURE = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Record:
+    """An audit record to commit together with store writes (see ``EventStore.put_audited``)."""
+
+    kind: str
+    data: Mapping[str, Any]
+    actor: str
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,58 @@ class EventStore:
         start_delay_s: float = 0.0,
     ) -> bool:
         """Insert one event version; return True when new, False when that key was already stored."""
+        stmt = self._version(ev, opt, reason, received_at, start_delay_s)
+        try:
+            async with self._engine.begin() as conn:
+                res = await conn.execute(stmt)
+        except sa.exc.SQLAlchemyError as err:
+            raise AuditError(f"cannot store event {ev.event_id}: {err}") from err
+        return bool(res.rowcount == 1)
+
+    async def put_audited(
+        self,
+        ev: DemandEvent,
+        opt: Opt,
+        reason: str,
+        audit: AuditSink,
+        record: Record,
+        *,
+        start_delay_s: float = 0.0,
+        state: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store one event version, the VEN ``state`` values given and the audit ``record`` together.
+
+        With the gateway's audit log (a ``TransactionalAuditSink`` on this store's database) they are
+        one transaction: all committed or none. Any other sink gets the record first, then the writes.
+        Raise AuditError when they could not all be stored.
+        """
+        writes = [self._version(ev, opt, reason, None, start_delay_s)]
+        writes += [self._state(k, v) for k, v in (state or {}).items()]
+        await self._commit_with(writes, audit, record)
+
+    async def set_state_audited(self, state: Mapping[str, str], audit: AuditSink, record: Record) -> None:
+        """Persist VEN values and the audit ``record`` together (as ``put_audited``); raise AuditError if not."""
+        await self._commit_with([self._state(k, v) for k, v in state.items()], audit, record)
+
+    async def _commit_with(self, writes: list[Any], audit: AuditSink, record: Record) -> None:
+        """Commit ``writes`` with ``record``: in one transaction where the sink can share it."""
+        if isinstance(audit, TransactionalAuditSink):
+            await audit.append_with(
+                record.kind, record.data, writes, engine=self._engine, actor=record.actor, event_id=record.event_id
+            )
+            return
+        await audit.append(record.kind, record.data, actor=record.actor, event_id=record.event_id)
+        try:
+            async with self._engine.begin() as conn:
+                for stmt in writes:
+                    await conn.execute(stmt)
+        except sa.exc.SQLAlchemyError as err:
+            raise AuditError(f"cannot store what {record.kind} records: {err}") from err
+
+    def _version(
+        self, ev: DemandEvent, opt: Opt, reason: str, received_at: datetime | None, start_delay_s: float
+    ) -> Any:
+        """Return the INSERT of one event version (nothing when that key is already stored)."""
         if not (math.isfinite(start_delay_s) and 0.0 <= start_delay_s <= max(0.0, ev.start_after_s)):
             raise ValueError(f"start_delay_s {start_delay_s} is outside 0..{ev.start_after_s}")
         values = {
@@ -179,13 +244,7 @@ class EventStore:
             "start_after_s": float(start_delay_s),
             "ends_at": _dt(ends_at(ev)),
         }
-        stmt = self._insert(demand_events).values(**values).on_conflict_do_nothing()
-        try:
-            async with self._engine.begin() as conn:
-                res = await conn.execute(stmt)
-        except sa.exc.SQLAlchemyError as err:
-            raise AuditError(f"cannot store event {ev.event_id}: {err}") from err
-        return bool(res.rowcount == 1)
+        return self._insert(demand_events).values(**values).on_conflict_do_nothing()
 
     async def open_events(self, now: datetime) -> list[StoredEvent]:
         """Return the latest version of each event that still matters after ``now``, oldest first.
@@ -226,13 +285,16 @@ class EventStore:
 
     async def set_state(self, key: str, value: str) -> None:
         """Persist a VEN value, replacing any earlier one."""
-        stmt = self._insert(ven_state).values(key=key, value=value)
-        stmt = stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value})
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(stmt)
+                await conn.execute(self._state(key, value))
         except sa.exc.SQLAlchemyError as err:
             raise AuditError(f"cannot write VEN state {key!r}: {err}") from err
+
+    def _state(self, key: str, value: str) -> Any:
+        """Return the upsert of one VEN value."""
+        stmt = self._insert(ven_state).values(key=key, value=value)
+        return stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value})
 
     def _insert(self, table: sa.Table) -> Any:
         """Return the dialect's INSERT (which knows ON CONFLICT) for ``table``."""

@@ -2,21 +2,22 @@
 
 /healthz answers "is the process able to act?" (audit writer alive, and the database taking
 writes: the gateway acts only on what it can record); /readyz also asks "is it connected to its
-world?" (VTN polled recently, devices answering). Both are computed from state the gateway
+world?" (VTN polled recently and its clock within ``openadr.max_clock_skew_s`` of ours, devices
+answering). Both are computed from state the gateway
 already keeps; nothing here does I/O of its own.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from gateway.clock import Clock
 from gateway.errors import AuditError
-from gateway.interfaces import AuditSink
+from gateway.interfaces import AuditSink, TransactionalAuditSink
 
 
 class AuditHealth:
@@ -50,8 +51,34 @@ class AuditHealth:
         device_id: str | None = None,
     ) -> int:
         """Append through the wrapped log; record the outcome."""
+        call = self._inner.append(kind, data, actor=actor, event_id=event_id, device_id=device_id)
+        return await self._track(kind, event_id, data, call)
+
+    async def append_with(
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        statements: Sequence[Any],
+        *,
+        engine: Any,
+        actor: str = "gateway",
+        event_id: str | None = None,
+        device_id: str | None = None,
+    ) -> int:
+        """Append and run ``statements`` in one transaction through the wrapped log; record the outcome."""
+        if not isinstance(self._inner, TransactionalAuditSink):
+            raise AuditError(f"the audit log cannot commit {kind} together with other writes")
+        call = self._inner.append_with(
+            kind, data, statements, engine=engine, actor=actor, event_id=event_id, device_id=device_id
+        )
+        return await self._track(kind, event_id, data, call)
+
+    async def _track(
+        self, kind: str, event_id: str | None, data: Mapping[str, Any], call: Coroutine[Any, Any, int]
+    ) -> int:
+        """Await one append; count it, or remember its failure."""
         try:
-            seq = await self._inner.append(kind, data, actor=actor, event_id=event_id, device_id=device_id)
+            seq = await call
         except AuditError as err:
             self.failures += 1
             self.last_error = str(err)
@@ -140,8 +167,10 @@ def readiness(
     now: datetime,
     vtn_stale_s: float,
     devices_down: Mapping[str, str],
+    *,
+    vtn_clock: Check | None = None,
 ) -> HealthReport:
-    """Return whether the gateway is connected to its database, its VTN and its devices."""
+    """Return whether the gateway is connected to its database, its VTN (on time) and its devices."""
     checks = dict(liveness(audit, writer_alive).checks)
     if not vtn_registered:
         checks["vtn"] = Check(False, "not registered with the VTN")
@@ -150,8 +179,23 @@ def readiness(
     else:
         age = (now - vtn_last_poll).total_seconds()
         checks["vtn"] = Check(age <= vtn_stale_s, f"last poll answered {age:.0f} s ago (limit {vtn_stale_s:.0f} s)")
+    if vtn_clock is not None:
+        checks["vtn_clock"] = vtn_clock
     checks["devices"] = Check(
         not devices_down,
         "all answering" if not devices_down else "; ".join(f"{d}: {e}" for d, e in sorted(devices_down.items())),
     )
     return HealthReport(checks)
+
+
+def clock_check(skew_s: float | None, skewed: bool, max_skew_s: float) -> Check:
+    """Return the check on the VTN's clock: its HTTP Date against ours, beyond ``max_skew_s`` it fails."""
+    if skew_s is None:
+        return Check(True, "not measured yet (no HTTP Date from the VTN)")
+    if skewed:
+        return Check(
+            False,
+            f"VTN clock differs from ours by {skew_s:+.0f} s (limit {max_skew_s:g} s): new events are answered "
+            "optOut until the clocks agree; check NTP here and ask the utility about theirs",
+        )
+    return Check(True, f"within {max_skew_s:g} s of ours (last {skew_s:+.1f} s)")

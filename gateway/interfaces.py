@@ -7,8 +7,8 @@ device refuses raises ``DeviceRejected``. None of them returns None on error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.model import BatteryState, GpuState
 
@@ -70,4 +70,23 @@ class AuditSink(Protocol):
         device_id: str | None = None,
     ) -> int:
         """Append one record; return its sequence number once durably committed."""
+        ...
+
+
+@runtime_checkable
+class TransactionalAuditSink(Protocol):
+    """An audit sink that commits a record together with other writes to its own database."""
+
+    async def append_with(
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        statements: Sequence[Any],
+        *,
+        engine: Any,
+        actor: str = "gateway",
+        event_id: str | None = None,
+        device_id: str | None = None,
+    ) -> int:
+        """Append one record and run ``statements`` (on ``engine``, the sink's own) in one transaction."""
         ...

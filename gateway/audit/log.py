@@ -1,10 +1,11 @@
 """The audit log writer: one task drains a queue and commits hash-chained rows in batches.
 
 Besides plain rows it commits, in the same transactions: measurement batches (rows in their own
-table, sealed by one chained ``measurements.batch`` row) and raw protocol messages (stored by the
-SHA-256 their chained row carries). Measurements not yet sealed are kept in a local journal file
-(``gateway.audit.journal``) where one is given, and sealed by the next start if the process dies
-first. With a signing key it signs the chain head every
+table, sealed by one chained ``measurements.batch`` row), raw protocol messages (stored by the
+SHA-256 their chained row carries) and the event store's writes that a row records (``append_with``:
+an opt decision and its row are committed together or not at all). Measurements not yet sealed
+are kept in a local journal file (``gateway.audit.journal``) where one is given, and sealed by the
+next start if the process dies first. With a signing key it signs the chain head every
 ``checkpoint_interval_s`` and at close, and writes each checkpoint to ``checkpoint_dir`` too.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -85,6 +86,7 @@ class _Pending:
     blob: bytes | None = None
     measurements: list[MeasurementRow] = field(default_factory=list)
     recovered: bool = False  # a measurement seal of rows a dead process left in the journal
+    statements: list[Any] = field(default_factory=list)  # other writes committed with this row (append_with)
 
 
 @dataclass
@@ -251,6 +253,28 @@ class AuditLog:
     ) -> int:
         """Append one record; return its seq once committed. Raise AuditError if it cannot be."""
         return await self._submit(self._pending(kind, data, actor, event_id, device_id))
+
+    async def append_with(
+        self,
+        kind: str,
+        data: Mapping[str, Any],
+        statements: Sequence[Any],
+        *,
+        engine: AsyncEngine,
+        actor: str = "gateway",
+        event_id: str | None = None,
+        device_id: str | None = None,
+    ) -> int:
+        """Append one record and run ``statements`` in its transaction: both are committed or neither.
+
+        The statements write other tables of this log's database (the event store's), so ``engine``
+        must be this log's own; return the record's seq once committed, raise AuditError otherwise.
+        """
+        if engine is not self._engine:
+            raise AuditError("writes to another database cannot share the audit log's transaction")
+        p = self._pending(kind, data, actor, event_id, device_id)
+        p.statements = list(statements)
+        return await self._submit(p)
 
     async def append_message(
         self,
@@ -534,6 +558,9 @@ class AuditLog:
                     await conn.exec_driver_sql(self._insert_meas, meas)  # type: ignore[arg-type]
                 if blobs:
                     await conn.execute(self._insert_blob, blobs)
+                for p in batch:
+                    for stmt in p.statements:
+                        await conn.execute(stmt)
         except Exception as err:  # the writer must survive any driver error and report it
             first, last = rows[0][0], rows[-1][0]
             reason = _reason(err)

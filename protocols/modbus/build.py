@@ -16,10 +16,9 @@ from typing import Any
 from gateway.bms import BmsSnapshot, StateProvider, site_max_w, snapshot_of
 from gateway.clock import Clock, SystemClock
 from gateway.config import BatteryConfig, BmsConfig, GatewayConfig, MeterConfig, OpcuaClientConfig, UpsConfig
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, InputRejected
 from gateway.interfaces import AuditSink, Battery, Meter
 from gateway.logs import get_logger
-from gateway.model import Opt
 from protocols.modbus.battery import ModbusBattery
 from protocols.modbus.bms_server import BmsServer
 from protocols.modbus.mapping import load_mapping
@@ -96,7 +95,8 @@ def build_bms(cfg: BmsConfig, provider: StateProvider, audit: AuditSink, clock: 
 
 def build_bms_for(gw: Any, clock: Clock) -> BmsServer | None:
     """Return the BMS face (not started) for a Gateway: its state from ``gw.loop`` and ``gw.book``,
-    its opt-outs passed to ``gw.book.override_opt`` as actor "bms"; None when [bms] is disabled."""
+    its opt-outs taken by ``gw.opt_out`` as actor "bms" (the path every opt-out takes: decided,
+    stored, audited, sent to the VTN); None when [bms] is disabled."""
     cfg: GatewayConfig = gw.cfg
     if not cfg.bms.enabled:
         return None
@@ -106,7 +106,9 @@ def build_bms_for(gw: Any, clock: Clock) -> BmsServer | None:
         return snapshot_of(gw.loop, gw.book, clock.now(), stale_after_s)
 
     async def opt_out(event_id: str, peer: str) -> None:
-        await gw.book.override_opt(event_id, Opt.OUT, "bms", f"the BMS at {peer} asked to opt out")
+        result = await gw.opt_out(event_id, "bms", "the BMS wrote bms_opt_out", peer)
+        if not result.get("ok"):
+            raise InputRejected(str(result.get("error")))
 
     return BmsServer(cfg.bms, provider, gw.audit, clock, on_opt_out=opt_out, site_max_w=configured_site_max_w(cfg))
 

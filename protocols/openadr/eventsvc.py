@@ -16,7 +16,14 @@ wrong market context  453   optOut
 signal not supported  460   optOut
 eiTarget not ours     462   optOut
 invalid event         454   optOut
+decision not stored   none  (held: no answer until the decision is stored)
 ====================  ====  =====================================================
+
+What the VTN hears is only ever what the gateway stored: when the gateway cannot store a decision
+(its database refuses writes), the version gets no answer at all, and the VEN asks for the events
+again (oadrRequestEvent) after each poll until it can answer from the store. openleadr's VTN does
+not send an unanswered event again by itself. An answer or opt change that got no reply from the
+VTN is given again the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from datetime import datetime
 from typing import Any
 from xml.sax.saxutils import escape
 
+from gateway.errors import GatewayError
 from gateway.events import Answer, Outcome
 from gateway.logs import get_logger
 from gateway.model import DemandEvent, Opt
@@ -39,6 +47,7 @@ OUT_OF_SEQUENCE = 450
 INVALID_ID = 452
 NOT_RECOGNIZED = 453
 TARGET_MISMATCH = 462
+NO_REPLY = frozenset({"unreachable", "timeout", "tls", "http", "transport"})  # failures the VTN may not have seen
 _CODES = {Outcome.STALE: OUT_OF_SEQUENCE, Outcome.NOT_TARGETED: TARGET_MISMATCH, Outcome.WRONG_MARKET: NOT_RECOGNIZED}
 
 OnEvent = Callable[[DemandEvent], Awaitable[Opt | Answer]]
@@ -69,6 +78,9 @@ class EventService:
         self._on_distribution = on_distribution
         self.vtn_id = ""  # the registered VTN; distributions from another are refused (rule 21)
         self._request_ids: dict[str, str] = {}  # event id -> requestID of its last distribution
+        # Events whose stored answer the VTN may not have: the decision could not be stored (answer
+        # held), or the answer got no reply. The VEN asks for the events again while any remain.
+        self.unanswered: dict[str, Any] = {}  # event id -> modification number
 
     async def distribution(self, payload: dict[str, Any]) -> None:
         """Answer one oadrDistributeEvent: decide every event, then send one oadrCreatedEvent."""
@@ -86,14 +98,16 @@ class EventService:
             raw_events = [raw_events]
         responses: list[dict[str, Any]] = []
         listed: set[str] = set()
+        held = dict(self.unanswered)
+        self.unanswered.clear()  # a distribution lists every event: what is still unanswered is found again
         for raw in raw_events:
-            reply = await self._one(raw if isinstance(raw, dict) else {}, sender)
+            reply = await self._one(raw if isinstance(raw, dict) else {}, sender, held)
             if reply is None:
                 continue
             event_id, mod, opt, code, description, required = reply
             listed.add(event_id)
             self._request_ids[event_id] = request_id
-            if required:
+            if required and opt is not None:
                 responses.append(_response(code, description, request_id, event_id, mod, opt))
         if self._on_distribution is not None:
             try:
@@ -101,10 +115,16 @@ class EventService:
             except Exception as err:
                 _log.exception("implied cancellation check failed", error=repr(err))
         if responses:  # rule 62: one oadrCreatedEvent for every event that asks for a response
-            await self._created(responses, {"response_code": OK, "response_description": "OK", "request_id": None})
+            ok = await self._created(responses, {"response_code": OK, "response_description": "OK", "request_id": None})
+            if ok is None:  # no reply: the VTN may not have these answers; they are given again
+                self.unanswered.update({str(r["event_id"]): r["modification_number"] for r in responses})
 
-    async def _one(self, raw: dict[str, Any], vtn_id: str) -> tuple[str, Any, Opt, int, str, bool] | None:
-        """Decide one event: (id, modification number, opt, code, description, response required)."""
+    async def _one(
+        self, raw: dict[str, Any], vtn_id: str, held: dict[str, Any]
+    ) -> tuple[str, Any, Opt | None, int, str, bool] | None:
+        """Decide one event: (id, modification number, opt, code, description, response required).
+
+        The opt is None when the answer is held: the gateway could not store its decision."""
         desc = raw.get("event_descriptor") if isinstance(raw.get("event_descriptor"), dict) else {}
         assert isinstance(desc, dict)
         if desc.get("event_id") in (None, ""):
@@ -127,9 +147,9 @@ class EventService:
         await self._audit("event.received", summary(demand), "utility", event_id)
         try:
             result = await self._on_event(demand)
-        except Exception as err:  # the decision failed: promise nothing
-            _log.exception("event decision failed", event_id=event_id, error=repr(err))
-            return await self._sent(event_id, mod, Opt.OUT, OK, "decision failed", required)
+        except Exception as err:  # not decided and stored: promise nothing now, answer once it is stored
+            await self._hold(demand, err, first=held.get(event_id) != mod)
+            return event_id, mod, None, OK, "", required
         if isinstance(result, Answer):
             opt, code = result.opt, _CODES.get(result.outcome, OK)
             description = "OK" if code == OK else result.reason
@@ -138,6 +158,23 @@ class EventService:
         if demand.cancelled:
             opt = Opt.IN  # rule 36: optIn confirms a cancellation
         return await self._sent(event_id, mod, opt, code, description, required)
+
+    async def _hold(self, demand: DemandEvent, err: Exception, first: bool) -> None:
+        """Leave a version unanswered: what the VTN is told must be what the gateway stored.
+
+        The VEN asks for the events again at its next poll and answers once the decision is stored.
+        A cancellation is still obeyed at once (stopping is the safe direction)."""
+        event_id, mod = demand.event_id, demand.modification_number
+        self.unanswered[event_id] = mod
+        if first:
+            _log.error("event answer held: decision not stored", event_id=event_id, modification_number=mod,
+                       error=str(err) if isinstance(err, GatewayError) else repr(err))  # fmt: skip
+            if not isinstance(err, GatewayError):
+                _log.exception("event decision failed", event_id=event_id)
+        data = {"modification_number": mod, "error": str(err)[:500], "retry": "next poll"}
+        await self._audit("opt.held", data, "gateway", event_id)
+        if demand.cancelled:
+            await self._cancel(event_id, "cancellation received; not stored yet")
 
     async def _cancel(self, event_id: str, reason: str) -> None:
         """Tell the gateway to stop an event; its failure must not block the answer."""
@@ -156,8 +193,8 @@ class EventService:
         await self._audit("opt.sent", data, "gateway", event_id)
         return event_id, mod, opt, code, description, required
 
-    async def _created(self, responses: list[dict[str, Any]], response: dict[str, Any]) -> bool:
-        """Send oadrCreatedEvent; return whether the VTN acknowledged it."""
+    async def _created(self, responses: list[dict[str, Any]], response: dict[str, Any]) -> bool | None:
+        """Send oadrCreatedEvent; return whether the VTN acknowledged it (None: no reply at all)."""
         message = self._client._create_message(
             "oadrCreatedEvent",
             response=response,
@@ -165,13 +202,15 @@ class EventService:
             ven_id=escape(self._client.ven_id or ""),
         )
         rtype, payload = await self._client._perform_request("EiEvent", message)
+        if rtype is None and _no_reply(self._client):
+            return None
         return rtype == "oadrResponse" and _code(payload) == OK
 
     async def send_opt(self, event_id: str, opt: Opt, reason: str, modification_number: int) -> bool:
         """Tell the VTN the opt changed: oadrCreateOpt, else a new oadrCreatedEvent; return success."""
         opt = Opt(opt)
         via = "EiOpt"
-        ok = await self._create_opt(event_id, opt, modification_number)
+        ok: bool | None = await self._create_opt(event_id, opt, modification_number)
         if not ok:  # rule 42: a later oadrCreatedEvent may change the opt status
             via = "EiEvent"
             request_id = self._request_ids.get(event_id, "")
@@ -180,9 +219,12 @@ class EventService:
                 {"response_code": OK, "response_description": "OK", "request_id": None},
             )
         data = {"opt": opt.value, "reason": reason, "modification_number": modification_number,
-                "via": via, "acknowledged": ok}  # fmt: skip
+                "via": via, "acknowledged": bool(ok)}  # fmt: skip
+        if ok is None:  # no reply: answered again, from the store, once the VTN is reached
+            self.unanswered[event_id] = modification_number
+            data["retry"] = "next poll"
         await self._audit("opt.sent_to_vtn" if ok else "opt.send_failed", data, "gateway", event_id)
-        return ok
+        return bool(ok)
 
     async def _create_opt(self, event_id: str, opt: Opt, modification_number: int) -> bool:
         """Send oadrCreateOpt for one event; return whether the VTN acknowledged it."""
@@ -201,6 +243,12 @@ class EventService:
         )
         rtype, payload = await self._client._perform_request("EiOpt", message)
         return rtype == "oadrCreatedOpt" and _code(payload) == OK
+
+
+def _no_reply(client: OadrClient) -> bool:
+    """Return whether the client's last request got no reply at all (transport failure)."""
+    failure = client.last_failure
+    return failure is not None and failure.kind in NO_REPLY
 
 
 def _response(code: int, description: str, request_id: str, event_id: str, mod: Any, opt: Opt) -> dict[str, Any]:

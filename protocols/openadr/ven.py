@@ -145,6 +145,16 @@ class Ven:
         """Return the last measured VTN clock minus local clock (s), from the HTTP Date header."""
         return self._wire.last_skew_s
 
+    @property
+    def clock_skewed(self) -> bool:
+        """Return whether the VTN's clock is now too far from ours (beyond ``max_clock_skew_s``)."""
+        return self._wire.skewed
+
+    @property
+    def max_clock_skew_s(self) -> float:
+        """Return the clock difference (s) beyond which the VTN's clock counts as skewed."""
+        return self._wire.max_skew_s
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -233,6 +243,8 @@ class Ven:
                     if rtype == "oadrDistributeEvent":
                         await self._events.distribution(payload)
                 await self._poll_round()
+                if self._state == "registered" and self._events.unanswered:
+                    await self._answer_again()
                 if self.registered:
                     await self._clock.sleep(self._poll_wait_s())
             except asyncio.CancelledError:
@@ -318,6 +330,15 @@ class Ven:
         rtype, payload = await _call(self._client.request_event())
         if rtype == "oadrDistributeEvent":
             await self._events.distribution(payload)
+
+    async def _answer_again(self) -> None:
+        """Ask for every event again while one lacks an answer the VTN has heard (its decision could not
+        be stored, or the answer got no reply); the new distribution is answered from the store."""
+        rtype, payload = await _call(self._client.request_event())
+        if rtype == "oadrDistributeEvent":
+            await self._events.distribution(payload)
+        elif rtype is not None:  # the VTN holds no events any more: nothing is left to answer
+            self._events.unanswered.clear()
 
     async def _dispatch(self, rtype: str, payload: dict[str, Any]) -> bool:
         """Handle one message from a poll; return whether to poll again at once."""

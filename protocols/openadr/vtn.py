@@ -4,7 +4,8 @@ It accepts every VEN that registers, queues events for the next poll, and record
 opt responses (``responses``, and in full ``event_responses``), opt changes (``opts``, through
 an EiOpt service openleadr's server lacks), offered and delivered reports. Beyond openleadr's
 server it can also change, re-number or silently drop an event, queue any message for the next
-poll (report requests, re-registration), serve TLS with client certificates, and sign messages.
+poll (report requests, re-registration), serve TLS with client certificates, sign messages, and
+run its clock off by some seconds (the HTTP Date it sends).
 
 Events are built here rather than with ``OpenADRServer.add_event``, which drops the ramp-up and
 recovery periods (and ``add_raw_event`` drops them too: see add_event). Durations travel in whole
@@ -15,6 +16,7 @@ whole seconds, at least 1 s.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 import uuid
 import warnings
@@ -90,6 +92,8 @@ class SimVtn:
         # Called with (message type, [(event id, modification number)], time.monotonic()) as each
         # poll answer is handed to HTTP: when an event leaves the utility (latency benchmarks).
         self.poll_observers: list[PollObserver] = []
+        # Seconds this VTN's clock is off: every answer's HTTP Date is shifted by it (clock skew tests).
+        self.date_offset_s = 0.0
         self._runner: web.AppRunner | None = None
         with warnings.catch_warnings():  # openleadr keys its aiohttp app with a plain string
             warnings.simplefilter("ignore", web.NotAppKeyWarning)
@@ -385,7 +389,10 @@ class SimVtn:
         return answer
 
     async def _on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Tell the poll observers what this answer hands over, just before its bytes go out."""
+        """Shift the HTTP Date by ``date_offset_s``; tell the poll observers what this answer hands over."""
+        if self.date_offset_s:
+            stamp = time.time() + self.date_offset_s
+            response.headers["Date"] = email.utils.formatdate(stamp, usegmt=True)
         seen = _POLL_ANSWER.get()
         if seen is None:
             return

@@ -69,3 +69,10 @@ class Store:
 
     async def set_state(self, key: str, value: str) -> None:
         return None
+
+    async def put_audited(self, ev: DemandEvent, opt: Opt, reason: str, audit: Any, record: Any, **_: Any) -> None:
+        await audit.append(record.kind, record.data, actor=record.actor, event_id=record.event_id)
+        await self.put(ev, opt, reason)
+
+    async def set_state_audited(self, state: Mapping[str, str], audit: Any, record: Any) -> None:
+        await audit.append(record.kind, record.data, actor=record.actor, event_id=record.event_id)

@@ -101,22 +101,23 @@ def test_meter_config_errors(meter: dict, key: str) -> None:
     assert info.value.key == key
 
 
-async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_event_book() -> None:
-    """Serve the gateway's state and hand an opt-out to book.override_opt as actor bms."""
+async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_opt_out_path() -> None:
+    """Serve the gateway's state and hand an opt-out to gw.opt_out (the one opt-out path) as actor bms."""
     from types import SimpleNamespace
 
     from pymodbus.client import AsyncModbusTcpClient
 
-    from gateway.model import Opt, Snapshot
+    from gateway.model import Snapshot
 
-    calls: list[tuple[str, Opt, str, str]] = []
+    calls: list[tuple[str, str, str, str]] = []
 
     class Book:
         def events(self) -> list:
             return []
 
-        async def override_opt(self, event_id: str, opt: Opt, actor: str, reason: str) -> None:
-            calls.append((event_id, opt, actor, reason))
+    async def opt_out(event_id: str, actor: str, reason: str, origin: str) -> dict:
+        calls.append((event_id, actor, reason, origin))
+        return {"ok": True}
 
     class Audit:
         async def append(self, kind: str, data: object, **kw: object) -> int:
@@ -129,7 +130,7 @@ async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_event_book() -> 
         baseline_w=100_000.0,
     )
     cfg = parse_config({"bms": {"enabled": True, "port": 0}})
-    gw = SimpleNamespace(cfg=cfg, loop=loop, book=Book(), audit=Audit())
+    gw = SimpleNamespace(cfg=cfg, loop=loop, book=Book(), audit=Audit(), opt_out=opt_out)
     bms = build_bms_for(gw, clock)
     assert bms is not None
     port = await bms.start()
@@ -139,7 +140,7 @@ async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_event_book() -> 
         rr = await client.read_holding_registers(4, count=1, device_id=1)
         assert rr.registers == [2]  # event active
         assert not (await client.write_register(100, 1, device_id=1)).isError()
-        assert calls and calls[0][:3] == ("ev-7", Opt.OUT, "bms")
+        assert calls and calls[0][:2] == ("ev-7", "bms") and calls[0][3].startswith("127.0.0.1:")
     finally:
         client.close()
         await bms.stop()
