@@ -48,6 +48,15 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--dir", help="also write the checkpoint here (default: [audit] checkpoint_dir)")
     p.set_defaults(func=cmd_checkpoint)
 
+    p = audit.add_parser(
+        "start-over",
+        help="accept the log as it is after its database was lost, cut or rolled back (recorded with the lost head)",
+    )
+    add_db_args(p)
+    p.add_argument("--marker", help="the head marker (default: [audit] head_marker of --config, or beside --db)")
+    p.add_argument("--reason", required=True, help="why; recorded in the first row written")
+    p.set_defaults(func=cmd_start_over)
+
     p = audit.add_parser("export", help="write a bundle that verifies offline (rows, checkpoints, key, messages)")
     add_db_args(p)
     sel = p.add_mutually_exclusive_group(required=True)
@@ -200,6 +209,39 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print("the log is empty: nothing to sign")
         return 0
     print(cp.to_json())
+    return 0
+
+
+@_guard
+def cmd_start_over(args: argparse.Namespace) -> int:
+    """Accept the log as it is on the operator's word; print what was given up."""
+    from gateway.audit.journal import journal_path
+    from gateway.audit.startover import start_over
+    from gateway.audit.witness import default_marker_path, marker_path
+
+    cfg = audit_config(args)
+    db = db_of(args)
+    marker = Path(args.marker) if args.marker else (marker_path(cfg, db) if cfg else default_marker_path(db))
+    if marker is None:
+        raise AuditError("no head marker configured for this log: give --marker PATH")
+    res = asyncio.run(
+        start_over(
+            db,
+            marker,
+            args.reason,
+            signing_key=cfg.signing_key if cfg else None,
+            checkpoint_dir=cfg.checkpoint_dir if cfg else None,
+            journal=journal_path(cfg, db) if cfg else None,
+        )
+    )
+    kept = f"kept the {res.rows_kept} rows found" if res.rows_kept else "began a new chain"
+    aside = (
+        f"; {res.set_aside} exported checkpoints of the lost chain moved to {res.set_aside_to}" if res.set_aside else ""
+    )
+    print(
+        f"started over at row {res.seq} ({kept}): the lost chain's head was row {res.lost.seq} "
+        f"({res.lost.row_hash[:16]}){aside}"
+    )
     return 0
 
 
