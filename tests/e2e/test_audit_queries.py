@@ -263,7 +263,9 @@ def test_verify_with_the_config_checks_signatures_and_the_exported_checkpoint(
     code, out = cli(capsys, "audit", "verify", "--config", str(cfg), "--json")
     res = json.loads(out)
     assert code == 0 and res["ok"] and res["checkpoints"] >= 1 and res["measurements"] == 13 * 240
-    assert res["unsealed_rows"] == 0 and not res["notes"]
+    assert res["unsealed_rows"] == 0 and all("no head marker" in n for n in res["notes"]), res["notes"]
+    assert res["proven_to_seq"] == res["rows"] and res["statement"][0].startswith(f"proven: rows 1..{res['rows']} ")
+    assert "its exported copy checked too" in res["statement"][0] and len(res["statement"]) == 1
 
 
 def test_export_bundle_verifies_standalone_and_catches_tampering(site: Any, capsys: pytest.CaptureFixture[str]) -> None:
