@@ -64,7 +64,9 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     sel.add_argument("--from", dest="start", type=parse_time, help="period start (RFC 3339 or YYYY-MM-DD, UTC)")
     p.add_argument("--to", dest="end", type=parse_time, help="period end (exclusive)")
     p.add_argument("--out", required=True, help="bundle directory (created; must be empty)")
-    p.add_argument("--key", help="signing key: seals rows newer than the last stored checkpoint")
+    p.add_argument(
+        "--key", help="signing key (default: [audit] signing_key): signs the manifest, seals rows not yet sealed"
+    )
     p.add_argument("--pubkey", action="append", default=[], help="public key to bundle (default: the key's)")
     p.set_defaults(func=cmd_export)
 
@@ -270,10 +272,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{res.measurements} measurement rows, {res.messages} raw messages"
     )
     print(f"verify with: python3 {res.out / 'verify_bundle.py'} {res.out}")
+    code = 0
+    if not res.signed:
+        print(
+            "WARNING: the manifest is not signed (no key): the bundle's completeness cannot be proven; give --key",
+            file=sys.stderr,
+        )
+        code = 1
     if not res.sealed:
         print("WARNING: the newest rows are not sealed by a checkpoint; give --key to seal them", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    return code
 
 
 @_guard

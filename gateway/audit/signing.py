@@ -95,6 +95,10 @@ class Signer:
             raise AuditError(f"{p} holds a {type(key).__name__}, not an Ed25519 private key")
         return cls(key)
 
+    def sign_bytes(self, payload: bytes) -> str:
+        """Return the hex Ed25519 signature of ``payload`` (a bundle manifest's canonical bytes)."""
+        return self._key.sign(payload).hex()
+
     def sign(self, seq: int, row_hash: str, signed_at: str) -> Checkpoint:
         """Return a checkpoint of (seq, row_hash) signed now."""
         payload = checkpoint_payload(seq, row_hash, signed_at, self.key_id)

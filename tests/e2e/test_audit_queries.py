@@ -310,9 +310,13 @@ def test_export_bundle_verifies_standalone_and_catches_tampering(site: Any, caps
 
 
 def test_export_without_a_key_says_the_newest_rows_are_unsealed(site: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    db, _, _, root = site
-    code, _ = cli(capsys, "audit", "export", "--event", "E1", "--db", db, "--out", str(root / "nokey"))
-    assert code == 0  # the close checkpoint seals every row of this log
+    db, key, _, root = site
+    capsys.readouterr()
+    code = main(["audit", "export", "--event", "E1", "--db", db, "--out", str(root / "nokey")])
+    assert code == 1 and "the manifest is not signed" in capsys.readouterr().err  # its rows are sealed, though
+    run = standalone(root / "nokey")
+    assert run.returncode == 1 and "FAIL  the manifest is not signed" in run.stdout, run.stdout
+    assert standalone(root / "nokey", "--allow-unsigned-manifest", "--pubkey", f"{key}.pub").returncode == 0
     assert cli(capsys, "audit", "export", "--event", "NOPE", "--db", db, "--out", str(root / "x"))[0] == 2
 
 

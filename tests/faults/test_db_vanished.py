@@ -49,8 +49,6 @@ async def test_audit_database_deleted_mid_event_is_noticed_saved_and_a_restart_r
     await site.until(lambda: site.bsim.setpoint_w > 500, 30.0, "battery dispatched")
     await site.until(lambda: site.rows("command.battery", event_id), 10.0, "a command audited")
     assert await healthz(site.mgmt) == 200
-    marker = site.db.with_name("audit.head.json")
-    await site.until(marker.exists, 5.0, "head marker written")
 
     t0 = time.monotonic()
     site.db.unlink()
@@ -63,7 +61,8 @@ async def test_audit_database_deleted_mid_event_is_noticed_saved_and_a_restart_r
     assert await site.terminate() == 0, site.log_tail()
     assert not site.db.exists(), "nothing started a new file at the path"
 
-    saved = Path(json.loads(marker.read_text())["rescued_to"])
+    (saved,) = site.tmp.glob("audit.rescued-*.db")
+    assert json.loads(site.db.with_name("audit.head.json").read_text())["rescued_to"] == str(saved)
     saved_kinds = kinds(saved)
     assert saved_kinds[-1] == "audit.db_lost" and "command.battery" in saved_kinds and "opt.decided" in saved_kinds
     assert (await verify(str(saved))).ok

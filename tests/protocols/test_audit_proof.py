@@ -37,9 +37,8 @@ async def drgw(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str
 async def write_log(url: str, key: Path, cp_dir: Path, rows: int, marker: Path | None = None) -> None:
     """Append ``rows`` rows, one every 10 s, with a checkpoint due every 100 s (so at rows 10, 20, ...) and at close."""
     clock = ManualClock(T0)
-    log = await AuditLog.open(
-        url, clock, signing_key=key, checkpoint_interval_s=99.0, checkpoint_dir=cp_dir, head_marker=marker
-    )
+    follow = {"head_marker": marker} if marker is not None else {}
+    log = await AuditLog.open(url, clock, signing_key=key, checkpoint_interval_s=99.0, checkpoint_dir=cp_dir, **follow)
     for i in range(rows):
         clock.advance(10.0)
         await log.append("test.row", {"i": i}, event_id="E1")
@@ -94,8 +93,9 @@ async def test_a_deleted_stored_checkpoint_is_reported(
 ) -> None:
     cp_dir = tmp_path / "cps"
     await write_log(db_url, keyfile, cp_dir, 30)
-    await drop_guards(db_url, "audit_checkpoints")
+    await drop_guards(db_url, "audit_log", "audit_checkpoints")
     await raw(db_url, "DELETE FROM audit_checkpoints WHERE seq = 20")
+    await upgrade_guards_back(db_url)
     code, out = await drgw(capsys, *verify_args(db_url, keyfile, cp_dir))
     assert code == 1, out
     assert "stored checkpoint at seq 20 is missing from the database (deleted)" in out
