@@ -85,6 +85,8 @@ async def test_audit_database_deleted_mid_event_is_noticed_saved_and_a_restart_r
     assert await site.terminate() == 0, site.log_tail()
     after = kinds(site.db)
     assert after[len(saved_kinds)] == "audit.db_restored", after[len(saved_kinds) - 2 :]
+    # The ticks measured while nothing could be recorded were kept in the journal and sealed by the restart.
+    assert any(r["data"].get("recovered") for r in site.rows("measurements.batch")), site.rows("measurements.batch")
     figures = await site.check_nothing_lost()
     report(
         "sqlite audit database deleted mid-event",
