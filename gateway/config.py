@@ -34,7 +34,7 @@ class AuditConfig(_Section):
     measurement_journal: str = Field("auto", min_length=1)
     # The chain's id and newest head, kept outside the database so a start on a deleted, replaced or
     # rolled-back log refuses: "auto" (<db stem>.head.json beside a SQLite database; for PostgreSQL
-    # in $STATE_DIRECTORY when systemd sets it), "off", or a path.
+    # audit-<database>.head.json in $STATE_DIRECTORY when systemd sets it), "off", or a path.
     head_marker: str = Field("auto", min_length=1)
     baseline: str = Field("10-of-10", pattern=r"^(meter-before-after|[1-9][0-9]?-of-[1-9][0-9]?)$")
 

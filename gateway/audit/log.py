@@ -264,6 +264,9 @@ class AuditLog:
         ``journal`` is for the gateway process only: it journals its measurements and seals what a
         dead predecessor left (a CLI command opening the same log must not take a live gateway's).
         """
+        marker = marker_path(cfg, db_url) if journal else None
+        if journal and marker is None and cfg.head_marker != "off":
+            log.warning("audit_head_marker_none", reason="no state directory: set [audit] head_marker to a path")
         return await cls.open(
             db_url or cfg.db_url,
             clock,
@@ -272,7 +275,7 @@ class AuditLog:
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             checkpoint_dir=cfg.checkpoint_dir,
             measurement_journal=journal_path(cfg, db_url) if journal else None,
-            head_marker=marker_path(cfg, db_url) if journal else None,
+            head_marker=marker,
         )
 
     @property

@@ -3,10 +3,11 @@
 Nothing inside a database can notice that the database itself was deleted, replaced or rolled back:
 the next start would find an empty (or older) log and carry on as if nothing had been there. The
 marker (``audit.head_marker``; ``auto`` puts it beside a SQLite file as ``<stem>.head.json``, and
-in ``$STATE_DIRECTORY`` for PostgreSQL under systemd) holds the chain's id (row 1's hash), the
-newest committed head the gateway saw (seq, row_hash), the SQLite file's identity (st_dev, st_ino)
-and, after a loss, where the gateway saved what it still had. A start whose database disagrees
-refuses in one line; ``drgw audit start-over`` is the operator's explicit way past it.
+in ``$STATE_DIRECTORY`` as ``audit-<database>.head.json`` for PostgreSQL under systemd) holds the
+chain's id (row 1's hash), the newest committed head the gateway saw (seq, row_hash), the SQLite
+file's identity (st_dev, st_ino) and, after a loss, where the gateway saved what it still had. A
+start whose database disagrees refuses in one line; ``drgw audit start-over`` is the operator's
+explicit way past it.
 
 The marker is as trustworthy as the host's files (it is not signed): it catches accidents and
 careless tampering at start; signed, exported checkpoints are what prove the log to an auditor.
@@ -105,15 +106,17 @@ def save_marker(path: Path, marker: HeadMarker, *, durable: bool = False) -> Non
 
 
 def default_marker_path(db_url: str | Path, state_dir: str | None = None) -> Path | None:
-    """Return ``<stem>.head.json`` beside a SQLite file; for PostgreSQL ``$STATE_DIRECTORY/audit.head.json``
-    when systemd sets it; else None."""
+    """Return ``<stem>.head.json`` beside a SQLite file; for PostgreSQL ``audit-<database>.head.json`` in
+    ``$STATE_DIRECTORY`` when systemd sets it (one per database: pointing the config at another database
+    is not a loss); else None."""
     url = normalise_db_url(db_url)
     db = sqlite_path(url)
     if db is not None:
         return db.with_name(db.stem + ".head.json")
     state = state_dir if state_dir is not None else os.environ.get("STATE_DIRECTORY", "")
     if url.startswith("postgresql") and state:
-        return Path(state.split(":")[0]) / "audit.head.json"
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in (sa.make_url(url).database or "default"))
+        return Path(state.split(":")[0]) / f"audit-{name}.head.json"
     return None
 
 

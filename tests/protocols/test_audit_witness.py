@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import gateway.audit.log as audit_log_module
 from gateway.audit import AuditLog, verify
 from gateway.audit.signing import Signer, TrustedKeys, latest_exported
+from gateway.audit.witness import default_marker_path, marker_path
 from gateway.cli import main
 from gateway.clock import ManualClock
+from gateway.config import AuditConfig
 from gateway.errors import AuditError
 from gateway.health import AuditHealth, liveness
 from tests.pgdb import fetch, raw
@@ -234,3 +236,14 @@ async def wipe(url: str) -> None:
             p.unlink()
     else:
         await raw(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+
+
+def test_where_the_head_marker_lives() -> None:
+    sqlite_db = "sqlite+aiosqlite:////var/lib/drgw/audit.db"
+    pg = "postgresql://drgw@db.example/site_a"
+    assert default_marker_path(sqlite_db) == Path("/var/lib/drgw/audit.head.json")
+    assert default_marker_path("/srv/x/log.sqlite") == Path("/srv/x/log.head.json")
+    assert default_marker_path(pg, state_dir="") is None
+    assert default_marker_path(pg, state_dir="/var/lib/drgw") == Path("/var/lib/drgw/audit-site_a.head.json")
+    assert marker_path(AuditConfig(db_url=sqlite_db, head_marker="off")) is None
+    assert marker_path(AuditConfig(db_url=pg, head_marker="/etc/drgw/m.json")) == Path("/etc/drgw/m.json")
