@@ -701,6 +701,7 @@ class AuditLog:
         if self._signer is not None:
             await self._checkpoint_now()  # signed and exported: the saved copy can be proven whole
         saved = await rescue_copy(self._engine, self._head, target) if target is not None else None
+        remove_orphans(f.db_file)  # now, not only at close: a watchdog may kill this process before then
         where = f"the log up to row {self._head[0]} was saved to {saved}" if saved else "no copy could be saved"
         self._lost = (
             f"{why}; {where}. Nothing more is recorded: stop the gateway, put the database back "

@@ -282,11 +282,11 @@ async def rescue_copy(engine: AsyncEngine, head: tuple[int, str], target: Path) 
 
 
 def remove_orphans(db_file: Path | None) -> None:
-    """Remove the ``-wal`` and ``-shm`` files at a lost SQLite file's path, once its connections are closed.
+    """Remove the ``-wal`` and ``-shm`` files at a lost SQLite file's path (once its log is saved).
 
     They belong to the lost file (SQLite leaves them when its file was moved or deleted), and SQLite
     would read them as belonging to whatever file is at that path next: a restored copy would take
-    in the lost file's pages.
+    in the lost file's pages. Connections still open keep using them, unlinked.
     """
     if db_file is None:
         return

@@ -77,6 +77,7 @@ async def test_a_sqlite_file_deleted_under_a_running_log_is_noticed_saved_and_re
     assert liveness(health, True).ok
     db.unlink()
     await until(lambda: log.lost is not None)  # noticed while idle, without an append
+    assert not (tmp_path / "audit.db-wal").exists(), "the lost file's write-ahead log is not left at the path"
     report = liveness(health, True)
     assert not report.ok and "was deleted" in report.checks["database_writable"].detail
     with pytest.raises(AuditError, match="was deleted"):
