@@ -119,6 +119,10 @@ class AuditConfig(_Section):
     # crash: "auto" (beside a SQLite database; for PostgreSQL in $STATE_DIRECTORY when systemd sets
     # it), "off", or a path.
     measurement_journal: str = Field("auto", min_length=1)
+    # The chain's id and newest head, kept outside the database so a start on a deleted, replaced or
+    # rolled-back log refuses: "auto" (<db stem>.head.json beside a SQLite database; for PostgreSQL
+    # audit-<database>.head.json in $STATE_DIRECTORY when systemd sets it), "off", or a path.
+    head_marker: str = Field("auto", min_length=1)
     baseline: str = Field("10-of-10", pattern=r"^(meter-before-after|[1-9][0-9]?-of-[1-9][0-9]?)$")
 
     @field_validator("baseline")

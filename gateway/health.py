@@ -120,9 +120,15 @@ class AuditHealth:
         self._committed("audit.recovered", seq)
 
     @property
+    def lost(self) -> str | None:
+        """Return why the wrapped log refuses every record (its database vanished or was replaced), or None."""
+        lost = getattr(self._inner, "lost", None)
+        return lost if isinstance(lost, str) else None
+
+    @property
     def writable(self) -> bool:
-        """Return whether the last append succeeded."""
-        return self.last_error is None
+        """Return whether the last append succeeded and the log has not lost its database."""
+        return self.last_error is None and self.lost is None
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ def liveness(audit: AuditHealth, writer_alive: bool) -> HealthReport:
     return HealthReport(
         {
             "audit_writer": Check(writer_alive, "running" if writer_alive else "stopped"),
-            "database_writable": Check(audit.writable, audit.last_error or "last append committed"),
+            "database_writable": Check(audit.writable, audit.lost or audit.last_error or "last append committed"),
         }
     )
 

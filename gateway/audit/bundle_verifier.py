@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Verify a drgw audit export bundle. Needs only the Python standard library and ``cryptography``.
 
-Usage: python3 verify_bundle.py [BUNDLE_DIR] [--pubkey TRUSTED.pem] [--allow-unsealed]
+Usage: python3 verify_bundle.py [BUNDLE_DIR] [--pubkey TRUSTED.pem] [--allow-unsealed] [--allow-unsigned-manifest]
 
-Checks, in order: every file against manifest.json; the rows (seq contiguous, each prev_hash the
+Checks, in order: the manifest's Ed25519 signature (by the trusted key); every file against
+manifest.json, and no file that it does not list; the rows (seq contiguous, each prev_hash the
 previous row's hash, each row_hash recomputed); every checkpoint's Ed25519 signature and that it
-names a row of the bundle with that row's hash; that the last row is sealed by a checkpoint;
-every measurement batch against its chained seal; every raw message against the digest its row
-carries. Prints one line per check and exits 0 when all pass, 1 when any fails, 2 on bad usage.
+names a row of the bundle with that row's hash; that the last row is sealed by a checkpoint; that
+the bundle is complete (the seq range, the row before it, every row the selection matched, an
+event's measurements, as the signed manifest names them); every measurement batch against its
+chained seal; every raw message against the digest its row carries, and every digest a row
+carries against a message or the manifest's list of messages never stored. Prints one line per
+check and exits 0 when all pass, 1 when any fails, 2 on bad usage.
 
 The bundle's public_key.pem is only as trustworthy as the channel it came by: compare the key id
 printed here with the one the operator published, or pass the trusted key with --pubkey.
@@ -20,6 +24,8 @@ The rules (the same as the gateway's):
              row_hash, signed_at, key_id}); key_id = sha256(raw public key)[:16 bytes] in hex
   measurement seal = sha256 over canonical_json([mseq, ts, event_id, facility_w, limit_w,
              battery_w, gpu_w, gpu_natural_w, extra]) + "\\n" for each row in mseq order
+  manifest signature = Ed25519 over canonical_json({type: "drgw.audit.bundle-manifest", v: 2,
+             ...manifest}) with manifest.signature holding only key_id and signed_at
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any
 
 GENESIS_HASH = "0" * 64
 CHECKPOINT_TYPE = "drgw.audit.checkpoint"
+MANIFEST_TYPE = "drgw.audit.bundle-manifest"
+BATCH_KIND = "measurements.batch"
 POINTS = ("facility_w", "limit_w", "battery_w", "gpu_w", "gpu_natural_w")
 
 
@@ -127,25 +135,126 @@ def key_id(key: Any) -> str:
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
+def manifest_payload(manifest: dict[str, Any]) -> bytes:
+    """Return the bytes a manifest's signature covers (its signature field without the signature value)."""
+    body = dict(manifest)
+    if isinstance(body.get("signature"), dict):
+        body["signature"] = {k: v for k, v in body["signature"].items() if k != "signature"}
+    return canonical_json({"type": MANIFEST_TYPE, "v": 2, **body})
+
+
 def check_manifest(root: Path, rep: Report) -> dict[str, Any]:
-    """Check every file listed in manifest.json against its SHA-256; return the manifest."""
+    """Check every file listed in manifest.json against its SHA-256, and that it lists every file; return it."""
     try:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+            raise ValueError("not a manifest")
     except (OSError, ValueError) as err:
         rep.fail(f"manifest.json unreadable: {err}")
         return {}
     bad = []
-    for name, digest in sorted(manifest.get("files", {}).items()):
+    listed = manifest.get("files", {})
+    for name, digest in sorted(listed.items()):
         p = root / name
         if ".." in Path(name).parts or not p.is_file():
             bad.append(f"{name} (missing)")
         elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
             bad.append(f"{name} (altered)")
+    for p in sorted(root.rglob("*")):
+        name = p.relative_to(root).as_posix()
+        if p.is_file() and name != "manifest.json" and name not in listed and "__pycache__" not in p.parts:
+            bad.append(f"{name} (not in the manifest)")
     if bad:
         rep.fail("files differ from the manifest: " + ", ".join(bad))
     else:
-        rep.ok(f"{len(manifest.get('files', {}))} files match manifest.json")
+        rep.ok(f"{len(listed)} files match manifest.json")
     return manifest
+
+
+def check_manifest_signature(manifest: dict[str, Any], key: Any, allow_unsigned: bool, rep: Report) -> None:
+    """Check the manifest's Ed25519 signature by the trusted key."""
+    from cryptography.exceptions import InvalidSignature
+
+    sig = manifest.get("signature")
+    if not isinstance(sig, dict):
+        what = "the manifest is not signed: the file list, the seq range and the completeness figures are unproven"
+        if allow_unsigned:
+            rep.note(what + " (allowed)")
+        else:
+            rep.fail(what)
+        return
+    if key is None:
+        rep.fail("the manifest's signature cannot be checked: no usable public key")
+    elif sig.get("key_id") != key_id(key):
+        rep.fail(f"the manifest is signed by key {sig.get('key_id')}, not the trusted key {key_id(key)}")
+    else:
+        try:
+            key.verify(bytes.fromhex(str(sig.get("signature"))), manifest_payload(manifest))
+        except (InvalidSignature, ValueError):
+            rep.fail("the manifest's signature is invalid: the manifest was altered after it was signed")
+            return
+        rep.ok(f"manifest signed {sig.get('signed_at')} by key {key_id(key)}")
+
+
+def _triple(items: list[dict[str, Any]], key: str) -> list[int]:
+    """Return [first, last, count] of the ``key`` values of ``items`` ([0, 0, 0] when none)."""
+    vals = [int(i[key]) for i in items]
+    return [min(vals), max(vals), len(vals)] if vals else [0, 0, 0]
+
+
+def check_complete(
+    manifest: dict[str, Any], rows: list[dict[str, Any]], meas: list[dict[str, Any]], rep: Report
+) -> None:
+    """Check the bundle holds what the manifest says a complete one holds: nothing cut at either end or inside."""
+    if not rows or "seq_range" not in manifest:
+        return
+    if "selected" not in manifest:
+        rep.note(f"the manifest ({manifest.get('format')}) names no completeness figures: completeness not checked")
+        return
+    failed = rep.failed
+    first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
+    lo, hi = (int(x) for x in manifest["seq_range"])
+    if (first, last) != (lo, hi):
+        rep.fail(f"rows.jsonl holds rows {first}..{last}, but the manifest names rows {lo}..{hi}: rows were cut")
+    before, after = manifest.get("before"), manifest.get("after")
+    if first == 1 and before is None:
+        pass
+    elif before is None or int(before["seq"]) != first - 1 or before["row_hash"] != rows[0]["prev_hash"]:
+        rep.fail(
+            f"row {first} does not link to the row the manifest names before the bundle: rows were cut at its front"
+        )
+    if after is not None and int(after["seq"]) != last + 1:
+        rep.fail(f"the manifest names row {after['seq']} after the bundle, but it ends at row {last}: rows were cut")
+    sel = manifest.get("selection", {})
+    if "event_id" in sel:
+        picked = [r for r in rows if r["event_id"] == sel["event_id"]]
+    else:
+        start, end = sel.get("from") or "", sel.get("to") or "\uffff"  # RFC 3339 text of one width: compared as text
+        picked = [r for r in rows if start <= r["ts"] < end]
+        if before is not None and before["ts"] >= start:
+            rep.fail(
+                f"the row before the bundle (seq {before['seq']}) lies inside the period: rows were cut at its front"
+            )
+        if rows[-1]["ts"] < end and after is not None and after["ts"] < end:
+            rep.fail(f"the row after the bundle (seq {after['seq']}) lies inside the period: rows were cut at its end")
+    want = manifest.get("selected") or {}
+    got = _triple(picked, "seq")
+    if got != [want.get("first_seq"), want.get("last_seq"), want.get("rows")]:
+        rep.fail(
+            f"the bundle holds {got[2]} selected rows ({got[0]}..{got[1]}), the manifest names "
+            f"{want.get('rows')} ({want.get('first_seq')}..{want.get('last_seq')}): rows are missing"
+        )
+    wm = manifest.get("measurements")
+    if wm is not None:
+        got = _triple([m for m in meas if m["event_id"] == sel.get("event_id")], "mseq")
+        if got != [wm.get("first_mseq"), wm.get("last_mseq"), wm.get("count")]:
+            rep.fail(
+                f"the bundle holds {got[2]} of the event's measurements, the manifest names {wm.get('count')} "
+                f"(mseq {wm.get('first_mseq')}..{wm.get('last_mseq')}): measurements are missing"
+            )
+    if rep.failed == failed:
+        extra = f" and its {wm['count']} measurements" if wm else ""
+        rep.ok(f"complete: rows {lo}..{hi}, every selected row ({want.get('rows')}){extra}")
 
 
 def check_rows(rows: list[dict[str, Any]], rep: Report) -> dict[int, str]:
@@ -228,14 +337,21 @@ def check_measurements(rows: list[dict[str, Any]], meas: list[dict[str, Any]], r
         rep.ok(f"{n} measurement rows match their chained seals")
 
 
-def check_messages(root: Path, rows: list[dict[str, Any]], rep: Report) -> None:
-    """Check each raw message file against its name and a digest carried by a chained row."""
+def check_messages(root: Path, rows: list[dict[str, Any]], not_stored: list[str] | None, rep: Report) -> None:
+    """Check each raw message file against its name and a digest carried by a chained row, and that
+    every digest a row carries has its message here or is one the manifest says was never stored."""
     folder = root / "messages"
-    if not folder.is_dir():
-        return
     chained: set[str] = set()
     for row in rows:
-        chained |= digests_in(json.loads(row["data"]))
+        if row["kind"] != BATCH_KIND:
+            chained |= digests_in(json.loads(row["data"]))
+    present = {p.stem for p in folder.iterdir()} if folder.is_dir() else set()
+    if not_stored is not None:
+        gone = sorted(chained - present - set(not_stored))
+        if gone:
+            rep.fail(f"{len(gone)} raw messages chained rows carry are missing from the bundle (first {gone[0]})")
+    if not folder.is_dir():
+        return
     n = 0
     for p in sorted(folder.iterdir()):
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -254,14 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("bundle", nargs="?", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--pubkey", help="the trusted Ed25519 public key (PEM); default: the bundle's public_key.pem")
     ap.add_argument("--allow-unsealed", action="store_true", help="pass even if the newest rows have no checkpoint")
+    ap.add_argument("--allow-unsigned-manifest", action="store_true", help="pass a bundle whose manifest is unsigned")
     args = ap.parse_args(argv)
     root = Path(args.bundle)
     rep = Report()
-    manifest = check_manifest(root, rep)
-    rows = read_jsonl(root / "rows.jsonl")
-    good = check_rows(rows, rep)
     key_path = Path(args.pubkey) if args.pubkey else root / "public_key.pem"
-    sealed = 0
+    key = None
     try:
         key = load_key(key_path)
     except (OSError, ValueError) as err:
@@ -269,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = "given with --pubkey" if args.pubkey else "bundled; compare its id with the published one"
         rep.note(f"public key {key_id(key)} ({source})")
+    manifest = check_manifest(root, rep)
+    check_manifest_signature(manifest, key, args.allow_unsigned_manifest, rep)
+    rows = read_jsonl(root / "rows.jsonl")
+    good = check_rows(rows, rep)
+    sealed = 0
+    if key is not None:
         sealed = check_checkpoints(read_jsonl(root / "checkpoints.jsonl"), good, key, rep)
     if rows and len(good) == len(rows):
         last = rows[-1]["seq"]
@@ -278,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             rep.note(f"rows {sealed + 1}..{last} are not sealed by a checkpoint (allowed)")
         else:
             rep.fail(f"rows {sealed + 1}..{last} are not sealed by any signed checkpoint")
-    check_measurements(rows, read_jsonl(root / "measurements.jsonl"), rep)
-    check_messages(root, rows, rep)
+    meas = read_jsonl(root / "measurements.jsonl")
+    check_complete(manifest, rows, meas, rep)
+    check_measurements(rows, meas, rep)
+    check_messages(root, rows, manifest.get("messages_not_stored"), rep)
     sel = manifest.get("selection", {})
     print(f"{'VERIFIED' if not rep.failed else 'FAILED'}: bundle {sel} ({rep.failed} failed checks)")
     return 0 if not rep.failed else 1

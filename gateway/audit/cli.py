@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from gateway.audit.query import event_rows, format_rows, row_to_dict
-from gateway.audit.signing import TrustedKeys, latest_exported, public_key_path
+from gateway.audit.signing import TrustedKeys, exported_checkpoints, public_key_path
 from gateway.audit.verify import VerifyResult, verify
 from gateway.errors import AuditError, ConfigError
 
@@ -41,7 +42,10 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p = sub.add_parser("verify", help="check the chain, the append-only guards, seals and signed checkpoints")
     add_db_args(p)
     p.add_argument("--pubkey", action="append", default=[], help="trusted Ed25519 public key (PEM); repeatable")
-    p.add_argument("--checkpoint", help="the newest exported checkpoint: a checkpoint file or a directory of them")
+    p.add_argument(
+        "--checkpoint", help="exported checkpoints: a directory of them (each is checked) or one checkpoint file"
+    )
+    p.add_argument("--marker", help="the gateway's head marker (default: [audit] head_marker of --config)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_verify)
 
@@ -96,26 +100,51 @@ def trusted_keys(args: argparse.Namespace) -> TrustedKeys | None:
     return TrustedKeys.load(paths) if paths else None
 
 
-def exported_of(args: argparse.Namespace) -> Any:
-    """Return the newest exported checkpoint from --checkpoint, else from the config's checkpoint_dir."""
+def exported_of(args: argparse.Namespace) -> tuple[list[Any] | None, list[str]]:
+    """Return every exported checkpoint from --checkpoint, else from the config's checkpoint_dir (None
+    when neither names one), and why any file there could not be read."""
     where = getattr(args, "checkpoint", None)
     cfg = audit_config(args)
-    if not where and cfg is not None and cfg.checkpoint_dir and Path(cfg.checkpoint_dir).expanduser().is_dir():
+    if not where and cfg is not None and cfg.checkpoint_dir:
         where = cfg.checkpoint_dir
-    return latest_exported(where) if where else None
+        if not Path(where).expanduser().is_dir():
+            return [], []  # configured, none exported yet: verify says the newest rows are not proven
+    if not where:
+        return None, []
+    found, bad = exported_checkpoints(where)
+    return found, bad
+
+
+def marker_of(args: argparse.Namespace) -> Path | None:
+    """Return the head marker from --marker, else the one the config's [audit] section names."""
+    if getattr(args, "marker", None):
+        return Path(args.marker)
+    cfg = audit_config(args)
+    if cfg is None:
+        return None
+    from gateway.audit.witness import marker_path
+
+    return marker_path(cfg, getattr(args, "db", None))
 
 
 def run_verify(args: argparse.Namespace) -> VerifyResult:
     """Verify the log with every check the arguments allow."""
     cfg = audit_config(args)
-    return asyncio.run(
+    exported, unreadable = exported_of(args)
+    res = asyncio.run(
         verify(
             db_of(args),
             trusted=trusted_keys(args),
-            exported=exported_of(args),
+            exported=exported,
             checkpoint_interval_s=cfg.checkpoint_interval_s if cfg is not None and cfg.signing_key else None,
+            head_marker=marker_of(args),
         )
     )
+    if unreadable:
+        res = replace(
+            res, ok=False, problems=(*res.problems, *(f"exported checkpoint unreadable: {b}" for b in unreadable))
+        )
+    return res
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -130,8 +159,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0 if res.ok else 1
     if res.ok:
         sealed = (
-            f", {res.checkpoints} signed checkpoints, sealed to row {res.last_checkpoint_seq}"
-            if res.checkpoints or res.last_checkpoint_seq
+            f", {res.checkpoints} stored and {res.exported_checkpoints} exported signed checkpoints"
+            if res.checkpoints or res.exported_checkpoints
             else ""
         )
         meas = f", {res.measurements} measurement rows" if res.measurements else ""
@@ -141,6 +170,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"TAMPERED: {where}: {res.reason}")
         for extra in res.problems[1:]:
             print(f"  also: {extra}")
+    for line in res.statement:
+        print(line)
     for note in res.notes:
         print(f"note: {note}")
     return 0 if res.ok else 1
@@ -161,6 +192,10 @@ def verify_dict(res: VerifyResult) -> dict[str, Any]:
         "measurements": res.measurements,
         "problems": list(res.problems),
         "notes": list(res.notes),
+        "proven_to_seq": res.proven_to_seq,
+        "proven_by": res.proven_by,
+        "exported_checkpoints": res.exported_checkpoints,
+        "statement": list(res.statement),
     }
 
 

@@ -6,11 +6,16 @@ to the checkpoint that seals the last one, every field as stored), ``checkpoints
 ``messages/<sha256>.xml`` (raw protocol messages whose digests the rows carry),
 ``demand_events.jsonl`` (the stored event versions, a convenience copy), ``manifest.json``,
 ``verify_bundle.py`` (the standalone verifier) and ``README.txt``.
+
+An event's bundle reaches as far as the seals of all its measurements, even those sealed after the
+checkpoint that covers its last row, and as far as a checkpoint that covers them. The manifest
+names every file by SHA-256 and says what the bundle must hold (``gateway.audit.manifest``): the
+seq range, the row before it, the selected rows and measurements, the raw messages never stored;
+it is signed with the checkpoint key, so nothing can be cut, edited or removed without the key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,14 +27,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.audit.chain import format_ts
+from gateway.audit.manifest import Completeness, write_manifest
 from gateway.audit.measurements import BATCH_KIND, row_dicts, rows_by_mseq
 from gateway.audit.migrate import open_existing
-from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, demand_events, table_exists
+from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, demand_events, measurements, table_exists
 from gateway.audit.signing import Checkpoint, Signer, public_pem
 from gateway.errors import AuditError
 from gateway.eventstore import event_from_json
 
-FORMAT = "drgw-audit-bundle/1"
 PAGE = 5000
 _COLS = ("seq", "ts", "kind", "actor", "event_id", "device_id", "data", "prev_hash", "row_hash")
 
@@ -46,6 +51,7 @@ class ExportResult:
     measurements: int
     messages: int
     sealed: bool  # the last row is covered by a checkpoint in the bundle
+    signed: bool = False  # the manifest is signed
 
 
 async def export(
@@ -71,8 +77,13 @@ async def export(
     try:
         async with engine.connect() as conn:
             lo, hi = await _range(conn, event_id, start, end)
+            done = Completeness(selected=(lo, hi, await _count(conn, event_id, start, end)))
             if event_id is not None:
                 lo = min(lo, await _first_seal_for(conn, event_id, baseline_window_s))
+                done.measurements = await _event_measurements(conn, event_id)
+                if done.measurements is not None:
+                    first_seal, last_seal = await _seals_covering(conn, lo, done.measurements[:2])
+                    lo, hi = min(lo, first_seal), max(hi, last_seal)
             cps = await _checkpoints(conn, lo)
             cover = next((c for c in cps if c.seq >= hi), None)
             extra: list[Checkpoint] = []
@@ -87,8 +98,9 @@ async def export(
             cps = [c for c in cps if c.seq <= top] + extra
             n_rows, batches, digests, event_ids = await _write_rows(conn, target / "rows.jsonl", lo, top)
             n_meas = await _write_measurements(conn, target / "measurements.jsonl", batches)
-            n_msgs = await _write_messages(conn, target / "messages", digests)
+            n_msgs, done.messages_not_stored = await _write_messages(conn, target / "messages", digests)
             await _write_events(conn, target / "demand_events.jsonl", [event_id] if event_id else sorted(event_ids))
+            done.before, done.after = await _row_at(conn, lo - 1), await _row_at(conn, top + 1)
     except sa.exc.SQLAlchemyError as err:
         raise AuditError(f"cannot read the audit log: {err}") from err
     finally:
@@ -101,8 +113,8 @@ async def export(
     (target / "verify_bundle.py").write_text(verifier_source(), encoding="utf-8")
     (target / "README.txt").write_text(_README, encoding="utf-8")
     selection = {"event_id": event_id} if event_id else {"from": _ts(start), "to": _ts(end)}
-    _write_manifest(target, selection, lo, top)
-    return ExportResult(target, lo, top, n_rows, len(cps), n_meas, n_msgs, cover is not None)
+    write_manifest(target, selection, (lo, top), done, signer)
+    return ExportResult(target, lo, top, n_rows, len(cps), n_meas, n_msgs, cover is not None, signer is not None)
 
 
 def digests_in(obj: Any) -> set[str]:
@@ -154,6 +166,74 @@ async def _range(
         what = f"event {event_id}" if event_id else f"period {_ts(start)} .. {_ts(end)}"
         raise AuditError(f"no audit rows for {what}")
     return int(lo), int(hi)
+
+
+async def _count(conn: AsyncConnection, event_id: str | None, start: datetime | None, end: datetime | None) -> int:
+    """Return how many rows the selection holds."""
+    q = sa.select(sa.func.count()).select_from(audit_log)
+    if event_id is not None:
+        q = q.where(audit_log.c.event_id == event_id)
+    if start is not None:
+        q = q.where(audit_log.c.ts >= format_ts(start))
+    if end is not None:
+        q = q.where(audit_log.c.ts < format_ts(end))
+    return int((await conn.execute(q)).scalar() or 0)
+
+
+async def _event_measurements(conn: AsyncConnection, event_id: str) -> tuple[int, int, int] | None:
+    """Return (first mseq, last mseq, count) of the measurements taken for an event; None when none."""
+    if not await table_exists(conn, "measurements"):
+        return None
+    q = sa.select(sa.func.min(measurements.c.mseq), sa.func.max(measurements.c.mseq), sa.func.count()).where(
+        measurements.c.event_id == event_id
+    )
+    first, last, n = (await conn.execute(q)).one()
+    return None if first is None else (int(first), int(last), int(n))
+
+
+async def _seals_covering(conn: AsyncConnection, after: int, mseqs: tuple[int, ...]) -> tuple[int, int]:
+    """Return the seqs of the seals holding the first and the last of ``mseqs`` (sealed at or after row ``after``
+    for an event: its measurements are taken after its first row); raise AuditError when one is not found."""
+    lo_m, hi_m = min(mseqs), max(mseqs)
+    found: dict[int, int] = {}
+    nxt = 1 if after <= 1 else after
+    past = False  # seals come in mseq order: once one starts after hi_m, none later can hold it
+    while len(found) < 2 and not past:
+        q = (
+            sa.select(audit_log.c.seq, audit_log.c.data)
+            .where(audit_log.c.kind == BATCH_KIND, audit_log.c.seq >= nxt)
+            .order_by(audit_log.c.seq)
+            .limit(PAGE)
+        )
+        page = (await conn.execute(q)).all()
+        if not page:
+            break
+        for seq, data in page:
+            seal = json.loads(data)
+            first, last = int(seal["first_mseq"]), int(seal["last_mseq"])
+            for m in (lo_m, hi_m):
+                if first <= m <= last:
+                    found.setdefault(m, int(seq))
+            if first > hi_m:
+                past = True
+                break
+        nxt = int(page[-1][0]) + 1
+    if lo_m not in found or hi_m not in found:
+        if after > 1:
+            return await _seals_covering(conn, 1, mseqs)  # sealed earlier than the event's first row (a backfill)
+        raise AuditError(f"measurements {lo_m}..{hi_m} are stored but no chained seal holds them")
+    return found[lo_m], found[hi_m]
+
+
+async def _row_at(conn: AsyncConnection, seq: int) -> dict[str, Any] | None:
+    """Return seq, ts and row_hash of one row (None when there is no such row)."""
+    if seq < 1:
+        return None
+    res = await conn.execute(
+        sa.select(audit_log.c.seq, audit_log.c.ts, audit_log.c.row_hash).where(audit_log.c.seq == seq)
+    )
+    r = res.first()
+    return None if r is None else {"seq": int(r[0]), "ts": str(r[1]), "row_hash": str(r[2])}
 
 
 async def _first_seal_for(conn: AsyncConnection, event_id: str, window_s: float) -> int:
@@ -232,12 +312,15 @@ async def _write_measurements(conn: AsyncConnection, path: Path, batches: list[d
     return n
 
 
-async def _write_messages(conn: AsyncConnection, folder: Path, digests: set[str]) -> int:
-    """Write the stored raw messages named by ``digests``; return how many were found."""
-    if not digests or not await table_exists(conn, "audit_blobs"):
-        return 0
+async def _write_messages(conn: AsyncConnection, folder: Path, digests: set[str]) -> tuple[int, list[str]]:
+    """Write the stored raw messages named by ``digests``; return how many were found and the digests not stored."""
+    if not digests:
+        return 0, []
+    if not await table_exists(conn, "audit_blobs"):
+        return 0, sorted(digests)
     _empty_dir(folder)
     n = 0
+    written: set[str] = set()
     wanted = sorted(digests)
     for i in range(0, len(wanted), 500):
         res = await conn.execute(
@@ -245,8 +328,9 @@ async def _write_messages(conn: AsyncConnection, folder: Path, digests: set[str]
         )
         for sha, body in res:
             (folder / f"{sha}.xml").write_bytes(bytes(body))
+            written.add(sha)
             n += 1
-    return n
+    return n, sorted(digests - written)
 
 
 async def _write_events(conn: AsyncConnection, path: Path, event_ids: list[str]) -> None:
@@ -267,22 +351,6 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _write_manifest(target: Path, selection: dict[str, Any], lo: int, hi: int) -> None:
-    """Write manifest.json with the SHA-256 of every other file."""
-    files = {}
-    for p in sorted(target.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            files[p.relative_to(target).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    manifest = {
-        "format": FORMAT,
-        "created_at": format_ts(datetime.now(UTC)),
-        "selection": selection,
-        "seq_range": [lo, hi],
-        "files": files,
-    }
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 _README = """drgw audit export bundle
 =======================
 
@@ -299,5 +367,8 @@ checkpoints.jsonl   signed checkpoints (Ed25519) sealing the rows
 measurements.jsonl  measurement rows sealed by the 'measurements.batch' rows
 messages/           raw protocol messages, named by the SHA-256 their chained row carries
 demand_events.jsonl the stored event versions (a convenience copy; the chained rows are the evidence)
-manifest.json       the SHA-256 of every file (not itself signed)
+manifest.json       the SHA-256 of every file and what the bundle must hold, signed with the checkpoint key
+
+verify_bundle.py is listed in the manifest, but a verifier cannot vouch for itself: an auditor
+should run a copy obtained from the operator or from the drgw package, not only the bundled one.
 """

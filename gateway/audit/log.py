@@ -7,6 +7,11 @@ an opt decision and its row are committed together or not at all). Measurements 
 are kept in a local journal file (``gateway.audit.journal``) where one is given, and sealed by the
 next start if the process dies first. With a signing key it signs the chain head every
 ``checkpoint_interval_s`` and at close, and writes each checkpoint to ``checkpoint_dir`` too.
+
+It watches the SQLite file it writes (``gateway.audit.witness``): when the file is deleted or
+replaced under it, it records that as a last row, signs it, saves the log it still holds beside the
+lost file and refuses every later record. With a head marker it keeps that file on the committed
+head, and refuses to open a log that is not the one the marker follows.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,9 +50,17 @@ from gateway.audit.measurements import (
     head_mseq,
     to_measurement,
 )
-from gateway.audit.migrate import make_engine, upgrade
+from gateway.audit.migrate import make_engine, normalise_db_url, sqlite_path, upgrade
 from gateway.audit.schema import audit_blobs, audit_checkpoints, audit_log, measurements, missing_guards
 from gateway.audit.signing import Checkpoint, Signer, write_checkpoint_file
+from gateway.audit.witness import (
+    HeadFollower,
+    check_start,
+    marker_path,
+    remove_orphans,
+    rescue_copy,
+    rescue_target,
+)
 from gateway.clock import Clock, SystemClock
 from gateway.config import AuditConfig
 from gateway.errors import AuditError, AuditIntegrityError
@@ -96,7 +109,13 @@ class _CheckpointRequest:
     future: asyncio.Future[Checkpoint | None]
 
 
-_Item = _Pending | _CheckpointRequest | None
+@dataclass
+class _Probe:
+    """A nudge from the file watcher: look at the database file now."""
+
+
+_Item = _Pending | _CheckpointRequest | _Probe | None
+FILE_WATCH_S = 1.0  # how often an idle writer looks at its SQLite file
 
 
 class AuditLog:
@@ -117,6 +136,7 @@ class AuditLog:
         measurement_batch_rows: int = 60,
         measurement_batch_s: float = 60.0,
         journal: MeasurementJournal | None = None,
+        follower: HeadFollower | None = None,
     ) -> None:
         self._engine = engine
         self._head = head
@@ -142,7 +162,14 @@ class AuditLog:
         self._insert_blob = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(
             audit_blobs
         ).on_conflict_do_nothing()
+        self._follower = follower or HeadFollower(None, "", None, None, None)
+        self._lost: str | None = None  # set once the database file is gone: every later record is refused
         self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        self._watcher = (
+            asyncio.get_running_loop().create_task(self._watch(), name="audit-file-watch")
+            if self._follower.file_id is not None
+            else None
+        )
 
     @classmethod
     async def open(
@@ -157,15 +184,28 @@ class AuditLog:
         measurement_batch_rows: int = 60,
         measurement_batch_s: float = 60.0,
         measurement_journal: str | Path | None = None,
+        head_marker: str | Path | None = None,
     ) -> AuditLog:
         """Migrate the database, check the append-only guards, read the chain head and start writing.
 
         With ``measurement_journal`` (a file path), measurements are journalled until sealed, and
-        what a dead process left there is sealed first.
+        what a dead process left there is sealed first. With ``head_marker`` (a file path), a log
+        that is not the one the marker follows (deleted, replaced, cut, rolled back) is refused
+        before anything is written, and the marker follows the head from then on.
         """
         signer = Signer.load(signing_key) if isinstance(signing_key, str | Path) else signing_key
+        url = normalise_db_url(db_url)
+        db_file = sqlite_path(url)
+        label = str(db_file) if db_file is not None else sa.make_url(url).render_as_string(hide_password=True)
+        marker_file = Path(head_marker) if head_marker is not None else None
+        marker = None
+        if marker_file is not None and db_file is not None and not db_file.exists():
+            marker = await check_start(None, marker_file, label)  # refuses before a new file is made
         engine = make_engine(db_url)
         try:
+            if marker_file is not None and (db_file is None or db_file.exists()):
+                async with engine.connect() as conn:
+                    marker = await check_start(conn, marker_file, label)
             await upgrade(engine)
             missing = await missing_guards(engine)
             if missing:
@@ -183,6 +223,8 @@ class AuditLog:
                     .limit(1)
                 )
                 last_cp = res.first()
+                res = await conn.execute(sa.select(audit_log.c.row_hash).where(audit_log.c.seq == 1))
+                chain_id = res.scalar()
             journal = MeasurementJournal(measurement_journal) if measurement_journal is not None else None
             if journal is not None:
                 journal.acquire()
@@ -203,7 +245,14 @@ class AuditLog:
             measurement_batch_rows=measurement_batch_rows,
             measurement_batch_s=measurement_batch_s,
             journal=journal,
+            follower=HeadFollower(
+                marker_file, label, db_file, marker and replace(marker, lost=None, rescued_to=None), chain_id
+            ),
         )
+        self._follower.committed(head[0], head[1], format_ts(self._clock.now()), force=True)
+        if marker is not None and marker.lost:
+            # The operator put the saved copy back: say so in the log before anything else.
+            await self.append("audit.db_restored", {"lost": marker.lost, "rescued_to": marker.rescued_to})
         if journal is not None:
             self._recover(journal, last_mts)
         return self
@@ -217,6 +266,9 @@ class AuditLog:
         ``journal`` is for the gateway process only: it journals its measurements and seals what a
         dead predecessor left (a CLI command opening the same log must not take a live gateway's).
         """
+        marker = marker_path(cfg, db_url) if journal else None
+        if journal and marker is None and cfg.head_marker != "off":
+            log.warning("audit_head_marker_none", reason="no state directory: set [audit] head_marker to a path")
         return await cls.open(
             db_url or cfg.db_url,
             clock,
@@ -225,6 +277,7 @@ class AuditLog:
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             checkpoint_dir=cfg.checkpoint_dir,
             measurement_journal=journal_path(cfg, db_url) if journal else None,
+            head_marker=marker,
         )
 
     @property
@@ -236,6 +289,11 @@ class AuditLog:
     def head(self) -> tuple[int, str]:
         """Return the last committed (seq, row_hash); (0, 64 zeros) when empty."""
         return self._head
+
+    @property
+    def lost(self) -> str | None:
+        """Return why the log refuses every record (its database file vanished or was replaced), or None."""
+        return self._lost
 
     @property
     def last_checkpoint_seq(self) -> int:
@@ -305,6 +363,8 @@ class AuditLog:
         twice stores it once. Raise AuditError when the digest does not match the body.
         """
         raw = bytes(body)
+        if self._lost is not None:
+            raise AuditError(self._lost)
         if hashlib.sha256(raw).hexdigest() != sha256:
             raise AuditError("evidence body does not match its sha256")
         try:
@@ -370,9 +430,12 @@ class AuditLog:
             self._flush_buffer()
         self._closed = True
         self._queue.put_nowait(None)
+        if self._watcher is not None:
+            self._watcher.cancel()
         try:
             await self._writer
         finally:
+            self._follower.flush(durable=True)
             await asyncio.sleep(0)  # let the last seals' done callbacks run
             if self._journal is not None:
                 left = self._unsealed()
@@ -381,6 +444,8 @@ class AuditLog:
                 if left:
                     log.warning("measurements_left_in_journal", rows=len(left), path=str(self._journal.path))
             await self._engine.dispose()
+            if self._lost is not None:
+                remove_orphans(self._follower.db_file)
             log.info("audit_log_closed", seq=self._head[0])
 
     async def __aenter__(self) -> AuditLog:
@@ -503,6 +568,8 @@ class AuditLog:
                     if isinstance(item, _CheckpointRequest):
                         request = item
                         break
+                    if isinstance(item, _Probe):
+                        break
                     batch.append(item)
                     if len(batch) >= self._batch_max:
                         break
@@ -516,20 +583,29 @@ class AuditLog:
                 if batch:
                     await self._commit(batch)
                     batch = []
+                elif isinstance(item, _Probe):
+                    await self._file_ok()
                 if request is not None:
                     cp = await self._checkpoint_now()
                     if not request.future.done():
                         request.future.set_result(cp)
                 elif self._checkpoint_due():
                     await self._checkpoint_now()
-            if self._signer is not None and self._head[0] > self._cp_seq:
-                await self._checkpoint_now()
+            if self._signer is not None and self._head[0] > 0 and self._lost is None:
+                await self._checkpoint_now()  # at every close, even when nothing was appended since the last
         finally:
             self._closed = True
             leftovers = batch + list(_drain(self._queue))
             _fail(leftovers, AuditError("audit writer stopped before this record was committed"))
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        """Commit one batch, unless the database file is gone (then the batch fails with the reason)."""
+        if not await self._file_ok():
+            _fail(batch, AuditError(str(self._lost)))
+            return
+        await self._write(batch)
+
+    async def _write(self, batch: list[_Pending]) -> None:
         """Insert one batch in one transaction; resolve its futures only after COMMIT."""
         seq, prev = self._head
         mseq = self._mhead
@@ -576,13 +652,14 @@ class AuditLog:
             self._failed_commits = 0
         self._head = (seq, prev)
         self._mhead = mseq
+        self._follower.committed(seq, prev, rows[-1][1])
         for p, row in zip(batch, rows, strict=True):
             if not p.future.done():
                 p.future.set_result(row[0])
 
     def _checkpoint_due(self) -> bool:
         """Return whether a periodic checkpoint should be signed now."""
-        if self._signer is None or self._head[0] <= self._cp_seq:
+        if self._signer is None or self._head[0] <= self._cp_seq or self._lost is not None:
             return False
         return (self._clock.now() - self._cp_at).total_seconds() >= self._cp_interval_s
 
@@ -617,6 +694,48 @@ class AuditLog:
                 log.error("audit_checkpoint_export_failed", seq=seq, dir=str(self._cp_dir), error=str(err))
         log.debug("audit_checkpoint", seq=seq)
         return cp
+
+    async def _watch(self) -> None:
+        """Nudge the writer to look at its database file every ``FILE_WATCH_S`` while it is idle."""
+        while self._lost is None and not self._closed:
+            await asyncio.sleep(FILE_WATCH_S)
+            if self._queue.empty() and self._follower.changed() is not None:
+                self._queue.put_nowait(_Probe())
+                return
+
+    async def _file_ok(self) -> bool:
+        """Return whether the database file is still the one opened; on the first sign it is not, record the loss."""
+        if self._lost is not None:
+            return False
+        why = self._follower.changed()
+        if why is None:
+            return True
+        await self._on_lost(why)
+        return False
+
+    async def _on_lost(self, why: str) -> None:
+        """Record the loss as a last signed row in the file still open, save that log beside it, refuse the rest."""
+        self._lost = why
+        f = self._follower
+        target = rescue_target(f.db_file) if f.db_file is not None else None
+        log.error("audit_database_lost", reason=why, seq=self._head[0])
+        data = {"reason": why, "file_id": list(f.file_id or ()), "rescue_to": str(target) if target else None}
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        now = format_ts(self._clock.now())
+        await self._write([_Pending(now, "audit.db_lost", "gateway", None, None, encode_data(data), fut)])
+        if fut.done() and not fut.cancelled() and fut.exception() is not None:
+            log.error("audit_database_lost_not_recorded", error=str(fut.exception()))
+        if self._signer is not None:
+            await self._checkpoint_now()  # signed and exported: the saved copy can be proven whole
+        saved = await rescue_copy(self._engine, self._head, target) if target is not None else None
+        remove_orphans(f.db_file)  # now, not only at close: a watchdog may kill this process before then
+        where = f"the log up to row {self._head[0]} was saved to {saved}" if saved else "no copy could be saved"
+        self._lost = (
+            f"{why}; {where}. Nothing more is recorded: stop the gateway, put the database back "
+            f"(or the saved copy at {f.db_file}) and start it again"
+        )
+        log.error("audit_database_lost_saved", saved_to=saved, seq=self._head[0])
+        f.lost(why, saved, now)
 
     async def _resync_head(self) -> None:
         """Re-read the head after a failed commit, so an ambiguous COMMIT cannot fork the chain."""

@@ -48,6 +48,15 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--dir", help="also write the checkpoint here (default: [audit] checkpoint_dir)")
     p.set_defaults(func=cmd_checkpoint)
 
+    p = audit.add_parser(
+        "start-over",
+        help="accept the log as it is after its database was lost, cut or rolled back (recorded with the lost head)",
+    )
+    add_db_args(p)
+    p.add_argument("--marker", help="the head marker (default: [audit] head_marker of --config, or beside --db)")
+    p.add_argument("--reason", required=True, help="why; recorded in the first row written")
+    p.set_defaults(func=cmd_start_over)
+
     p = audit.add_parser("export", help="write a bundle that verifies offline (rows, checkpoints, key, messages)")
     add_db_args(p)
     sel = p.add_mutually_exclusive_group(required=True)
@@ -55,7 +64,9 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     sel.add_argument("--from", dest="start", type=parse_time, help="period start (RFC 3339 or YYYY-MM-DD, UTC)")
     p.add_argument("--to", dest="end", type=parse_time, help="period end (exclusive)")
     p.add_argument("--out", required=True, help="bundle directory (created; must be empty)")
-    p.add_argument("--key", help="signing key: seals rows newer than the last stored checkpoint")
+    p.add_argument(
+        "--key", help="signing key (default: [audit] signing_key): signs the manifest, seals rows not yet sealed"
+    )
     p.add_argument("--pubkey", action="append", default=[], help="public key to bundle (default: the key's)")
     p.set_defaults(func=cmd_export)
 
@@ -204,6 +215,39 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 @_guard
+def cmd_start_over(args: argparse.Namespace) -> int:
+    """Accept the log as it is on the operator's word; print what was given up."""
+    from gateway.audit.journal import journal_path
+    from gateway.audit.startover import start_over
+    from gateway.audit.witness import default_marker_path, marker_path
+
+    cfg = audit_config(args)
+    db = db_of(args)
+    marker = Path(args.marker) if args.marker else (marker_path(cfg, db) if cfg else default_marker_path(db))
+    if marker is None:
+        raise AuditError("no head marker configured for this log: give --marker PATH")
+    res = asyncio.run(
+        start_over(
+            db,
+            marker,
+            args.reason,
+            signing_key=cfg.signing_key if cfg else None,
+            checkpoint_dir=cfg.checkpoint_dir if cfg else None,
+            journal=journal_path(cfg, db) if cfg else None,
+        )
+    )
+    kept = f"kept the {res.rows_kept} rows found" if res.rows_kept else "began a new chain"
+    aside = (
+        f"; {res.set_aside} exported checkpoints of the lost chain moved to {res.set_aside_to}" if res.set_aside else ""
+    )
+    print(
+        f"started over at row {res.seq} ({kept}): the lost chain's head was row {res.lost.seq} "
+        f"({res.lost.row_hash[:16]}){aside}"
+    )
+    return 0
+
+
+@_guard
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an export bundle; return 1 when its newest rows are not sealed by a checkpoint."""
     from gateway.audit.export import export
@@ -228,10 +272,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{res.measurements} measurement rows, {res.messages} raw messages"
     )
     print(f"verify with: python3 {res.out / 'verify_bundle.py'} {res.out}")
+    code = 0
+    if not res.signed:
+        print(
+            "WARNING: the manifest is not signed (no key): the bundle's completeness cannot be proven; give --key",
+            file=sys.stderr,
+        )
+        code = 1
     if not res.sealed:
         print("WARNING: the newest rows are not sealed by a checkpoint; give --key to seal them", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    return code
 
 
 @_guard

@@ -113,7 +113,7 @@ def _integrity(d: dict[str, Any], res: VerifyResult | None) -> str:
         status, cls = f"whole log intact: {res.rows} rows, {signed}", "ok"
     else:
         status, cls = "TAMPERED: " + "; ".join(res.problems or (res.reason,)), "bad"
-    notes = "".join(f"<li>{e(n)}</li>" for n in (res.notes if res else ()))
+    notes = "".join(f"<li>{e(n)}</li>" for n in ((*res.statement, *res.notes) if res else ()))
     return (
         f'<div class="integrity {cls}"><b>Integrity:</b> {e(status)}<ul>'
         + "".join(f"<li>{x}</li>" for x in lines)

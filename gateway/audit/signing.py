@@ -95,6 +95,10 @@ class Signer:
             raise AuditError(f"{p} holds a {type(key).__name__}, not an Ed25519 private key")
         return cls(key)
 
+    def sign_bytes(self, payload: bytes) -> str:
+        """Return the hex Ed25519 signature of ``payload`` (a bundle manifest's canonical bytes)."""
+        return self._key.sign(payload).hex()
+
     def sign(self, seq: int, row_hash: str, signed_at: str) -> Checkpoint:
         """Return a checkpoint of (seq, row_hash) signed now."""
         payload = checkpoint_payload(seq, row_hash, signed_at, self.key_id)
@@ -198,10 +202,27 @@ def read_checkpoint_file(path: str | Path) -> Checkpoint:
         raise AuditError(f"{p} is not a checkpoint file: {err}") from err
 
 
-def latest_exported(path: str | Path) -> Checkpoint | None:
-    """Return the checkpoint in a file, or the newest one (highest seq) in a directory; None if none."""
+def exported_checkpoints(path: str | Path) -> tuple[list[Checkpoint], list[str]]:
+    """Return every checkpoint in a file or a directory of them, by seq (not by file name), and why
+    any file there could not be read."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(p.glob(CHECKPOINT_GLOB))
-        return read_checkpoint_file(files[-1]) if files else None
-    return read_checkpoint_file(p)
+    if not p.exists():
+        raise AuditError(f"no such checkpoint file or directory: {p}")
+    files = sorted(p.glob(CHECKPOINT_GLOB)) if p.is_dir() else [p]
+    found: list[Checkpoint] = []
+    bad: list[str] = []
+    for f in files:
+        try:
+            found.append(read_checkpoint_file(f))
+        except AuditError as err:
+            bad.append(str(err))
+    found.sort(key=lambda cp: (cp.seq, cp.signed_at))
+    return found, bad
+
+
+def latest_exported(path: str | Path) -> Checkpoint | None:
+    """Return the checkpoint in a file, or the one with the highest seq in a directory; None if none."""
+    found, bad = exported_checkpoints(path)
+    if bad and not found:
+        raise AuditError(bad[0])
+    return found[-1] if found else None

@@ -7,9 +7,15 @@ What each check catches:
 - measurement seals: an edited, deleted or inserted measurement row;
 - checkpoints in the database, with a trusted public key: a chain recomputed after signing, or a
   checkpoint forged without the key;
-- the newest exported checkpoint (a file kept off the box): deleted newest rows, and a chain
-  recomputed by someone without the key even when every stored checkpoint was deleted too;
-- ``checkpoint_interval_s`` (from config): rows left unsealed much longer than checkpoints are due.
+- every exported checkpoint (files kept off the box, taken by seq): deleted newest rows, a rollback
+  to an older copy, a chain recomputed by someone without the key even when every stored checkpoint
+  was deleted too, and each stored checkpoint deleted from the database;
+- ``checkpoint_interval_s`` (from config): rows left unsealed much longer than checkpoints are due;
+- the head marker (``gateway.audit.witness``, a file, not signed): a log cut, rolled back or
+  replaced since the gateway last wrote it, even where no checkpoint covers the rows.
+
+``statement`` says in words what the signatures prove (rows 1..N, by which key) and what they do
+not (rows after the newest checkpoint, a log with no checkpoint or no key given): see ``proof``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring
 from pathlib import Path
@@ -25,15 +32,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from gateway.audit.chain import GENESIS_HASH, parse_ts
+from gateway.audit.chain import GENESIS_HASH
 from gateway.audit.measurements import BATCH_KIND, batch_digest, rows_by_mseq
 from gateway.audit.migrate import open_existing
+from gateway.audit.proof import check_checkpoints
 from gateway.audit.schema import audit_checkpoints, measurements, missing_guards, table_exists
 from gateway.audit.signing import Checkpoint, TrustedKeys
+from gateway.audit.witness import disagreement, load_marker
 from gateway.errors import AuditError
 
 PAGE_ROWS = 20000
 MEASUREMENT_PAGE_BATCHES = 200
+# Rows that change what the log is (a lost database, a saved copy put back, an operator starting over): noted.
+_LIFE_KINDS = frozenset({"audit.db_lost", "audit.db_restored", "audit.start_over"})
 _SELECT = (
     "SELECT seq, ts, kind, actor, event_id, device_id, data, prev_hash, row_hash "
     "FROM audit_log WHERE seq >= {start} ORDER BY seq LIMIT {limit}"
@@ -56,6 +67,10 @@ class VerifyResult:
     measurements: int = 0  # measurement rows whose batch seal verified
     problems: tuple[str, ...] = ()  # every failure found (reason holds the first)
     notes: tuple[str, ...] = field(default_factory=tuple)  # what was not checked, and why
+    proven_to_seq: int = 0  # rows 1..this are sealed by a verified signature (0: none)
+    proven_by: str | None = None  # the key id that signed it
+    exported_checkpoints: int = 0  # exported checkpoints that verified
+    statement: tuple[str, ...] = ()  # "proven: ..." and "not proven: ..." in words
 
 
 @dataclass
@@ -71,6 +86,7 @@ class _Walk:
     ts_of: dict[int, str] = field(default_factory=dict)
     first_ts: str | None = None
     last_ts: str | None = None
+    life: list[tuple[int, str, str]] = field(default_factory=list)  # (seq, kind, data) of _LIFE_KINDS rows
 
 
 async def verify(
@@ -78,17 +94,25 @@ async def verify(
     page_rows: int = PAGE_ROWS,
     *,
     trusted: TrustedKeys | None = None,
-    exported: Checkpoint | None = None,
+    exported: Checkpoint | Sequence[Checkpoint] | None = None,
     checkpoint_interval_s: float | None = None,
+    head_marker: Path | None = None,
 ) -> VerifyResult:
-    """Verify the whole log; every check that can run does, and all failures are listed."""
+    """Verify the whole log; every check that can run does, and all failures are listed.
+
+    ``exported`` is one exported checkpoint or all of them (each is checked); None when none were given.
+    """
+    exported_all = [exported] if isinstance(exported, Checkpoint) else None if exported is None else list(exported)
+    marker = load_marker(head_marker) if head_marker is not None else None
     engine, own = open_existing(db)
     try:
         async with engine.connect() as conn:
             if not await table_exists(conn, "audit_log"):
                 return VerifyResult(False, 0, None, "no audit_log table in this database", GENESIS_HASH)
             stored = await _stored_checkpoints(conn)
-            wanted = {cp.seq for cp in stored} | ({exported.seq} if exported else set())
+            wanted = {cp.seq for cp in (*stored, *(exported_all or ()))} | {1}
+            if marker is not None:
+                wanted.add(marker.seq)
             walk = await _walk(conn, max(1, page_rows), wanted)
             meas_ok, meas_problems = await _check_measurements(conn, walk)
             missing = await missing_guards(conn)
@@ -101,10 +125,21 @@ async def verify(
     if walk.bad_seq is not None:
         problems.append(f"row {walk.bad_seq}: {walk.reason}")
     problems += meas_problems
-    cps, last_cp, cp_problems, notes = _check_checkpoints(walk, stored, trusted, exported, checkpoint_interval_s)
-    problems += cp_problems
+    pf = check_checkpoints(walk, stored, trusted, exported_all, checkpoint_interval_s)
+    problems += pf.problems
+    notes = pf.notes + _life_notes(walk)
+    if head_marker is not None:
+        if marker is None:
+            notes.append(
+                f"no head marker at {head_marker}: a log cut or rolled back below its signed rows is not checked"
+            )
+        elif walk.bad_seq is None:
+            why = disagreement(marker, head_marker, walk.rows, walk.hashes.get(1), walk.hashes.get(marker.seq))
+            if why:
+                problems.append(f"head marker (not signed): {why}")
     if missing:
         problems.append(f"append-only guards missing: {', '.join(sorted(missing))}")
+    last_cp = pf.newest.seq if pf.newest else None
     unsealed = walk.rows - (last_cp or 0) if walk.bad_seq is None else 0
     if walk.bad_seq is None:
         reason = "intact" if not problems else problems[0]
@@ -119,13 +154,38 @@ async def verify(
         reason=reason,
         head_hash=walk.head,
         guards_ok=not missing,
-        checkpoints=cps,
+        checkpoints=pf.stored_ok,
         last_checkpoint_seq=last_cp,
         unsealed_rows=max(0, unsealed),
         measurements=meas_ok,
         problems=tuple(problems),
         notes=tuple(notes),
+        proven_to_seq=pf.proven_to,
+        proven_by=pf.newest.key_id if pf.newest else None,
+        exported_checkpoints=pf.exported_ok,
+        statement=tuple(pf.statement),
     )
+
+
+def _life_notes(walk: _Walk) -> list[str]:
+    """Return one note per row that changed what the log is: a lost database, a copy put back, a start-over."""
+    out = []
+    for seq, kind, text in walk.life:
+        try:
+            d = json.loads(text)
+        except ValueError:
+            d = {}
+        if kind == "audit.db_lost":
+            out.append(f"row {seq}: the database was lost under the gateway ({d.get('reason')}); writing stopped there")
+        elif kind == "audit.db_restored":
+            out.append(f"row {seq}: a saved copy was put back after the database was lost ({d.get('lost')})")
+        else:
+            lost = d.get("lost_chain") or {}
+            out.append(
+                f"row {seq}: the operator started over ({d.get('reason')}): a chain of {lost.get('seq')} rows "
+                f"(head {str(lost.get('row_hash'))[:16]}, chain {str(lost.get('chain_id'))[:16]}) was given up"
+            )
+    return out
 
 
 async def _stored_checkpoints(conn: AsyncConnection) -> list[Checkpoint]:
@@ -209,6 +269,8 @@ def _walk_page(w: _Walk, page: list[Any], wanted: set[int]) -> bool:
                     w.batches.append((seq, json.loads(data)))
                 except ValueError:
                     reason = "measurement seal is not valid JSON"
+            elif kind in _LIFE_KINDS:
+                w.life.append((seq, kind, data))
             if reason is not None:
                 w.bad_seq, w.reason = expected, reason
                 return False
@@ -261,72 +323,6 @@ async def _check_measurements(conn: AsyncConnection, walk: _Walk) -> tuple[int, 
     if extra:
         problems.append(f"{extra} measurement rows (mseq {expected_first}..{top}) are not sealed by any chained row")
     return verified, problems
-
-
-def _check_checkpoints(
-    walk: _Walk,
-    stored: list[Checkpoint],
-    trusted: TrustedKeys | None,
-    exported: Checkpoint | None,
-    interval_s: float | None,
-) -> tuple[int, int | None, list[str], list[str]]:
-    """Check stored and exported checkpoints; return (verified, newest verified seq, problems, notes)."""
-    problems: list[str] = []
-    notes: list[str] = []
-    verified = 0
-    last: int | None = None
-    if trusted is None:
-        if stored or exported:
-            notes.append("checkpoint signatures not checked: no public key given")
-        return 0, None, problems, notes
-    for cp in stored:
-        why = _check_one(cp, walk, trusted, "stored")
-        if why:
-            problems.append(why)
-        else:
-            verified += 1
-            last = cp.seq
-    if exported is not None:
-        why = _check_one(exported, walk, trusted, "exported")
-        if why:
-            problems.append(why)
-        elif last is None or exported.seq > last:
-            last = exported.seq
-    else:
-        notes.append("no exported checkpoint given: deletion of the newest rows cannot be detected")
-    if walk.rows and last is None and walk.bad_seq is None:
-        notes.append("no verified checkpoint covers any row")
-    if interval_s is not None and walk.bad_seq is None and walk.rows > (last or 0) and walk.last_ts:
-        first_unsealed = walk.ts_of.get(last) if last else walk.first_ts
-        if first_unsealed is not None:
-            start = parse_ts(first_unsealed)
-            gap = (parse_ts(walk.last_ts) - start).total_seconds()
-            if gap > 2 * interval_s + 60:
-                problems.append(
-                    f"rows after seq {last or 0} span {gap:.0f} s with no signed checkpoint "
-                    f"(due every {interval_s:.0f} s): checkpoints may have been deleted"
-                )
-    return verified, last, problems, notes
-
-
-def _check_one(cp: Checkpoint, walk: _Walk, trusted: TrustedKeys, where: str) -> str | None:
-    """Return why one checkpoint fails, or None."""
-    why = trusted.check(cp)
-    if why:
-        return f"{where} {why}"
-    if cp.seq > walk.rows:
-        if walk.bad_seq is None:
-            return (
-                f"{where} checkpoint seals row {cp.seq} but the log ends at row {walk.rows}: "
-                f"rows {walk.rows + 1}..{cp.seq} were deleted"
-            )
-        return None  # the walk stopped early; that failure is already reported
-    if walk.hashes.get(cp.seq) != cp.row_hash:
-        return (
-            f"{where} checkpoint at seq {cp.seq} does not match row {cp.seq}'s hash: "
-            "the chain was recomputed after it was signed"
-        )
-    return None
 
 
 def with_note(res: VerifyResult, note: str) -> VerifyResult:

@@ -52,7 +52,7 @@ def test_demo_log_checkpoint_export_verify_and_report(tmp_path: Path, capsys: py
     assert d["performance"]["intervals"] and d["performance"]["energy_delivered_wh"] > 0
 
     bundle = tmp_path / "bundle"
-    assert main(["audit", "export", "--event", event_id, "--db", db, "--out", str(bundle), "--pubkey", str(pub)]) == 0
+    assert main(["audit", "export", "--event", event_id, "--db", db, "--out", str(bundle), "--key", str(key)]) == 0
     run = subprocess.run(
         [sys.executable, "-I", str(bundle / "verify_bundle.py"), str(bundle), "--pubkey", str(pub)],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,

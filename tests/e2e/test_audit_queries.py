@@ -263,7 +263,9 @@ def test_verify_with_the_config_checks_signatures_and_the_exported_checkpoint(
     code, out = cli(capsys, "audit", "verify", "--config", str(cfg), "--json")
     res = json.loads(out)
     assert code == 0 and res["ok"] and res["checkpoints"] >= 1 and res["measurements"] == 13 * 240
-    assert res["unsealed_rows"] == 0 and not res["notes"]
+    assert res["unsealed_rows"] == 0 and all("no head marker" in n for n in res["notes"]), res["notes"]
+    assert res["proven_to_seq"] == res["rows"] and res["statement"][0].startswith(f"proven: rows 1..{res['rows']} ")
+    assert "its exported copy checked too" in res["statement"][0] and len(res["statement"]) == 1
 
 
 def test_export_bundle_verifies_standalone_and_catches_tampering(site: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,9 +310,13 @@ def test_export_bundle_verifies_standalone_and_catches_tampering(site: Any, caps
 
 
 def test_export_without_a_key_says_the_newest_rows_are_unsealed(site: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    db, _, _, root = site
-    code, _ = cli(capsys, "audit", "export", "--event", "E1", "--db", db, "--out", str(root / "nokey"))
-    assert code == 0  # the close checkpoint seals every row of this log
+    db, key, _, root = site
+    capsys.readouterr()
+    code = main(["audit", "export", "--event", "E1", "--db", db, "--out", str(root / "nokey")])
+    assert code == 1 and "the manifest is not signed" in capsys.readouterr().err  # its rows are sealed, though
+    run = standalone(root / "nokey")
+    assert run.returncode == 1 and "FAIL  the manifest is not signed" in run.stdout, run.stdout
+    assert standalone(root / "nokey", "--allow-unsigned-manifest", "--pubkey", f"{key}.pub").returncode == 0
     assert cli(capsys, "audit", "export", "--event", "NOPE", "--db", db, "--out", str(root / "x"))[0] == 2
 
 

@@ -89,7 +89,13 @@ async def test_deleted_newest_rows_are_caught_by_the_exported_checkpoint(db_url:
     trusted = TrustedKeys([signer.public_key])
     inside = await verify(db_url, trusted=trusted)
     assert inside.ok, "without the exported checkpoint the truncated log looks intact"
-    assert "deletion of the newest rows cannot be detected" in " ".join(inside.notes)
+    assert "newest rows could have been cut together with their stored checkpoints" in " ".join(inside.notes)
+    assert inside.statement == (
+        f"proven: rows 1..20 are sealed by the checkpoint at seq 20, signed 2026-07-01T14:03:20.000000Z by key "
+        f"{signer.key_id} (held in the database only: no exported copy of it was given)",
+        "not proven: rows 21..25 come after the last signed checkpoint: had they been altered, cut or rolled back, "
+        "no signature could tell",
+    )
     res = await verify(db_url, trusted=trusted, exported=latest_exported(cp_dir))
     assert not res.ok
     assert "seals row 30 but the log ends at row 25: rows 26..30 were deleted" in res.reason
