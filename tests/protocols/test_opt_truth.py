@@ -88,8 +88,15 @@ class Site:
         return dict(json.loads(str(value[0])))
 
     def answered(self) -> dict[tuple[str, int], str]:
-        """Return the last opt the VTN got in an oadrCreatedEvent for each (event id, modification)."""
-        return {(str(r["event_id"]), int(r["modification_number"])): r["opt_type"] for r in self.vtn.event_responses}
+        """Return the VTN's view of each (event id, modification): the last opt it got in an
+        oadrCreatedEvent, changed for an event's latest version by an oadrCreateOpt sent after it
+        (an opt-out through EiOpt; the VEN may or may not answer the event again before the test looks)."""
+        got = {(str(r["event_id"]), int(r["modification_number"])): r["opt_type"] for r in self.vtn.event_responses}
+        for opt in self.vtn.opts:
+            mods = [m for e, m in got if e == str(opt["event_id"])]
+            if mods:
+                got[(str(opt["event_id"]), max(mods))] = opt["opt_type"]
+        return got
 
     async def stored(self) -> dict[tuple[str, int], str]:
         """Return the opt stored with each event version."""
