@@ -62,6 +62,7 @@ class Gateway:
             self.loop.observers.append(measure)
         self.ven: Any = None
         self.mgmt: Any = None
+        self.bms: Any = None  # the BMS face, when whoever starts it hands it over (metrics show its link)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None

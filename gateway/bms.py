@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from gateway.clock import Clock
 from gateway.errors import InputRejected
+from gateway.model import DemandEvent
 
 MAP_VERSION = 1
 NOT_AVAILABLE_INT32 = -(2**31)  # what an int32 register holds when the value is unknown
@@ -262,16 +263,22 @@ def snapshot_of(loop: Any, book: Any, now: datetime, stale_after_s: float) -> Bm
 
 def _event_state(active: str | None, book: Any, now: datetime) -> tuple[EventState, str]:
     """Return the event state and id the BMS sees: the active event, else the next one known."""
+    state, ev = current_event(active, book, now)
+    return state, active or (ev.event_id if ev is not None else "")
+
+
+def current_event(active: str | None, book: Any, now: datetime) -> tuple[EventState, DemandEvent | None]:
+    """Return the event state and the event it concerns: the active event, else the next one known."""
     if active:
-        return EventState.ACTIVE, active
+        return EventState.ACTIVE, next((ev for ev, _ in book.events() if ev.event_id == active), None)
     upcoming = sorted(
         ((ev, opt) for ev, opt in book.events() if not ev.cancelled and ev.end > now),
         key=lambda pair: pair[0].start,
     )
     if not upcoming:
-        return EventState.IDLE, ""
+        return EventState.IDLE, None
     ev, opt = upcoming[0]
-    return (EventState.OPTED_OUT if str(opt) == "optOut" else EventState.PENDING), ev.event_id
+    return (EventState.OPTED_OUT if str(opt) == "optOut" else EventState.PENDING), ev
 
 
 def _num(x: float) -> str:

@@ -99,6 +99,7 @@ async def _run_gateway(cfg: GatewayConfig, source: str = "<config>") -> int:
             bms = build_bms_for(gw, clock)
             if bms is not None:
                 await bms.start()
+                gw.bms = bms
                 gw.loop.bms_flex_w = bms.available_flex_w  # counted in opt decisions while the BMS keeps it fresh
         except OSError as err:  # a port it must listen on is taken or not allowed
             raise GatewayError(f"cannot start: {err}") from err

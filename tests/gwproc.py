@@ -42,14 +42,15 @@ def gateway_config(
     battery: Mapping[str, Any] | None = None,
     management: Mapping[str, Any] | None = None,
     bms: Mapping[str, Any] | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> str:
     """Return a gateway TOML config: a simulated battery, 8 simulated GPUs and JSON logs.
 
     ``mgmt_port=None`` disables the management endpoint; ``openadr``, ``battery`` and ``management``
-    add further settings to those sections; ``bms`` adds a [bms] section."""
+    add further settings to those sections (``audit`` to [audit]); ``bms`` adds a [bms] section."""
     sections: dict[str, Mapping[str, Any]] = {
         "site": {"name": site, "non_gpu_it_w": 15000.0, "cooling_overhead": 0.3},
-        "audit": {"db_url": db_url},
+        "audit": {"db_url": db_url, **(audit or {})},
         "openadr": {
             "vtn_url": vtn_url,
             "ven_name": ven_name,

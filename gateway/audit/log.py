@@ -148,6 +148,7 @@ class AuditLog:
         self._signer = signer
         self._cp_seq = last_checkpoint[0] if last_checkpoint else 0
         self._cp_at = parse_ts(last_checkpoint[1]) if last_checkpoint else clock.now()
+        self._cp_signed_at = parse_ts(last_checkpoint[1]) if last_checkpoint else None  # newest stored one
         self._cp_interval_s = checkpoint_interval_s
         self._cp_dir = checkpoint_dir
         self._mbuf: list[Measurement] = []
@@ -299,6 +300,26 @@ class AuditLog:
     def last_checkpoint_seq(self) -> int:
         """Return the seq of the newest signed checkpoint (0 when none)."""
         return self._cp_seq
+
+    @property
+    def last_checkpoint_at(self) -> datetime | None:
+        """Return when the newest stored checkpoint was signed (None when none)."""
+        return self._cp_signed_at
+
+    @property
+    def signing(self) -> bool:
+        """Return whether checkpoints are signed (a signing key is set)."""
+        return self._signer is not None
+
+    @property
+    def checkpoint_interval_s(self) -> float:
+        """Return how often (s) a checkpoint is signed while new rows arrive."""
+        return self._cp_interval_s
+
+    @property
+    def checkpoint_due_at(self) -> datetime:
+        """Return when the next checkpoint falls due: an interval after the last one (or the log's opening)."""
+        return self._cp_at + timedelta(seconds=self._cp_interval_s)
 
     async def append(
         self,
@@ -685,7 +706,7 @@ class AuditLog:
             except Exception as err:  # the writer must survive; the next due checkpoint retries
                 log.error("audit_checkpoint_failed", seq=seq, error=str(err))
                 return None
-            self._cp_seq = seq
+            self._cp_seq, self._cp_signed_at = seq, now
         self._cp_at = now
         if self._cp_dir is not None:
             try:

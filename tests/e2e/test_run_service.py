@@ -64,7 +64,7 @@ async def test_run_follows_event_and_releases_on_sigterm(tmp_path: Path) -> None
             async with http.get(f"{mgmt}/metrics") as r:
                 text = await r.text()
                 assert "drgw_event_active 1.0" in text
-                assert 'drgw_battery_soc_percent{device="bess1"}' in text
+                assert 'drgw_battery_soc_ratio{device="bess1"}' in text
                 assert 'drgw_link_up{peer="battery"} 1.0' in text
             # No operator authentication is configured: operator commands are refused, and change nothing.
             async with http.post(f"{mgmt}/events/{event_id}/opt-out", data=b"not json") as r:
