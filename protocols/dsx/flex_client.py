@@ -39,7 +39,18 @@ from protocols.dsx import models as m
 from protocols.dsx.auditq import AuditQueue
 from protocols.dsx.codec import Codec, Inbound, trace_id
 from protocols.dsx.errors import MessageRefused, Reason
-from protocols.dsx.flex_state import BreachAlert, CommandTiming, Enforcement, FeedLimits, FeedReading
+from protocols.dsx.flex_state import (
+    BreachAlert,
+    CommandTiming,
+    Enforcement,
+    FeedLimits,
+    FeedReading,
+    alert_row,
+    differs,
+    enforcement_row,
+    reading,
+    state_row,
+)
 from protocols.dsx.mqtt import BrokerParams, MqttSession
 
 _log = get_logger("dsx.flex")
@@ -379,15 +390,8 @@ class DsxFlexClient:
                     "fault.readback",
                     {"feed": tag, "requested_w": feed.requested_w, "reported_w": active.load_constraint.watts},
                 )
-            if state.event is not c.FeedEvent.PERIODIC or before is None or _differs(before, state):
-                changed[tag] = {
-                    "event": str(state.event),
-                    "load_w": state.calculated_load.watts,
-                    "constraint_w": active.load_constraint.watts if active else None,
-                    "target_correlation_id": active.correlation_id if active else None,
-                    "compliant": state.compliant,
-                    "in_flight": state.in_flight,
-                }
+            if state.event is not c.FeedEvent.PERIODIC or before is None or differs(before, state):
+                changed[tag] = state_row(state)
         if changed:
             self._audit.put(
                 "dsxflex.status",
@@ -415,22 +419,7 @@ class DsxFlexClient:
         log(
             "dsxflex breach", feed=alert.feed, status=alert.status, severity=alert.severity, measured_w=alert.measured_w
         )
-        self._audit.put(
-            "dsxflex.breach",
-            {
-                "feed": alert.feed,
-                "status": alert.status,
-                "severity": alert.severity,
-                "breach_id": alert.breach_id,
-                "target_w": alert.target_w,
-                "measured_w": alert.measured_w,
-                "target_correlation_id": alert.target_correlation_id,
-                "infrastructure_actions": list(alert.infrastructure_actions),
-                "shed_hints": len(alert.shed_hints),
-                "message_id": alert.message_id,
-            },
-            event_id=self._feeds[alert.feed].event_id,
-        )
+        self._audit.put("dsxflex.breach", alert_row(alert), event_id=self._feeds[alert.feed].event_id)
         if self.on_breach is not None:
             self.on_breach(alert)
 
@@ -441,18 +430,7 @@ class DsxFlexClient:
         )
         self.enforcements.append(enf)
         del self.enforcements[:-100]
-        self._audit.put(
-            "dsxflex.enforcement",
-            {
-                "infra": enf.infra,
-                "breach_id": enf.breach_id,
-                "feed": enf.feed,
-                "action": enf.action,
-                "code": enf.code,
-                "results": [r.model_dump(mode="json", exclude_none=True) for r in enf.results],
-                "diag_msg": enf.diag_msg,
-            },
-        )
+        self._audit.put("dsxflex.enforcement", enforcement_row(enf))
         if self.on_enforcement is not None:
             self.on_enforcement(enf)
 
@@ -495,41 +473,11 @@ class DsxFlexClient:
         now = self._clock.monotonic()
         out: dict[str, FeedReading] = {}
         for tag, f in self._feeds.items():
-            s = f.state
-            active = s.active_target() if s else None
-            if s is None:
-                acked = False
-            elif f.requested_w is None:
-                acked = active is None
-            else:
-                acked = active is not None and active.correlation_id == f.correlation_id
-            out[tag] = FeedReading(
-                feed=tag,
-                link_up=self._link_up,
-                requested_w=f.requested_w,
-                held=f.hold_until is not None and f.hold_until >= now,
-                correlation_id=f.correlation_id,
-                acked=acked,
-                constraint_w=active.load_constraint.watts if active else None,
-                load_w=s.calculated_load.watts if s else None,
-                compliant=s.compliant if s else None,
-                in_flight=s.in_flight if s else None,
-                event=str(s.event) if s else None,
-                default_w=s.metadata.default_constraint.watts if s else None,
-                status_age_s=None if f.status_mono is None else now - f.status_mono,
-            )
+            requested = (f.requested_w, f.correlation_id, f.hold_until is not None and f.hold_until >= now)
+            age_s = None if f.status_mono is None else now - f.status_mono
+            out[tag] = reading(tag, self._link_up, requested, f.state, age_s)
         return out
 
     def timing(self, correlation_id: str) -> CommandTiming | None:
         """Return when a command went out and was answered, if it is still remembered."""
         return self._commands.get(correlation_id)
-
-
-def _differs(a: m.FeedState, b: m.FeedState) -> bool:
-    """Return whether two states of a feed differ in what the audit log records."""
-    ta, tb = a.active_target(), b.active_target()
-    return (
-        a.compliant != b.compliant
-        or a.in_flight != b.in_flight
-        or (ta.correlation_id if ta else None) != (tb.correlation_id if tb else None)
-    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from protocols.dsx import models as m
 
@@ -95,3 +96,88 @@ class Enforcement:
     diag_msg: str | None
     results: tuple[m.EnforcementResult, ...]
     timestamp: datetime
+
+
+def reading(
+    tag: str,
+    link_up: bool,
+    requested: tuple[float | None, str | None, bool],
+    state: m.FeedState | None,
+    status_age_s: float | None,
+) -> FeedReading:
+    """Return a feed's reading from what the gateway holds (W, correlation id, held) and the agent's last state."""
+    requested_w, cid, held = requested
+    active = state.active_target() if state else None
+    if state is None:
+        acked = False
+    elif requested_w is None:
+        acked = active is None
+    else:
+        acked = active is not None and active.correlation_id == cid
+    return FeedReading(
+        feed=tag,
+        link_up=link_up,
+        requested_w=requested_w,
+        held=held,
+        correlation_id=cid,
+        acked=acked,
+        constraint_w=active.load_constraint.watts if active else None,
+        load_w=state.calculated_load.watts if state else None,
+        compliant=state.compliant if state else None,
+        in_flight=state.in_flight if state else None,
+        event=str(state.event) if state else None,
+        default_w=state.metadata.default_constraint.watts if state else None,
+        status_age_s=status_age_s,
+    )
+
+
+def differs(a: m.FeedState, b: m.FeedState) -> bool:
+    """Return whether two states of a feed differ in what the audit log records."""
+    ta, tb = a.active_target(), b.active_target()
+    return (
+        a.compliant != b.compliant
+        or a.in_flight != b.in_flight
+        or (ta.correlation_id if ta else None) != (tb.correlation_id if tb else None)
+    )
+
+
+def state_row(state: m.FeedState) -> dict[str, Any]:
+    """Return what the audit log records of a feed's reported state."""
+    active = state.active_target()
+    return {
+        "event": str(state.event),
+        "load_w": state.calculated_load.watts,
+        "constraint_w": active.load_constraint.watts if active else None,
+        "target_correlation_id": active.correlation_id if active else None,
+        "compliant": state.compliant,
+        "in_flight": state.in_flight,
+    }
+
+
+def alert_row(alert: BreachAlert) -> dict[str, Any]:
+    """Return what the audit log records of a breach alert."""
+    return {
+        "feed": alert.feed,
+        "status": alert.status,
+        "severity": alert.severity,
+        "breach_id": alert.breach_id,
+        "target_w": alert.target_w,
+        "measured_w": alert.measured_w,
+        "target_correlation_id": alert.target_correlation_id,
+        "infrastructure_actions": list(alert.infrastructure_actions),
+        "shed_hints": len(alert.shed_hints),
+        "message_id": alert.message_id,
+    }
+
+
+def enforcement_row(enf: Enforcement) -> dict[str, Any]:
+    """Return what the audit log records of an enforcement outcome."""
+    return {
+        "infra": enf.infra,
+        "breach_id": enf.breach_id,
+        "feed": enf.feed,
+        "action": enf.action,
+        "code": enf.code,
+        "results": [r.model_dump(mode="json", exclude_none=True) for r in enf.results],
+        "diag_msg": enf.diag_msg,
+    }
