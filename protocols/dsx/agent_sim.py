@@ -226,10 +226,13 @@ class DsxFlexAgentSim:
     async def _run(self) -> None:
         while True:
             await self._clock.sleep(self.tick_s)
-            async with self._lock:
-                await self._evaluate(None)
-                if self._clock.monotonic() - self._last_status >= self.heartbeat_s:
-                    await self._publish_status({}, None, None)
+            try:
+                async with self._lock:
+                    await self._evaluate(None)
+                    if self._clock.monotonic() - self._last_status >= self.heartbeat_s:
+                        await self._publish_status({}, None, None)
+            except Exception:  # noqa: BLE001 - a simulator bug must show, not stop the simulation
+                _log.exception("agent sim tick failed")
 
     async def _evaluate(self, traceparent: str | None, target_set: Sequence[str] = (), cid: str | None = None) -> None:
         """Expire and activate targets, follow ramps, detect breaches; publish what changed.

@@ -11,7 +11,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from protocols.dsx import Signer, bms_meter_from_config, flex_client_from_config
 from protocols.modbus.build import build_meter
-from protocols.openadr.testing import RecordingAudit
+from tests.dsxsite import RecordingAudit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "gateway.example.toml"
 
