@@ -37,6 +37,7 @@ from protocols.dsx import models as m
 from protocols.dsx.codec import Codec, Inbound, new_traceparent, trace_id
 from protocols.dsx.errors import MessageRefused, Reason
 from protocols.dsx.mqtt import BrokerParams, MqttSession
+from protocols.dsx.tasks import stop
 
 _log = get_logger("dsx.agent_sim")
 SETTLED_W = 1.0  # a load within 1 W of its goal has converged
@@ -168,11 +169,8 @@ class DsxFlexAgentSim:
 
     async def close(self) -> None:
         """Stop simulating and disconnect."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop([self._task])
+        self._task = None
         await self.session.close()
 
     # -- what tests and the demo read -----------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
+from protocols.dsx.tasks import stop
 
 _log = get_logger("dsx.audit")
 REFUSALS_AUDITED_PER_MINUTE = 20  # per reason; the rest are counted in the next row that is written
@@ -61,9 +61,7 @@ class AuditQueue:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop([self._task])
         self._task = None
 
     async def _write(self) -> None:

@@ -37,6 +37,7 @@ from protocols.dsx import contract as c
 from protocols.dsx.auditq import AuditQueue
 from protocols.dsx.bms_models import ActivePowerMetadata, BmsValue, HeartbeatMetadata
 from protocols.dsx.mqtt import BrokerParams, MqttSession
+from protocols.dsx.tasks import stop
 
 _log = get_logger("dsx.bms")
 
@@ -108,11 +109,7 @@ class DsxBmsMeter:
 
     async def close(self) -> None:
         """Stop and disconnect."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         self._tasks = []
         await self.session.close()
         await self._audit.close()

@@ -29,6 +29,7 @@ from gateway.logs import get_logger
 from protocols.dsx import contract as c
 from protocols.dsx.bms_models import BmsValue
 from protocols.dsx.mqtt import BrokerParams, MqttSession
+from protocols.dsx.tasks import stop
 
 _log = get_logger("dsx.bms_sim")
 
@@ -132,11 +133,7 @@ class DsxBmsSim:
 
     async def close(self, *, clear_retained: bool = True) -> None:
         """Stop; by default clear the retained metadata first (a shared broker stays clean)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         self._tasks = []
         if clear_retained and self.session.connected:
             for topic in self._metadata:

@@ -52,6 +52,7 @@ from protocols.dsx.flex_state import (
     state_row,
 )
 from protocols.dsx.mqtt import BrokerParams, MqttSession
+from protocols.dsx.tasks import stop
 
 _log = get_logger("dsx.flex")
 COMMANDS_KEPT = 1024
@@ -162,11 +163,7 @@ class DsxFlexClient:
             if held:
                 with contextlib.suppress(DeviceUnavailable):
                     await self.release(held, reason="shutdown")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         self._tasks = []
         await self.session.close()
         await self._audit.close()

@@ -9,7 +9,6 @@ broker is not there or does not acknowledge in time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,6 +19,7 @@ import aiomqtt
 
 from gateway.errors import DeviceUnavailable
 from gateway.logs import get_logger
+from protocols.dsx.tasks import stop
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]  # (topic, payload, retained)
 _log = get_logger("dsx.mqtt")
@@ -145,12 +145,7 @@ class MqttSession:
         """Disconnect (a clean DISCONNECT when connected) and stop reconnecting."""
         self._closing = True
         task, self._task = self._task, None
-        for side in list(self._side):
-            side.cancel()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop([*self._side, task])
 
     async def _run(self) -> None:
         """Connect, subscribe, dispatch; on any loss wait (doubling, capped) and do it again."""
