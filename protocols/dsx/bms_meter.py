@@ -58,7 +58,9 @@ class BmsSettings:
 
 
 @dataclass(frozen=True)
-class _Meter:
+class MeterPoint:
+    """The PowerMeter ActivePower point read: its tag path, object id, and engUnit with its factor to W."""
+
     tag_path: str
     object_id: str
     factor_w: float
@@ -75,7 +77,7 @@ class DsxBmsMeter:
         self.device_id = settings.device_id
         self._clock = clock
         self._audit = AuditQueue(audit, self.device_id, clock.monotonic)
-        self._meters: dict[str, _Meter] = {}  # tag path -> ActivePower metadata
+        self._meters: dict[str, MeterPoint] = {}  # tag path -> ActivePower metadata
         self._values: dict[str, tuple[bytes, float]] = {}  # tag path -> (raw value, monotonic arrival)
         self._system: dict[tuple[str, str], HeartbeatMetadata] = {}  # (pointType, tag path) -> metadata
         self._own: dict[str, HeartbeatMetadata] = {}  # derived value topic -> metadata naming this integration
@@ -147,7 +149,7 @@ class DsxBmsMeter:
             raise DeviceRejected(self.device_id, f"{meter.tag_path}: {watts:g} W is beyond {self.settings.max_w:g} W")
         return watts
 
-    def selected(self) -> _Meter:
+    def selected(self) -> MeterPoint:
         """Return the meter the config names; raise DeviceUnavailable (no metadata) or DeviceRejected (ambiguous)."""
         s = self.settings
         if s.tag_path is not None:
@@ -200,7 +202,7 @@ class DsxBmsMeter:
             self._meters.pop(tag_path, None)
             self._refuse(tag_path, f"ActivePower metadata: {why}")
             return
-        self._meters[tag_path] = _Meter(tag_path, meta.objectId, factor, meta.engUnit)
+        self._meters[tag_path] = MeterPoint(tag_path, meta.objectId, factor, meta.engUnit)
 
     def _on_system_metadata(self, topic: str, point_type: str, tag_path: str, payload: bytes) -> None:
         if point_type not in ("HeartbeatTimestampBms", "HeartbeatEchoBms", *_OWN_POINTS):
