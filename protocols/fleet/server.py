@@ -4,12 +4,17 @@
 (``<venv>/bin/nats-server``); ``DRGW_NATS_SERVER`` overrides where to look. The server binds
 127.0.0.1 only. Port 0 asks the server for a free port (``-p -1``) and reads it back from its
 ports file, so there is no race for the port; ``restart`` comes back on the same port.
+
+With ``mqtt_port`` (0: a free one, read back from the log) the server also listens for MQTT 3.1.1
+clients, which needs JetStream (stored in the server's own folder, so retained messages and
+persistent sessions survive ``restart``) and a server name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +28,7 @@ from gateway.errors import DeviceUnavailable
 
 ENV_BINARY = "DRGW_NATS_SERVER"
 START_TIMEOUT_S = 10.0
+_MQTT_LISTENING = re.compile(r"Listening for MQTT clients on mqtt://[^:\s]+:(\d+)")
 
 
 def find_binary() -> str:
@@ -42,9 +48,12 @@ def find_binary() -> str:
 class NatsServer:
     """One nats-server process on 127.0.0.1; ``start``/``stop`` block for at most a few seconds."""
 
-    def __init__(self, port: int = 0, *, binary: str | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int = 0, *, binary: str | None = None, host: str = "127.0.0.1", mqtt_port: int | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.mqtt_port = mqtt_port
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="drgw-nats-")
@@ -53,6 +62,11 @@ class NatsServer:
     def url(self) -> str:
         """Return the client URL (valid once started)."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        """Return the MQTT listener's URL (valid once started with ``mqtt_port``)."""
+        return f"mqtt://{self.host}:{self.mqtt_port}"
 
     @property
     def running(self) -> bool:
@@ -79,6 +93,12 @@ class NatsServer:
             "--server_name",
             "drgw-private",
         ]
+        if self.mqtt_port is not None:
+            conf = work / "mqtt.conf"
+            conf.write_text(
+                f'jetstream {{ store_dir: "{work / "js"}" }}\nmqtt {{ listen: "{self.host}:{self.mqtt_port or -1}" }}\n'
+            )
+            args += ["-c", str(conf)]
         try:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
@@ -88,8 +108,10 @@ class NatsServer:
             if self._proc.poll() is not None:
                 raise DeviceUnavailable("nats-server", f"exited at start: {self.log_tail()}")
             port = self.port or self._port_from_file(work)
-            if port and self._accepts(port):
-                self.port = port
+            mqtt = self.mqtt_port if self.mqtt_port != 0 else self._mqtt_port_from_log()
+            mqtt_ready = self.mqtt_port is None or (mqtt is not None and self._accepts(mqtt))
+            if port and self._accepts(port) and mqtt_ready:
+                self.port, self.mqtt_port = port, mqtt
                 return self
             time.sleep(0.01)
         self.stop()
@@ -141,6 +163,11 @@ class NatsServer:
             except (OSError, ValueError, KeyError, IndexError):
                 return None
         return None
+
+    def _mqtt_port_from_log(self) -> int | None:
+        """Return the MQTT port the server logged it listens on, once it has."""
+        found = _MQTT_LISTENING.findall(self.log_tail(100_000))
+        return int(found[-1]) if found else None
 
     def _accepts(self, port: int) -> bool:
         """Return whether something accepts TCP connections on the port."""

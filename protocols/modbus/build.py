@@ -78,6 +78,8 @@ def build_meter(cfg: MeterConfig, clock: Clock, source: str = "config") -> Any:
             clock=clock,
         )
         return OpcuaMeter(client)
+    if cfg.backend == "dsx":  # protocols.dsx.build.bms_meter_from_config is not wired into `drgw run` yet
+        raise ConfigError("<config>", "meter.backend", "dsx is not wired into drgw run yet")
     return None
 
 
