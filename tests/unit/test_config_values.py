@@ -22,7 +22,13 @@ from gateway.errors import ConfigError
 
 INF = float("inf")
 NAN = float("nan")
-REQUIRED = {"count": 1, "max_loss_fraction": 0.1, "tag": "main-a", "min_w": 1.0, "max_w": 2.0}  # keys a list or dict entry must have
+REQUIRED = {
+    "count": 1,
+    "max_loss_fraction": 0.1,
+    "tag": "main-a",
+    "min_w": 1.0,
+    "max_w": 2.0,
+}  # keys a list or dict entry must have
 
 
 @dataclass(frozen=True)
