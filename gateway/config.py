@@ -554,6 +554,29 @@ class BmsConfig(_Section):
         return v
 
 
+class StandbyConfig(_Section):
+    """Hot standby: gateways on one PostgreSQL database, one active by lease (docs/standby.md)."""
+
+    enabled: bool = False
+    node_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")  # unique per gateway
+    lease_s: float = Field(6.0, ge=1.0, le=300)  # renewed every lease_s / 3, on the database's clock
+    margin_s: float = Field(1.5, gt=0, le=150)  # the active stops acting this long before its lease can expire
+    takeover_s: float = Field(10.0, gt=0, le=600)  # a standby takes over within this of the active's death
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StandbyConfig:
+        if self.enabled and not self.node_name:
+            raise ValueError("node_name must be set when standby is enabled (each gateway its own)")
+        if self.margin_s > self.lease_s / 2:
+            raise ValueError(f"margin_s {self.margin_s:g} must be at most half of lease_s {self.lease_s:g}")
+        if self.lease_s * 4 / 3 > self.takeover_s:
+            raise ValueError(
+                f"lease_s {self.lease_s:g} is too long for takeover_s {self.takeover_s:g}: "
+                "lease_s + lease_s / 3 (one renewal interval to notice) must fit in takeover_s"
+            )
+        return self
+
+
 class GatewayConfig(_Section):
     site: SiteConfig = SiteConfig()
     audit: AuditConfig = AuditConfig()
@@ -569,6 +592,7 @@ class GatewayConfig(_Section):
     ups: UpsConfig = UpsConfig()
     bms: BmsConfig = BmsConfig()
     dsxflex: DsxFlexConfig = DsxFlexConfig()
+    standby: StandbyConfig = StandbyConfig()
 
 
 def _key(loc: tuple[int | str, ...]) -> str:
@@ -585,13 +609,17 @@ def _key(loc: tuple[int | str, ...]) -> str:
 def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     """Validate a config mapping; raise ConfigError naming the first bad key."""
     try:
-        return GatewayConfig.model_validate(data)
+        cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         reason = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             reason = "unknown key"
         raise ConfigError(path, _key(tuple(first["loc"])), reason) from err
+    if cfg.standby.enabled and cfg.audit.db_url.split("://")[0].split("+")[0].lower() not in ("postgresql", "postgres"):
+        reason = "standby needs a PostgreSQL [audit] db_url: a SQLite file is one host, one writer"
+        raise ConfigError(path, "standby.enabled", reason)
+    return cfg
 
 
 def load_config(path: str | Path) -> GatewayConfig:
