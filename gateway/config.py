@@ -558,23 +558,38 @@ class StandbyConfig(_Section):
     """Hot standby: gateways on one PostgreSQL database, one active by lease (docs/standby.md)."""
 
     enabled: bool = False
-    node_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")  # unique per gateway
+    # Defaults are validated too: a default margin_s or takeover_s may not fit a short or long lease_s.
+    node_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$", validate_default=True)
     lease_s: float = Field(6.0, ge=1.0, le=300)  # renewed every lease_s / 3, on the database's clock
-    margin_s: float = Field(1.5, gt=0, le=150)  # the active stops acting this long before its lease can expire
-    takeover_s: float = Field(10.0, gt=0, le=600)  # a standby takes over within this of the active's death
+    margin_s: float = Field(1.5, gt=0, le=150, validate_default=True)  # stop acting this long before expiry
+    takeover_s: float = Field(10.0, gt=0, le=600, validate_default=True)  # a standby takes over within this
 
-    @model_validator(mode="after")
-    def _bounds(self) -> StandbyConfig:
-        if self.enabled and not self.node_name:
-            raise ValueError("node_name must be set when standby is enabled (each gateway its own)")
-        if self.margin_s > self.lease_s / 2:
-            raise ValueError(f"margin_s {self.margin_s:g} must be at most half of lease_s {self.lease_s:g}")
-        if self.lease_s * 4 / 3 > self.takeover_s:
+    # Field validators (not one model validator), so that an error names the key at fault.
+    @field_validator("node_name")
+    @classmethod
+    def _named(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("enabled") and not v:
+            raise ValueError("must be set when standby is enabled (each gateway its own)")
+        return v
+
+    @field_validator("margin_s")
+    @classmethod
+    def _margin(cls, v: float, info: ValidationInfo) -> float:
+        lease_s = info.data.get("lease_s")
+        if lease_s is not None and v > lease_s / 2:
+            raise ValueError(f"{v:g} must be at most half of lease_s {lease_s:g}")
+        return v
+
+    @field_validator("takeover_s")
+    @classmethod
+    def _takeover(cls, v: float, info: ValidationInfo) -> float:
+        lease_s = info.data.get("lease_s")
+        if lease_s is not None and lease_s * 4 / 3 > v:
             raise ValueError(
-                f"lease_s {self.lease_s:g} is too long for takeover_s {self.takeover_s:g}: "
-                "lease_s + lease_s / 3 (one renewal interval to notice) must fit in takeover_s"
+                f"{v:g} is too short for lease_s {lease_s:g}: lease_s + lease_s / 3 (one renewal interval "
+                "to notice the expiry) must fit in it"
             )
-        return self
+        return v
 
 
 class GatewayConfig(_Section):

@@ -14,14 +14,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from gateway.audit import AuditLog, make_engine, verify
-from gateway.errors import FencedOff
+from gateway.errors import AuditError, FencedOff
 from gateway.eventstore import EventStore, Record
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.standby import ACTIVE_KIND, LeaseManager, Role, RoleChange, record_active
+from tests.faults.proxy import FaultProxy
 from tests.pgdb import fetch, fresh_pg_database, raw
-from tests.protocols.standby_helpers import lock_waiters, until
+from tests.protocols.standby_helpers import History, lock_waiters, until
 
 T0 = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
 
@@ -174,3 +176,61 @@ async def test_a_write_that_meets_a_takeover_in_flight_waits_for_it_and_is_refus
 
 async def _waiting(url: str, like: str, n: int) -> bool:
     return await lock_waiters(url, like) == n
+
+
+async def test_a_writer_partitioned_mid_transaction_cannot_hold_a_takeover_back_and_never_commits(
+    pg_url: str,
+) -> None:
+    u = make_url(pg_url)
+    proxy = FaultProxy(u.host or "127.0.0.1", u.port or 5432)
+    await proxy.start()
+    via_proxy = u.set(port=proxy.port).render_as_string(hide_password=False)
+    a = LeaseManager.open(via_proxy, "a", lease_s=1.5, margin_s=0.4)
+    b = LeaseManager.open(pg_url, "b", lease_s=1.5, margin_s=0.4)
+    hist = History(a, b)
+    audit_a = await AuditLog.open(via_proxy, fence=a.fence)
+    audit_b = await AuditLog.open(pg_url, fence=b.fence)
+    recorded: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    b.on_role_change(lambda c: _record_first(audit_b, c, recorded))
+    holder = make_engine(pg_url)
+    hold = await holder.connect()
+    try:
+        await a.start()
+        await asyncio.wait_for(a.event(Role.ACTIVE).wait(), 10)
+        await b.start()
+        assert await audit_a.append("a.before", {}) == 1
+        await hold.execute(sa.text("SELECT pg_advisory_lock(7)"))
+        write = asyncio.ensure_future(
+            audit_a.append_with("a.cut", {}, [sa.text("SELECT pg_advisory_xact_lock(7)")], engine=audit_a.engine)
+        )
+        await until(lambda: _waiting(pg_url, "pg_advisory_xact_lock", 1), 10, "a's write waits in its transaction")
+        # The partition falls mid-transaction: a's session holds the lease row FOR SHARE and never commits.
+        await proxy.set_mode("blackhole")
+        await hold.execute(sa.text("SELECT pg_advisory_unlock(7)"))
+        # The server ends a's idle session (the fence's idle_in_transaction_session_timeout), so b takes over.
+        seq = await asyncio.wait_for(recorded, 15)
+        (down,) = hist.of("a", Role.STANDBY)
+        (up,) = hist.of("b", Role.ACTIVE)
+        assert down.at_mono < up.at_mono and hist.overlaps == [] and hist.terms_overlap() == []
+        assert seq == 2 and await kinds(pg_url) == ["a.before", ACTIVE_KIND]  # a's cut-off row never committed
+
+        await proxy.set_mode("reset")  # the partition heals
+        await proxy.set_mode("pass")
+        with pytest.raises(AuditError):
+            await asyncio.wait_for(write, 10)
+        with pytest.raises(FencedOff):
+            await audit_a.append("a.after", {})
+        res = await verify(pg_url)
+        assert (res.ok, res.rows) == (True, 2), res.problems
+    finally:
+        await proxy.stop()  # first: a writer still waiting on a cut connection gets its error now
+        await hold.close()
+        await holder.dispose()
+        await hist.close()
+        for closing in (a.close(), b.close(), audit_a.close(), audit_b.close()):
+            await closing
+
+
+async def _record_first(audit: AuditLog, change: RoleChange, fut: asyncio.Future[int]) -> None:
+    if change.role is Role.ACTIVE and not fut.done():
+        fut.set_result(await record_active(audit, change))
