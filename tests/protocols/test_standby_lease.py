@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.standby import LeaseManager, LeaseState, Role
 from tests.faults.proxy import FaultProxy
@@ -198,3 +199,23 @@ async def test_standby_is_refused_on_sqlite(tmp_path: Path) -> None:
         LeaseManager.open(f"sqlite+aiosqlite:///{tmp_path}/a.db", "a")
     with pytest.raises(ConfigError, match="PostgreSQL"):
         LeaseManager.open(str(tmp_path / "a.db"), "a")
+
+
+async def test_from_config_opens_the_audit_database_and_refuses_when_disabled(pg_url: str) -> None:
+    with pytest.raises(ConfigError, match="not enabled"):
+        LeaseManager.from_config(parse_config({"audit": {"db_url": pg_url}}))
+    cfg = parse_config(
+        {
+            "audit": {"db_url": pg_url},
+            "standby": {"enabled": True, "node_name": "gw-a", "lease_s": 3.0, "margin_s": 1.0},
+        }
+    )
+    m = LeaseManager.from_config(cfg)
+    try:
+        assert (m.node, m.lease_s, m.margin_s, m.renew_s) == ("gw-a", 3.0, 1.0, 1.0)
+        await m.start()
+        await asyncio.wait_for(m.event(Role.ACTIVE).wait(), 10)
+        seen = await m.observe()
+        assert seen is not None and (seen.holder, seen.token, seen.lease_s) == ("gw-a", 1, 3.0)
+    finally:
+        await m.close()
