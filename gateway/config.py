@@ -554,6 +554,44 @@ class BmsConfig(_Section):
         return v
 
 
+class StandbyConfig(_Section):
+    """Hot standby: gateways on one PostgreSQL database, one active by lease (docs/standby.md)."""
+
+    enabled: bool = False
+    # Defaults are validated too: a default margin_s or takeover_s may not fit a short or long lease_s.
+    node_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$", validate_default=True)
+    lease_s: float = Field(6.0, ge=1.0, le=300)  # renewed every lease_s / 3, on the database's clock
+    margin_s: float = Field(1.5, gt=0, le=150, validate_default=True)  # stop acting this long before expiry
+    takeover_s: float = Field(10.0, gt=0, le=600, validate_default=True)  # a standby takes over within this
+
+    # Field validators (not one model validator), so that an error names the key at fault.
+    @field_validator("node_name")
+    @classmethod
+    def _named(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("enabled") and not v:
+            raise ValueError("must be set when standby is enabled (each gateway its own)")
+        return v
+
+    @field_validator("margin_s")
+    @classmethod
+    def _margin(cls, v: float, info: ValidationInfo) -> float:
+        lease_s = info.data.get("lease_s")
+        if lease_s is not None and v > lease_s / 2:
+            raise ValueError(f"{v:g} must be at most half of lease_s {lease_s:g}")
+        return v
+
+    @field_validator("takeover_s")
+    @classmethod
+    def _takeover(cls, v: float, info: ValidationInfo) -> float:
+        lease_s = info.data.get("lease_s")
+        if lease_s is not None and lease_s * 4 / 3 > v:
+            raise ValueError(
+                f"{v:g} is too short for lease_s {lease_s:g}: lease_s + lease_s / 3 (one renewal interval "
+                "to notice the expiry) must fit in it"
+            )
+        return v
+
+
 class GatewayConfig(_Section):
     site: SiteConfig = SiteConfig()
     audit: AuditConfig = AuditConfig()
@@ -569,6 +607,7 @@ class GatewayConfig(_Section):
     ups: UpsConfig = UpsConfig()
     bms: BmsConfig = BmsConfig()
     dsxflex: DsxFlexConfig = DsxFlexConfig()
+    standby: StandbyConfig = StandbyConfig()
 
 
 def _key(loc: tuple[int | str, ...]) -> str:
@@ -585,13 +624,17 @@ def _key(loc: tuple[int | str, ...]) -> str:
 def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     """Validate a config mapping; raise ConfigError naming the first bad key."""
     try:
-        return GatewayConfig.model_validate(data)
+        cfg = GatewayConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         reason = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             reason = "unknown key"
         raise ConfigError(path, _key(tuple(first["loc"])), reason) from err
+    if cfg.standby.enabled and cfg.audit.db_url.split("://")[0].split("+")[0].lower() not in ("postgresql", "postgres"):
+        reason = "standby needs a PostgreSQL [audit] db_url: a SQLite file is one host, one writer"
+        raise ConfigError(path, "standby.enabled", reason)
+    return cfg
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -10,7 +10,8 @@ GatewayError
 │   ├── ReadbackMismatch   the device reports a value other than the one written
 │   └── PermissionDenied   the gateway lacks the privilege to act (e.g. NVML without root)
 └── AuditError             the audit log cannot be written or read
-    └── AuditIntegrityError  the chain does not verify (names the first bad row)
+    ├── AuditIntegrityError  the chain does not verify (names the first bad row)
+    └── FencedOff            a write by a node that does not hold the active lease (hot standby)
 """
 
 from __future__ import annotations
@@ -79,3 +80,7 @@ class AuditIntegrityError(AuditError):
         self.seq = seq
         self.reason = reason
         super().__init__(f"audit row {seq}: {reason}")
+
+
+class FencedOff(AuditError):
+    """A write was refused: this node does not hold the active lease (it is standby, or was taken over)."""

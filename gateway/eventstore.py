@@ -24,7 +24,7 @@ from gateway.audit.chain import format_ts, parse_ts
 from gateway.audit.schema import demand_events, ven_state
 from gateway.clock import Clock, SystemClock
 from gateway.errors import AuditError
-from gateway.interfaces import AuditSink, TransactionalAuditSink
+from gateway.interfaces import AuditSink, TransactionalAuditSink, WriteFence
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
 PAYLOAD_VERSION = 1
@@ -146,9 +146,10 @@ def _dt(t: datetime) -> str:
 class EventStore:
     """Durable event versions keyed by (event_id, modification_number), plus VEN key/value state."""
 
-    def __init__(self, engine: AsyncEngine, clock: Clock | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, clock: Clock | None = None, *, fence: WriteFence | None = None) -> None:
         self._engine = engine
         self._clock = clock or SystemClock()
+        self._fence = fence  # hot standby: every write checks this node's lease token first (FencedOff)
 
     async def get(self, event_id: str, modification_number: int) -> StoredEvent | None:
         """Return one stored version, or None."""
@@ -183,6 +184,7 @@ class EventStore:
         stmt = self._version(ev, opt, reason, received_at, start_delay_s)
         try:
             async with self._engine.begin() as conn:
+                await self._fenced(conn)
                 res = await conn.execute(stmt)
         except sa.exc.SQLAlchemyError as err:
             raise AuditError(f"cannot store event {ev.event_id}: {err}") from err
@@ -223,6 +225,7 @@ class EventStore:
         await audit.append(record.kind, record.data, actor=record.actor, event_id=record.event_id)
         try:
             async with self._engine.begin() as conn:
+                await self._fenced(conn)
                 for stmt in writes:
                     await conn.execute(stmt)
         except sa.exc.SQLAlchemyError as err:
@@ -287,9 +290,15 @@ class EventStore:
         """Persist a VEN value, replacing any earlier one."""
         try:
             async with self._engine.begin() as conn:
+                await self._fenced(conn)
                 await conn.execute(self._state(key, value))
         except sa.exc.SQLAlchemyError as err:
             raise AuditError(f"cannot write VEN state {key!r}: {err}") from err
+
+    async def _fenced(self, conn: Any) -> None:
+        """Run the write fence first in a write transaction (raise FencedOff when this node may not write)."""
+        if self._fence is not None:
+            await self._fence.check(conn, self._fence.token)
 
     def _state(self, key: str, value: str) -> Any:
         """Return the upsert of one VEN value."""

@@ -90,3 +90,16 @@ class TransactionalAuditSink(Protocol):
     ) -> int:
         """Append one record and run ``statements`` (on ``engine``, the sink's own) in one transaction."""
         ...
+
+
+class WriteFence(Protocol):
+    """Lets a write commit only while this node holds the active lease (hot standby, ``gateway.standby``)."""
+
+    @property
+    def token(self) -> int | None:
+        """Return the fencing token this node's writes carry now; None while it may not write."""
+        ...
+
+    async def check(self, conn: Any, token: int | None) -> None:
+        """Raise FencedOff unless ``token`` still holds the lease; keep it held until ``conn``'s transaction ends."""
+        ...

@@ -63,7 +63,8 @@ from gateway.audit.witness import (
 )
 from gateway.clock import Clock, SystemClock
 from gateway.config import AuditConfig
-from gateway.errors import AuditError, AuditIntegrityError
+from gateway.errors import AuditError, AuditIntegrityError, FencedOff
+from gateway.interfaces import WriteFence
 from gateway.logs import get_logger
 
 log = get_logger("gateway.audit")
@@ -137,8 +138,11 @@ class AuditLog:
         measurement_batch_s: float = 60.0,
         journal: MeasurementJournal | None = None,
         follower: HeadFollower | None = None,
+        fence: WriteFence | None = None,
     ) -> None:
         self._engine = engine
+        self._fence = fence  # hot standby: every write checks this node's lease token first
+        self._term: int | None = None  # the fencing token the head was last read under
         self._head = head
         self._mhead = mhead
         self._clock = clock
@@ -186,6 +190,7 @@ class AuditLog:
         measurement_batch_s: float = 60.0,
         measurement_journal: str | Path | None = None,
         head_marker: str | Path | None = None,
+        fence: WriteFence | None = None,
     ) -> AuditLog:
         """Migrate the database, check the append-only guards, read the chain head and start writing.
 
@@ -249,6 +254,7 @@ class AuditLog:
             follower=HeadFollower(
                 marker_file, label, db_file, marker and replace(marker, lost=None, rescued_to=None), chain_id
             ),
+            fence=fence,
         )
         self._follower.committed(head[0], head[1], format_ts(self._clock.now()), force=True)
         if marker is not None and marker.lost:
@@ -260,7 +266,13 @@ class AuditLog:
 
     @classmethod
     async def open_config(
-        cls, cfg: AuditConfig, clock: Clock | None = None, db_url: str | None = None, *, journal: bool = False
+        cls,
+        cfg: AuditConfig,
+        clock: Clock | None = None,
+        db_url: str | None = None,
+        *,
+        journal: bool = False,
+        fence: WriteFence | None = None,
     ) -> AuditLog:
         """Open the log the ``[audit]`` config section describes (``db_url`` overrides it).
 
@@ -279,6 +291,7 @@ class AuditLog:
             checkpoint_dir=cfg.checkpoint_dir,
             measurement_journal=journal_path(cfg, db_url) if journal else None,
             head_marker=marker,
+            fence=fence,
         )
 
     @property
@@ -390,6 +403,8 @@ class AuditLog:
             raise AuditError("evidence body does not match its sha256")
         try:
             async with self._engine.begin() as conn:
+                if self._fence is not None:
+                    await self._fence.check(conn, self._fence.token)
                 await conn.execute(self._insert_blob, [{"sha256": sha256, "size": len(raw), "body": raw}])
         except sa.exc.SQLAlchemyError as err:
             raise AuditError(f"cannot store evidence {sha256[:12]}: {err}") from err
@@ -628,6 +643,10 @@ class AuditLog:
 
     async def _write(self, batch: list[_Pending]) -> None:
         """Insert one batch in one transaction; resolve its futures only after COMMIT."""
+        token = self._fence.token if self._fence is not None else None
+        if token is not None and token != self._term:  # a new term: the other node may have written since
+            await self._resync_head()
+            self._term = token
         seq, prev = self._head
         mseq = self._mhead
         rows: list[tuple[Any, ...]] = []
@@ -650,6 +669,8 @@ class AuditLog:
             prev = h
         try:
             async with self._engine.begin() as conn:
+                if self._fence is not None:
+                    await self._fence.check(conn, token)
                 await conn.exec_driver_sql(self._insert_log, rows)  # type: ignore[arg-type]
                 if meas:
                     await conn.exec_driver_sql(self._insert_meas, meas)  # type: ignore[arg-type]
@@ -665,7 +686,8 @@ class AuditLog:
             self._failed_commits += 1
             emit = log.error if self._failed_commits == 1 else log.debug
             emit("audit_commit_failed", first_seq=first, last_seq=last, error=reason)
-            _fail(batch, AuditError(f"audit commit of seq {first}..{last} failed: {reason}"), err)
+            cls = FencedOff if isinstance(err, FencedOff) else AuditError
+            _fail(batch, cls(f"audit commit of seq {first}..{last} failed: {reason}"), err)
             await self._resync_head()
             return
         if self._failed_commits:
@@ -686,14 +708,16 @@ class AuditLog:
 
     async def _checkpoint_now(self) -> Checkpoint | None:
         """Sign the committed head, store the checkpoint and export it; None without a key or rows."""
-        if self._signer is None or self._head[0] == 0:
-            return None
+        if self._signer is None or self._head[0] == 0 or (self._fence is not None and self._fence.token is None):
+            return None  # nothing to sign, or a standby node's turn to keep quiet
         now = self._clock.now()
         seq, row_hash = self._head
         cp = self._signer.sign(seq, row_hash, format_ts(now))
         if seq > self._cp_seq:
             try:
                 async with self._engine.begin() as conn:
+                    if self._fence is not None:
+                        await self._fence.check(conn, self._fence.token)
                     await conn.execute(
                         audit_checkpoints.insert().values(
                             seq=cp.seq,
@@ -764,6 +788,8 @@ class AuditLog:
             self._head = await _read_head(self._engine)
             async with self._engine.connect() as conn:
                 self._mhead = await head_mseq(conn)
+                cp = await conn.execute(sa.select(sa.func.max(audit_checkpoints.c.seq)))
+                self._cp_seq = max(self._cp_seq, int(cp.scalar() or 0))  # another node may have signed since
         except (AuditError, sa.exc.SQLAlchemyError, OSError) as err:
             log.warning("audit_head_resync_failed", error=str(err))
 
@@ -791,7 +817,7 @@ def _fail(batch: list[_Pending], error: AuditError, cause: BaseException | None 
     """Fail every still-waiting future of ``batch`` with its own copy of ``error``."""
     for p in batch:
         if not p.future.done():
-            exc = AuditError(str(error))
+            exc = type(error)(str(error))
             exc.__cause__ = cause
             p.future.set_exception(exc)
 

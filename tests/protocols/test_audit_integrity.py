@@ -281,7 +281,7 @@ def test_the_migrations_have_one_head() -> None:
     from alembic.script import ScriptDirectory
 
     heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
-    assert heads == [head_revision()] == ["0003"]
+    assert heads == [head_revision()] == ["0004"]
 
 
 async def test_measurements_and_checkpoints_hash_the_same_on_both_backends(tmp_path: Path) -> None:
