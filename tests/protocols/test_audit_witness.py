@@ -76,7 +76,9 @@ async def test_a_sqlite_file_deleted_under_a_running_log_is_noticed_saved_and_re
         await health.append("test.row", {"i": i})
     assert liveness(health, True).ok
     db.unlink()
-    await until(lambda: log.lost is not None)  # noticed while idle, without an append
+    await until(lambda: log.lost is not None)  # noticed while idle, without an append: unhealthy at once
+    # The loss is then recorded, signed, saved beside the file and its orphaned WAL removed.
+    await until(lambda: "Nothing more is recorded" in (log.lost or ""))
     assert not (tmp_path / "audit.db-wal").exists(), "the lost file's write-ahead log is not left at the path"
     report = liveness(health, True)
     assert not report.ok and "was deleted" in report.checks["database_writable"].detail
