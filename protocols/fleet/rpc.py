@@ -65,6 +65,8 @@ class NatsRpc:
         self.disconnects = 0  # counts outages; a request that spans one may be retried
         self._closing = False
         self.last_publish_s = 0.0  # how long the last batch took to hand to nats-py (for the benchmark)
+        self.sent = [0, 0]  # requests published, their bytes (for the benchmark's floor)
+        self.received = [0, 0]  # replies routed, their bytes
         # Given every reply that arrives after its request gave up (it may carry news, e.g. a lapse report).
         self.on_late_reply: Callable[[bytes], object] | None = None
 
@@ -149,6 +151,8 @@ class NatsRpc:
                     await nc.publish(subject, payload, reply=f"{self._inbox}.{token}")
                 except nats.errors.Error as err:
                     self._settle(batch, key, Failure(f"connection: {err!r}", transport=True))
+                self.sent[1] += len(payload)
+            self.sent[0] += len(requests)
             self.last_publish_s = time.perf_counter() - t0
             await self._wait(batch, timeout_s)
         finally:
@@ -222,6 +226,8 @@ class NatsRpc:
         if no_responders:
             self._settle(batch, key, Failure("no responders (agent not subscribed)", absent=True))
         else:
+            self.received[0] += 1
+            self.received[1] += len(msg.data)
             self._settle(batch, key, msg.data)
 
     # -- connection events ----------------------------------------------------------------------
