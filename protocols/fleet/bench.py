@@ -295,8 +295,10 @@ async def run_fleet_bench(
         reply_bytes = (fleet.rpc.received[1] - received0[1]) / max(1, fleet.rpc.received[0] - received0[0])
         sizes = ["--request-bytes", str(round(request_bytes)), "--reply-bytes", str(round(reply_bytes))]
         floor_args = ["-m", "protocols.fleet.bench_floor", "--url", url, "--agents", str(n_agents), *sizes]
-        if not agent_procs:
-            floor_args += ["--responders"] + (["--shared"] if shared_connection else [])
+        if not agent_procs:  # the floor's responders, and their telemetry, in the floor's process too
+            floor_args += ["--responders", "--telemetry-s", str(telemetry_s)]
+            floor_args += ["--telemetry-bytes", str(agents[0].telemetry_bytes)]
+            floor_args += ["--shared"] if shared_connection else []
         children.append(await _spawn(floor_args))
         floor = children[-1]
         setup_s = time.perf_counter() - t_setup

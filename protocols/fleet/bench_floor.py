@@ -6,10 +6,12 @@ a command to every node and hear every answer over NATS. A responder reads the r
 the first four bytes of the request and answers with that many bytes, nothing else.
 
 The requester runs in a child process of its own (``python -m protocols.fleet.bench_floor``), so
-its CPU time is the fan-out's alone: no telemetry, no gateway. It reads ``round <timeout_s>``
+its CPU time is the fan-out's alone: no telemetry intake, no gateway. It reads ``round <timeout_s>``
 lines on stdin and answers each with one JSON line (``wall_ms``, ``cpu_ms``, ``replies``). The
 responders sit where the agents sit: beside them in the agents' child processes, or (agents in
-the gateway's process) in this child process too, on connections of their own.
+the gateway's process) in this child process too, on connections of their own. There they also
+publish what the agents' telemetry costs at the least: a message of the same size every period
+from each connection, at a random phase, to a subject nobody follows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import json
+import random
 import sys
 import time
 
@@ -42,6 +45,16 @@ def floor_subject(index: int) -> str:
     """Return the floor subject of agent ``index`` (the agent's command subject, another prefix)."""
     hall, rack, node = node_location(index)
     return f"{FLOOR_PREFIX}.{SITE}.{hall}.{rack}.{node}.cmd"
+
+
+async def bare_telemetry(nc: NatsClient, index: int, period_s: float, size: int) -> None:
+    """Publish ``size`` bytes every ``period_s`` for agent ``index`` on ``nc``, until cancelled."""
+    hall, rack, node = node_location(index)
+    subject, payload = f"{FLOOR_PREFIX}.{SITE}.{hall}.{rack}.{node}.telemetry", bytes(size)
+    await asyncio.sleep(period_s * random.random())
+    while True:
+        await nc.publish(subject, payload)
+        await asyncio.sleep(period_s)
 
 
 async def add_responder(nc: NatsClient, index: int) -> None:
@@ -108,6 +121,13 @@ async def _serve(args: argparse.Namespace) -> None:
             await asyncio.gather(*(add_responder(c, i) for c, i in zip(conns, batch, strict=True)))
     for conn in extra:
         await conn.flush()
+    publishers = []
+    if args.responders and args.telemetry_s > 0:
+        conns = extra * args.agents if args.shared else extra
+        publishers = [
+            asyncio.create_task(bare_telemetry(c, i, args.telemetry_s, args.telemetry_bytes))
+            for i, c in enumerate(conns)
+        ]
     nc = await nats.connect(args.url, name="drgw-floor-requester")
     requester = FloorRequester(nc, [floor_subject(i) for i in range(args.agents)], args.request_bytes, args.reply_bytes)
     await requester.start()
@@ -124,6 +144,9 @@ async def _serve(args: argparse.Namespace) -> None:
         got = await requester.round(timeout_s)
         wall_ms, cpu_ms = (time.perf_counter() - t0) * 1000, (time.process_time() - cpu0) * 1000
         print(json.dumps({"wall_ms": wall_ms, "cpu_ms": cpu_ms, "replies": got}), flush=True)
+    for task in publishers:
+        task.cancel()
+    await asyncio.gather(*publishers, return_exceptions=True)
     for conn in [nc, *extra]:
         await conn.close()
 
@@ -137,6 +160,8 @@ def main() -> int:
     p.add_argument("--reply-bytes", type=int, required=True)
     p.add_argument("--responders", action="store_true", help="answer the requests here too, on own connections")
     p.add_argument("--shared", action="store_true", help="responders share one connection")
+    p.add_argument("--telemetry-s", type=float, default=0.0, help="responders publish bare telemetry this often")
+    p.add_argument("--telemetry-bytes", type=int, default=0, help="size of one bare telemetry message")
     asyncio.run(_serve(p.parse_args()))
     return 0
 

@@ -39,13 +39,12 @@ class Failure:
     absent: bool = False  # "no responders": nobody subscribed to the subject
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     """Requests in flight under one deadline."""
 
     remaining: int
     results: dict[Any, bytes | Failure] = field(default_factory=dict)
-    keys: dict[str, Any] = field(default_factory=dict)  # token -> key
     done: asyncio.Event = field(default_factory=asyncio.Event)
     accept: Callable[[bytes], bool] | None = None  # gather: called per reply, True when complete
 
@@ -59,7 +58,7 @@ class NatsRpc:
         self._reconnect_wait_s = reconnect_wait_s
         self.nc: NatsClient | None = None
         self._inbox = ""
-        self._waiting: dict[str, _Batch] = {}
+        self._waiting: dict[str, tuple[_Batch, Any]] = {}  # reply token -> (batch, request key)
         self._seq = 0
         self._connected = asyncio.Event()
         self.disconnects = 0  # counts outages; a request that spans one may be retried
@@ -142,22 +141,30 @@ class NatsRpc:
         nc = self._client()
         batch = _Batch(remaining=len(requests))
         t0 = time.perf_counter()
+        waiting, publish, inbox = self._waiting, nc.publish, self._inbox + "."
+        tokens: list[str] = []
+        sent_bytes = 0
+        unsent = False
         try:
             for key, (subject, payload) in requests.items():
-                token = self._token()
-                batch.keys[token] = key
-                self._waiting[token] = batch
+                self._seq += 1
+                token = f"{self._seq:x}"
+                waiting[token] = (batch, key)
+                tokens.append(token)
                 try:
-                    await nc.publish(subject, payload, reply=f"{self._inbox}.{token}")
+                    await publish(subject, payload, reply=inbox + token)
                 except nats.errors.Error as err:
                     self._settle(batch, key, Failure(f"connection: {err!r}", transport=True))
-                self.sent[1] += len(payload)
+                    unsent = True
+                sent_bytes += len(payload)
             self.sent[0] += len(requests)
+            self.sent[1] += sent_bytes
             self.last_publish_s = time.perf_counter() - t0
             await self._wait(batch, timeout_s)
         finally:
-            for token in batch.keys:
-                self._waiting.pop(token, None)
+            if batch.remaining > 0 or unsent:  # replies take their own token out; clean up the rest
+                for token in tokens:
+                    waiting.pop(token, None)
         for key in requests:
             batch.results.setdefault(key, Failure(f"no reply within {timeout_s:g} s"))
         return batch.results
@@ -167,7 +174,7 @@ class NatsRpc:
         nc = self._client()
         token = self._token()
         batch = _Batch(remaining=1, accept=accept)
-        self._waiting[token] = batch
+        self._waiting[token] = (batch, None)
         try:
             await nc.publish(subject, payload, reply=f"{self._inbox}.{token}")
             await self._wait(batch, timeout_s)
@@ -212,23 +219,30 @@ class NatsRpc:
     async def _on_reply(self, msg: Msg) -> None:
         """Route one reply to the batch that waits for it."""
         token = msg.subject[len(self._inbox) + 1 :]
-        batch = self._waiting.get(token)
+        entry = self._waiting.pop(token, None)
         no_responders = msg.headers is not None and msg.headers.get("Status") == _NO_RESPONDERS
-        if batch is None:  # late reply to a request that gave up (e.g. one buffered through an outage)
+        if entry is None:  # late reply to a request that gave up (e.g. one buffered through an outage)
             if self.on_late_reply is not None and not no_responders:
                 self.on_late_reply(msg.data)
             return
+        batch, key = entry
         if batch.accept is not None:
+            self._waiting[token] = entry  # a broadcast: more replies to come
             if no_responders or batch.accept(msg.data):
                 batch.done.set()
             return
-        key = batch.keys[token]
         if no_responders:
             self._settle(batch, key, Failure("no responders (agent not subscribed)", absent=True))
-        else:
-            self.received[0] += 1
-            self.received[1] += len(msg.data)
-            self._settle(batch, key, msg.data)
+            return
+        received = self.received
+        received[0] += 1
+        received[1] += len(msg.data)
+        results = batch.results
+        if key not in results:
+            results[key] = msg.data
+            batch.remaining -= 1
+            if batch.remaining <= 0:
+                batch.done.set()
 
     # -- connection events ----------------------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""Telemetry intake off the gateway's control path: a child process takes in every node's telemetry.
+
+At 10,000 GPUs, 1,250 agents each publish telemetry every second. Taking those in on the event
+loop that waits for acks made acks wait behind them, so by default ``NatsFleet`` hands the job to
+a child process (``python -m protocols.fleet.intake_main``) with a NATS connection of its own. It
+checks every message (``TelemetryFilter``) and sends the gateway, over a pipe:
+
+- a node's whole message when its head changed (a new node, a new boot, other labels or limits,
+  a lapse report), at once, for the gateway to decode and check in full;
+- every ``flush_s``, one frame with the numbers of each node heard since (the latest of each),
+  which the gateway keeps as bytes and decodes only when ``read`` asks;
+- a warning per malformed message (once per subject and text), which the gateway logs.
+
+Frames on the pipe: ``u32 length, kind byte, payload``; kinds ``R`` (u16+subject, message),
+``D`` (f64 CPU seconds of the child, then u16+subject, u32+numbers per node), ``W`` (JSON),
+``K`` (ready) and ``E`` (fatal, text). The gateway writes one JSON line of settings, then
+``forget <subject>`` lines (send that node's next message whole); the child ends when its stdin
+closes. ``inline`` mode runs the same filter in the gateway's process instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import sys
+from collections.abc import Callable
+
+from gateway.errors import DeviceUnavailable
+from gateway.logs import get_logger
+from protocols.fleet import compact, telemetry
+from protocols.fleet.messages import NodeReport
+
+_log = get_logger("fleet.intake")
+FLUSH_S = 0.1
+START_TIMEOUT_S = 20.0
+FRAME = struct.Struct("<IB")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+F64 = struct.Struct("<d")
+
+
+class TelemetryFilter:
+    """Check telemetry; decode a message whole only when its head differs from the subject's last one."""
+
+    def __init__(self) -> None:
+        self._heads: dict[str, tuple[bytes, int]] = {}  # subject -> (head bytes, GPU count)
+
+    def take(self, subject: str, data: bytes) -> NodeReport | bytes:
+        """Return the whole report of a message with a new head, else the checked numbers part."""
+        head, body = compact.split_telemetry(data)
+        known = self._heads.get(subject)
+        if known is not None and known[0] == head:
+            compact.telemetry_numbers(body, known[1])
+            return body
+        report = telemetry.parse_telemetry(data)
+        self._heads[subject] = (head, len(report.gpus))
+        return report
+
+    def forget(self, subject: str) -> None:
+        """Have the next message on ``subject`` decoded whole again."""
+        self._heads.pop(subject, None)
+
+
+# -- the gateway's side ---------------------------------------------------------------------------
+
+
+class IntakeProcess:
+    """The child process that takes telemetry in, seen from the gateway."""
+
+    def __init__(
+        self,
+        on_report: Callable[[str, bytes], None],
+        on_numbers: Callable[[list[tuple[str, bytes]]], None],
+        on_warning: Callable[[str, str], None],
+    ) -> None:
+        self._on_report = on_report
+        self._on_numbers = on_numbers
+        self._on_warning = on_warning
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self.cpu_s = 0.0  # CPU time the child reported last
+        self.ended: asyncio.Event = asyncio.Event()  # set when the child ends while not asked to
+
+    @property
+    def pid(self) -> int | None:
+        """Return the child's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, url: str, subject: str, flush_s: float = FLUSH_S) -> None:
+        """Start the child and wait until it follows ``subject``; raise DeviceUnavailable if it cannot."""
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "protocols.fleet.intake_main",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._proc.stdin is not None
+        settings = {"url": url, "subject": subject, "flush_s": flush_s}  # on stdin: a URL may hold a password
+        self._proc.stdin.write(json.dumps(settings).encode() + b"\n")
+        try:
+            kind, payload = await asyncio.wait_for(self._frame(), START_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError) as err:
+            await self.close()
+            raise DeviceUnavailable(f"nats {url}", f"telemetry intake process did not start: {err!r}") from err
+        if kind != b"K":
+            await self.close()
+            raise DeviceUnavailable(f"nats {url}", f"telemetry intake process: {payload.decode(errors='replace')}")
+        self._reader = asyncio.create_task(self._read(), name="fleet-intake-reader")
+
+    def forget(self, subject: str) -> None:
+        """Ask the child to send the next message on ``subject`` whole."""
+        if self._proc is not None and self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.write(f"forget {subject}\n".encode())
+
+    async def close(self) -> None:
+        """Stop the child (its stdin closes) and wait for it, killing it if it lingers."""
+        self._closing = True
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _frame(self) -> tuple[bytes, bytes]:
+        """Return the next (kind, payload) from the child."""
+        assert self._proc is not None and self._proc.stdout is not None
+        length, kind = FRAME.unpack(await self._proc.stdout.readexactly(FRAME.size))
+        return bytes([kind]), await self._proc.stdout.readexactly(length)
+
+    async def _read(self) -> None:
+        """Hand every frame to the gateway until the child ends."""
+        try:
+            while True:
+                kind, payload = await self._frame()
+                if kind == b"D":
+                    (self.cpu_s,) = F64.unpack_from(payload)
+                    self._on_numbers(_entries(payload, F64.size))
+                elif kind == b"R":
+                    (n,) = U16.unpack_from(payload)
+                    self._on_report(payload[2 : 2 + n].decode(), payload[2 + n :])
+                elif kind == b"W":
+                    warning = json.loads(payload)
+                    self._on_warning(warning["key"], warning["message"])
+                elif kind == b"E":
+                    _log.error("telemetry intake process failed", error=payload.decode(errors="replace"))
+        except (asyncio.IncompleteReadError, ConnectionError, AssertionError):
+            pass
+        if not self._closing:
+            self.ended.set()
+
+
+def _entries(payload: bytes, at: int) -> list[tuple[str, bytes]]:
+    """Return the (subject, numbers) entries of a D frame."""
+    out, end = [], len(payload)
+    while at < end:
+        (n,) = U16.unpack_from(payload, at)
+        subject = payload[at + 2 : at + 2 + n].decode()
+        at += 2 + n
+        (m,) = U32.unpack_from(payload, at)
+        out.append((subject, payload[at + 4 : at + 4 + m]))
+        at += 4 + m
+    return out
