@@ -60,7 +60,13 @@ _ENTRY_POINTS = (
     ("agents: telemetry and lease checks", "fleet/agent.py", "check_leases"),
     ("gateway: set_caps (validate, group, encode, publish, parse acks)", "fleet/client.py", "set_caps"),
     ("gateway: route replies", "fleet/rpc.py", "_on_reply"),
-    ("gateway: take in telemetry", "fleet/client.py", "_on_telemetry"),
+    ("gateway: take in telemetry (inline, or what the intake process passes on)", "fleet/client.py", "_on_telemetry"),
+    ("gateway: take in telemetry (inline, or what the intake process passes on)", "fleet/client.py", "_on_numbers"),
+    (
+        "gateway: take in telemetry (inline, or what the intake process passes on)",
+        "fleet/client.py",
+        "_on_intake_report",
+    ),
 )
 _REP_KEYS = ("p50_ms", "p99_ms", "cpu_ms_per_round", "floor_p50_ms", "floor_p99_ms", "floor_cpu_ms_per_round")
 
@@ -91,6 +97,7 @@ class BenchResult:
     floor_failed_rounds: int = 0
     cpu_ratio: float = 0.0  # cpu_ms_per_round / floor_cpu_ms_per_round, median over repetitions
     p99_ratio: float = 0.0  # p99_ms / floor_p99_ms, median over repetitions
+    intake_cpu_ms_per_s: float = 0.0  # CPU time of the gateway's telemetry intake process per second (0: inline)
     request_bytes: float = 0.0  # mean size of one command, and of one ack: the floor's payloads
     reply_bytes: float = 0.0
     loadavg_start: list[float] = field(default_factory=list)  # 1, 5, 15 min
@@ -310,6 +317,7 @@ async def run_fleet_bench(
         per_rep: list[dict[str, float]] = []
         failed = floor_failed = 0
         prof = cProfile.Profile() if profile else None
+        intake_cpu0, wall0 = fleet.intake.cpu_s if fleet.intake else 0.0, time.perf_counter()
         for rep in range(reps):
             gw_ms: list[float] = []
             gw_cpu: list[float] = []
@@ -336,7 +344,9 @@ async def run_fleet_bench(
             per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
             all_ms.extend(gw_ms)
         spread = _spread(per_rep)
+        intake_cpu_s = (fleet.intake.cpu_s if fleet.intake else 0.0) - intake_cpu0
         return BenchResult(
+            intake_cpu_ms_per_s=round(intake_cpu_s * 1000 / (time.perf_counter() - wall0), 1),
             gpus=gpus,
             agents=n_agents,
             rounds=rounds,
@@ -391,7 +401,8 @@ def format_result(res: BenchResult) -> str:
         f"floor, bare nats-py fan-out ({res.request_bytes:g} B requests, {res.reply_bytes:g} B replies): "
         f"p50 {mmm('floor_p50_ms')} ms, p99 {mmm('floor_p99_ms')} ms",
         f"CPU per round: this process {mmm('cpu_ms_per_round')} ms, the floor's {mmm('floor_cpu_ms_per_round')} ms",
-        f"ratio to the floor: CPU {mmm('cpu_ratio')}, p99 {mmm('p99_ratio')}",
+        f"ratio to the floor: CPU {mmm('cpu_ratio')}, p99 {mmm('p99_ratio')}; the gateway's telemetry intake "
+        f"process: {res.intake_cpu_ms_per_s:g} ms CPU per s",
         f"command+ack messages: {res.msgs_per_s:g} msg/s; rounds with a failed node: {res.failed_rounds} "
         f"(floor: {res.floor_failed_rounds})",
     ]

@@ -39,7 +39,6 @@ _TEL_NUMS = struct.Struct("<IId")
 _U16 = struct.Struct("<H")
 _NAN = math.nan
 _ARRAYS: dict[int, struct.Struct] = {}
-_COMMANDS: dict[tuple[int, int, int], struct.Struct] = {}  # whole set_caps messages by shape
 _SET_CAPS_KIND, _ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK
 
 
@@ -50,8 +49,16 @@ class Ack(NamedTuple):
     node: bytes
     boot: bytes
     state_seq: int
-    applied_w: tuple[float, ...]  # one per GPU of the command, in its order
+    n_caps: int  # caps in it, one per GPU of the command, in its order
     lapse_json: bytes  # {"lease_lapsed_at": ..., "lapsed_gpus": [...]} when a lapse is pending, else empty
+    data: bytes  # the whole ack: the caps are its last 8 x count bytes (``applied_w`` decodes them)
+
+    def applied_w(self) -> tuple[float, ...]:
+        """Return the caps (W) the GPUs enforce, in the command's order; raise InputRejected if not finite."""
+        values = _floats(self.data, len(self.data) - 8 * self.n_caps, self.n_caps, "ack", "applied_w")
+        if self.n_caps and not math.isfinite(sum(values)):
+            raise InputRejected("ack field 'applied_w': must be finite numbers")
+        return values
 
 
 def kind_of(data: bytes) -> bytes | None:
@@ -120,15 +127,15 @@ def command_id(cmd_id: str) -> bytes:
     return _short(cmd_id, "command id", MAX_ID_BYTES)
 
 
-def set_caps_bytes(cmd_id: bytes, lease_s: float, ids_blob: bytes, caps_w: list[float]) -> bytes:
-    """Encode one set_caps command; ``cmd_id`` from ``command_id``, caps (W) in ``ids_blob`` order."""
-    shape = (len(cmd_id), len(ids_blob), len(caps_w))
-    packer = _COMMANDS.get(shape)
-    if packer is None:
-        if len(_COMMANDS) > 256:
-            _COMMANDS.clear()
-        packer = _COMMANDS[shape] = struct.Struct(f"<4sHdBH{shape[0]}s{shape[1]}s{shape[2]}d")
-    return packer.pack(_SET_CAPS_KIND, shape[2], lease_s, shape[0], shape[1], cmd_id, ids_blob, *caps_w)
+def caps_bytes(caps_w: list[float]) -> bytes:
+    """Return caps (W) as set_caps and acks carry them: an ack that enforces exactly these ends with them."""
+    return _packer(len(caps_w)).pack(*caps_w)
+
+
+def set_caps_bytes(cmd_id: bytes, lease_s: float, ids_blob: bytes, caps: bytes) -> bytes:
+    """Encode one set_caps command; ``cmd_id`` from ``command_id``, caps from ``caps_bytes`` in ``ids_blob`` order."""
+    head = _CMD.pack(_SET_CAPS_KIND, len(caps) // 8, lease_s, len(cmd_id), len(ids_blob))
+    return b"".join((head, cmd_id, ids_blob, caps))
 
 
 def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
@@ -173,7 +180,7 @@ def ack_bytes(
 
 
 def parse_ack(data: bytes) -> Ack:
-    """Decode and check the frame of a slim set_caps ack (text fields stay bytes: compare, decode if needed)."""
+    """Decode and check the frame of a slim set_caps ack; its caps are decoded only when asked."""
     try:
         magic, count, state_seq, id_len, node_len, boot_len, lapse_len = _ACK.unpack_from(data)
     except struct.error as err:
@@ -184,10 +191,7 @@ def parse_ack(data: bytes) -> Ack:
     b, c, d, e = a + id_len, a + id_len + node_len, a + id_len + node_len + boot_len, len(data) - 8 * count
     if not (id_len and node_len and boot_len) or e != d + lapse_len:
         raise InputRejected(f"ack: {len(data)} bytes do not match its header (or empty id, node or boot)")
-    applied = _floats(data, e, count, "ack", "applied_w")
-    if count and not math.isfinite(sum(applied)):
-        raise InputRejected("ack field 'applied_w': must be finite numbers")
-    return Ack(data[a:b], data[b:c], data[c:d], state_seq, applied, data[d:e])
+    return Ack(data[a:b], data[b:c], data[c:d], state_seq, count, data[d:e], data)
 
 
 # -- telemetry ------------------------------------------------------------------------------------

@@ -101,7 +101,11 @@ class IntakeProcess:
         settings = {"url": url, "subject": subject, "flush_s": flush_s}  # on stdin: a URL may hold a password
         self._proc.stdin.write(json.dumps(settings).encode() + b"\n")
         try:
-            kind, payload = await asyncio.wait_for(self._frame(), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                kind, payload = await self._frame()
+                while kind not in (b"K", b"E"):  # telemetry may come before the child says it is ready
+                    self._handle(kind, payload)
+                    kind, payload = await self._frame()
         except (TimeoutError, asyncio.IncompleteReadError) as err:
             await self.close()
             raise DeviceUnavailable(f"nats {url}", f"telemetry intake process did not start: {err!r}") from err
@@ -142,22 +146,25 @@ class IntakeProcess:
         """Hand every frame to the gateway until the child ends."""
         try:
             while True:
-                kind, payload = await self._frame()
-                if kind == b"D":
-                    (self.cpu_s,) = F64.unpack_from(payload)
-                    self._on_numbers(_entries(payload, F64.size))
-                elif kind == b"R":
-                    (n,) = U16.unpack_from(payload)
-                    self._on_report(payload[2 : 2 + n].decode(), payload[2 + n :])
-                elif kind == b"W":
-                    warning = json.loads(payload)
-                    self._on_warning(warning["key"], warning["message"])
-                elif kind == b"E":
-                    _log.error("telemetry intake process failed", error=payload.decode(errors="replace"))
+                self._handle(*await self._frame())
         except (asyncio.IncompleteReadError, ConnectionError, AssertionError):
             pass
         if not self._closing:
             self.ended.set()
+
+    def _handle(self, kind: bytes, payload: bytes) -> None:
+        """Hand one frame to the gateway."""
+        if kind == b"D":
+            (self.cpu_s,) = F64.unpack_from(payload)
+            self._on_numbers(_entries(payload, F64.size))
+        elif kind == b"R":
+            (n,) = U16.unpack_from(payload)
+            self._on_report(payload[2 : 2 + n].decode(), payload[2 + n :])
+        elif kind == b"W":
+            warning = json.loads(payload)
+            self._on_warning(warning["key"], warning["message"])
+        elif kind == b"E":
+            _log.error("telemetry intake process failed", error=payload.decode(errors="replace"))
 
 
 def _entries(payload: bytes, at: int) -> list[tuple[str, bytes]]:

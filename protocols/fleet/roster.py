@@ -237,6 +237,18 @@ class Roster:
         self.lease_lapses: list[LeaseLapse] = []
         self._warned: set[tuple[str, str]] = set()
         self._limits: tuple[float, float] | None = None  # caps within these fit every GPU (None: recompute)
+        self._order: tuple[list[str], list[tuple[Node, int, int]]] | None = None  # see ``order``
+
+    def order(self) -> tuple[list[str], list[tuple[Node, int, int]]]:
+        """Return every GPU id in roster order, and each node with the slice of that list it owns."""
+        if self._order is None:
+            ids: list[str] = []
+            spans = []
+            for node in self.nodes.values():
+                spans.append((node, len(ids), len(ids) + len(node.all_ids)))
+                ids.extend(node.all_ids)
+            self._order = (ids, spans)
+        return self._order
 
     def limits(self) -> tuple[float, float]:
         """Return (highest min_cap_w, lowest max_cap_w) over every GPU: a cap within both fits any of them."""
@@ -265,6 +277,7 @@ class Roster:
             subject = subjects.node_cmd(self.prefix, self.site, report.hall, report.rack, report.node)
             node = Node(report.node, report.hall, report.rack, subject, report.boot, now)
             self.nodes[report.node] = node
+            self._order = None
         elif node.hall != report.hall or node.rack != report.rack:
             if now - node.seen_at <= self.stale_after_s(node):
                 self.warn_once(
@@ -288,7 +301,7 @@ class Roster:
                     del self.index[g.gpu_id]
             for g in node.gpus.values():
                 self.index[g.gpu_id] = (node, g.min_cap_w, g.max_cap_w)
-            self._limits = None
+            self._limits = self._order = None
         if report.lease_lapsed_at is not None:
             self.note_lapse(report.node, report.lease_lapsed_at, report.lapsed_gpus)
         return node

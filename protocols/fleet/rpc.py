@@ -28,6 +28,7 @@ from protocols.fleet.connect import connect_nats
 
 _log = get_logger("fleet.rpc")
 _NO_RESPONDERS = "503"
+_CHUNK = 250  # requests handed to nats-py between two chances for it to write them out
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Batch:
     results: dict[Any, bytes | Failure] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     accept: Callable[[bytes], bool] | None = None  # gather: called per reply, True when complete
+    on_reply: Callable[[Any, bytes], None] | None = None  # request_many: called per reply as it comes
 
 
 class NatsRpc:
@@ -109,9 +111,15 @@ class NatsRpc:
     # -- requests -------------------------------------------------------------------------------
 
     async def request_many(
-        self, requests: Mapping[Any, tuple[str, bytes]], timeout_s: float
+        self,
+        requests: Mapping[Any, tuple[str, bytes]],
+        timeout_s: float,
+        on_reply: Callable[[Any, bytes], None] | None = None,
     ) -> dict[Any, bytes | Failure]:
         """Send one request per key at once; return each key's reply or Failure.
+
+        ``on_reply(key, data)`` is called for each reply as it arrives (it must not raise), so a
+        caller can take replies in while others are still on their way.
 
         Requests that failed because of an outage (a connection error, or any failure while the
         connection was down during the call) are sent again once the connection is back. Agents
@@ -119,7 +127,7 @@ class NatsRpc:
         nothing to wait for) until ``timeout_s`` after the reconnect.
         """
         gen, was_down = self.disconnects, not self.connected
-        results = await self._request_once(requests, timeout_s)
+        results = await self._request_once(requests, timeout_s, on_reply)
         outage = was_down or self.disconnects != gen
         pending = [k for k, r in results.items() if isinstance(r, Failure) and (r.transport or outage)]
         if not pending or not await self.wait_connected(timeout_s):
@@ -129,17 +137,22 @@ class NatsRpc:
         _log.info("retrying requests after reconnect", count=len(pending))
         while pending and loop.time() < deadline:
             await asyncio.sleep(self._reconnect_wait_s)  # let agents resubscribe too
-            again = await self._request_once({k: requests[k] for k in pending}, max(0.05, deadline - loop.time()))
+            again = await self._request_once(
+                {k: requests[k] for k in pending}, max(0.05, deadline - loop.time()), on_reply
+            )
             results.update(again)
             pending = [k for k, r in again.items() if isinstance(r, Failure) and r.absent]
         return results
 
     async def _request_once(
-        self, requests: Mapping[Any, tuple[str, bytes]], timeout_s: float
+        self,
+        requests: Mapping[Any, tuple[str, bytes]],
+        timeout_s: float,
+        on_reply: Callable[[Any, bytes], None] | None = None,
     ) -> dict[Any, bytes | Failure]:
         """Publish every request, then wait for the replies until ``timeout_s``."""
         nc = self._client()
-        batch = _Batch(remaining=len(requests))
+        batch = _Batch(remaining=len(requests), on_reply=on_reply)
         t0 = time.perf_counter()
         waiting, publish, inbox = self._waiting, nc.publish, self._inbox + "."
         tokens: list[str] = []
@@ -157,6 +170,8 @@ class NatsRpc:
                     self._settle(batch, key, Failure(f"connection: {err!r}", transport=True))
                     unsent = True
                 sent_bytes += len(payload)
+                if len(tokens) % _CHUNK == 0:
+                    await asyncio.sleep(0)  # let nats-py write out what it has: the first agents start sooner
             self.sent[0] += len(requests)
             self.sent[1] += sent_bytes
             self.last_publish_s = time.perf_counter() - t0
@@ -165,8 +180,10 @@ class NatsRpc:
             if batch.remaining > 0 or unsent:  # replies take their own token out; clean up the rest
                 for token in tokens:
                     waiting.pop(token, None)
-        for key in requests:
-            batch.results.setdefault(key, Failure(f"no reply within {timeout_s:g} s"))
+        if len(batch.results) < len(requests):
+            missing = Failure(f"no reply within {timeout_s:g} s")
+            for key in requests:
+                batch.results.setdefault(key, missing)
         return batch.results
 
     async def gather(self, subject: str, payload: bytes, timeout_s: float, accept: Callable[[bytes], bool]) -> None:
@@ -240,6 +257,8 @@ class NatsRpc:
         results = batch.results
         if key not in results:
             results[key] = msg.data
+            if batch.on_reply is not None:
+                batch.on_reply(key, msg.data)
             batch.remaining -= 1
             if batch.remaining <= 0:
                 batch.done.set()
