@@ -37,6 +37,7 @@ _ACK = struct.Struct("<4sHIBBBH")
 _TEL_HEAD = struct.Struct("<4sH")
 _TEL_NUMS = struct.Struct("<IId")
 _U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 _NAN = math.nan
 _ARRAYS: dict[int, struct.Struct] = {}
 _SET_CAPS_KIND, _ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK
@@ -177,6 +178,24 @@ def ack_bytes(
     raw_id = command_id(cmd_id)
     head = _ACK.pack(MAGIC + ACK, len(applied_w), state_seq, len(raw_id), len(node), len(boot), len(lapse_json))
     return b"".join((head, raw_id, node, boot, lapse_json, _packer(len(applied_w)).pack(*applied_w)))
+
+
+def ack_shape(cmd_id: bytes, node: bytes, boot: bytes, count: int) -> tuple[int, bytes, bytes]:
+    """Return what an ack from ``node`` that enforces ``count`` caps as asked and has no news looks like."""
+    head = _ACK.pack(_ACK_KIND, count, 0, len(cmd_id), len(node), len(boot), 0)
+    rest = head[10:] + cmd_id + node + boot
+    return len(head) + len(rest) - 5 + 8 * count, head[:6], rest
+
+
+def is_expected_ack(data: bytes, shape: tuple[int, bytes, bytes], caps: bytes) -> bool:
+    """Return whether ``data`` is the ack of ``ack_shape`` that ends with ``caps``: no decoding needed."""
+    return len(data) == shape[0] and data.startswith(shape[1]) and data.startswith(shape[2], 10) and data.endswith(caps)
+
+
+def ack_state_seq(data: bytes) -> int:
+    """Return the state_seq of an ack whose frame is known to be sound."""
+    seq: int = _U32.unpack_from(data, 6)[0]
+    return seq
 
 
 def parse_ack(data: bytes) -> Ack:

@@ -60,7 +60,7 @@ class LeaseLapse:
     gpus: tuple[str, ...]  # global ids
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One agent as the gateway knows it."""
 
@@ -127,8 +127,13 @@ class Node:
             self.cap_seq = state_seq
         self.cache = None
 
-    def acked(self, local_ids: Sequence[str], caps_w: Sequence[float], state_seq: int, until: float) -> None:
-        """Take a set_caps ack: these caps are enforced now, and held by the gateway until ``until``."""
+    def acked(
+        self, local_ids: Sequence[str], caps_w: Sequence[float], state_seq: int, until: float, now: float
+    ) -> None:
+        """Take a set_caps ack at ``now``: these caps are enforced now, and held by the gateway until ``until``."""
+        self.seen_at = now
+        if self.failed_at is not None and now > self.failed_at:
+            self.failed_at = None
         if local_ids is self.all_local:  # every GPU: what came before no longer counts
             record = (local_ids, caps_w, until)
             self._cap_records = [record]
