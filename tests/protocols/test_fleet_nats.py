@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -62,7 +61,12 @@ async def _until(predicate: object, timeout_s: float = 3.0) -> None:
 
 @contextlib.asynccontextmanager
 async def site(
-    url: str, layout: Layout = THREE, *, timeout_s: float = 0.5, labels: GpuLabels | None = None
+    url: str,
+    layout: Layout = THREE,
+    *,
+    timeout_s: float = 0.5,
+    labels: GpuLabels | None = None,
+    intake: str = "process",
 ) -> AsyncIterator[tuple[NatsFleet, dict[str, NodeAgent]]]:
     """Run agents (4 simulated GPUs each) and a connected NatsFleet under a subject prefix of their own."""
     prefix = f"t{secrets.token_hex(4)}"
@@ -85,7 +89,13 @@ async def site(
         for hall, rack, node in layout
     }
     fleet = NatsFleet(
-        url, SITE, prefix=prefix, request_timeout_s=timeout_s, reconnect_wait_s=0.05, tiers={"flex0", "flex1", "flex2"}
+        url,
+        SITE,
+        prefix=prefix,
+        request_timeout_s=timeout_s,
+        reconnect_wait_s=0.05,
+        tiers={"flex0", "flex1", "flex2"},
+        intake=intake,
     )
     try:
         for agent in agents.values():
@@ -391,6 +401,13 @@ def test_bench_fleet_reports_json(nats_url: str, capsys: pytest.CaptureFixture[s
     out = json.loads(capsys.readouterr().out)
     assert out["gpus"] == 20 and out["agents"] == 3 and out["rounds"] == 4 and out["failed_rounds"] == 0
     assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"] and out["msgs_per_s"] > 0
+    # The floor, measured in the same run: figures, their spread over the repetitions, the machine's load.
+    assert out["reps"] == 3 and len(out["per_rep"]) == 3 and out["floor_failed_rounds"] == 0
+    assert 0 < out["floor_p50_ms"] <= out["floor_p99_ms"] and out["floor_cpu_ms_per_round"] > 0
+    assert out["cpu_ms_per_round"] > 0 and out["cpu_ratio"] > 0 and out["p99_ratio"] > 0
+    assert out["request_bytes"] > 0 and out["reply_bytes"] > 0 and len(out["loadavg_start"]) == 3
+    low, mid, high = out["spread"]["floor_p99_ms"]
+    assert low <= mid <= high and mid == out["floor_p99_ms"]
 
 
 @contextlib.contextmanager
