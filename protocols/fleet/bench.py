@@ -317,6 +317,7 @@ async def run_fleet_bench(
         per_rep: list[dict[str, float]] = []
         failed = floor_failed = 0
         prof = cProfile.Profile() if profile else None
+        await fleet.read()  # the intake process reports its CPU time when read() pulls from it
         intake_cpu0, wall0 = fleet.intake.cpu_s if fleet.intake else 0.0, time.perf_counter()
         for rep in range(reps):
             gw_ms: list[float] = []
@@ -344,6 +345,7 @@ async def run_fleet_bench(
             per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
             all_ms.extend(gw_ms)
         spread = _spread(per_rep)
+        await fleet.read()
         intake_cpu_s = (fleet.intake.cpu_s if fleet.intake else 0.0) - intake_cpu0
         return BenchResult(
             intake_cpu_ms_per_s=round(intake_cpu_s * 1000 / (time.perf_counter() - wall0), 1),

@@ -35,7 +35,7 @@ from gateway.logs import get_logger
 from gateway.model import GpuState
 from protocols.fleet import compact, subjects, telemetry
 from protocols.fleet import messages as m
-from protocols.fleet.intake import FLUSH_S, IntakeProcess, TelemetryFilter
+from protocols.fleet.intake import IntakeProcess, TelemetryFilter
 from protocols.fleet.roster import LeaseLapse, Node, Roster
 from protocols.fleet.rpc import Failure, NatsRpc
 
@@ -64,7 +64,6 @@ class NatsFleet:
         default_tier: str = "flex1",
         reconnect_wait_s: float = 0.5,
         intake: str = "process",
-        intake_flush_s: float = FLUSH_S,
     ) -> None:
         if intake not in ("process", "inline"):
             raise InputRejected(f"telemetry intake must be 'process' or 'inline', got {intake!r}")
@@ -84,7 +83,6 @@ class NatsFleet:
         self._resends: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}  # node -> reason, for logging state changes once
         self._intake_mode = intake
-        self._flush_s = intake_flush_s
         self.intake: IntakeProcess | None = None
         self._intake_watch: asyncio.Task[None] | None = None
         self._filter = TelemetryFilter()  # for telemetry taken in on this loop (inline)
@@ -138,7 +136,7 @@ class NatsFleet:
         if self._intake_mode == "process":
             intake = IntakeProcess(self._on_intake_report, self._on_numbers, self.roster.warn_once)
             try:
-                await intake.start(self.rpc.url, subject, self._flush_s)
+                await intake.start(self.rpc.url, subject)
             except DeviceUnavailable as err:
                 _log.warning("telemetry intake process unavailable; taking telemetry in inline", error=str(err))
             else:
@@ -198,6 +196,8 @@ class NatsFleet:
 
     async def read(self) -> tuple[GpuState, ...]:
         """Return the last reported state of every GPU on nodes that are live and answering."""
+        if self.intake is not None:
+            await self.intake.pull()  # the numbers of every node's latest telemetry, decoded from here on
         return self.roster.read(self._clock.monotonic())
 
     async def set_caps(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
@@ -511,7 +511,7 @@ class NatsFleet:
             self.roster.warn_once(msg.subject, f"bad telemetry ignored: {err}")
             return
         if isinstance(got, bytes):
-            self._on_numbers([(msg.subject, got)])
+            self._on_numbers([(msg.subject, 0.0, got)])
         else:
             self.roster.take_telemetry(msg.subject, got, self._clock.monotonic())
 
@@ -524,7 +524,7 @@ class NatsFleet:
             return
         self.roster.take_telemetry(subject, report, self._clock.monotonic())
 
-    def _on_numbers(self, entries: list[tuple[str, bytes]]) -> None:
+    def _on_numbers(self, entries: list[tuple[str, float, bytes]]) -> None:
         """Keep nodes' latest telemetry numbers; ask for the whole message of a node not known."""
         for subject in self.roster.take_numbers(entries, self._clock.monotonic()):
             if self.intake is not None:  # a head the roster did not take (another site, a duplicate name)

@@ -3,19 +3,22 @@
 At 10,000 GPUs, 1,250 agents each publish telemetry every second. Taking those in on the event
 loop that waits for acks made acks wait behind them, so by default ``NatsFleet`` hands the job to
 a child process (``python -m protocols.fleet.intake_main``) with a NATS connection of its own. It
-checks every message (``TelemetryFilter``) and sends the gateway, over a pipe:
+checks every message (``TelemetryFilter``) and keeps the latest numbers of each node. The gateway
+gets, over a pipe:
 
 - a node's whole message when its head changed (a new node, a new boot, other labels or limits,
-  a lapse report), at once, for the gateway to decode and check in full;
-- every ``flush_s``, one frame with the numbers of each node heard since (the latest of each),
-  which the gateway keeps as bytes and decodes only when ``read`` asks;
+  a lapse report), at once, for the gateway to decode and check in full and act on (a restarted
+  agent gets its caps again, a lapse is audited);
+- when ``read`` asks (``pull``), one frame with the numbers each node sent last since the previous
+  pull, and how old they are; the gateway keeps them as bytes and decodes them only then;
 - a warning per malformed message (once per subject and text), which the gateway logs.
 
-Frames on the pipe: ``u32 length, kind byte, payload``; kinds ``R`` (u16+subject, message),
-``D`` (f64 CPU seconds of the child, then u16+subject, u32+numbers per node), ``W`` (JSON),
-``K`` (ready) and ``E`` (fatal, text). The gateway writes one JSON line of settings, then
-``forget <subject>`` lines (send that node's next message whole); the child ends when its stdin
-closes. ``inline`` mode runs the same filter in the gateway's process instead.
+So between two reads the gateway's event loop does no telemetry work at all, however many nodes
+report. Frames on the pipe: ``u32 length, kind byte, payload``; kinds ``R`` (u16+subject, message),
+``P`` (f64 CPU seconds of the child, then u16+subject, f64 age in s, u32+numbers per node),
+``W`` (JSON), ``K`` (ready) and ``E`` (fatal, text). The gateway writes one JSON line of
+settings, then ``pull`` and ``forget <subject>`` lines (send that node's next message whole); the
+child ends when its stdin closes. ``inline`` mode runs the same filter in the gateway's process.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from protocols.fleet import compact, telemetry
 from protocols.fleet.messages import NodeReport
 
 _log = get_logger("fleet.intake")
-FLUSH_S = 0.1
 START_TIMEOUT_S = 20.0
+PULL_TIMEOUT_S = 2.0
 FRAME = struct.Struct("<IB")
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
@@ -71,7 +74,7 @@ class IntakeProcess:
     def __init__(
         self,
         on_report: Callable[[str, bytes], None],
-        on_numbers: Callable[[list[tuple[str, bytes]]], None],
+        on_numbers: Callable[[list[tuple[str, float, bytes]]], None],
         on_warning: Callable[[str, str], None],
     ) -> None:
         self._on_report = on_report
@@ -81,6 +84,7 @@ class IntakeProcess:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self.cpu_s = 0.0  # CPU time the child reported last
+        self._pulled: asyncio.Future[None] | None = None
         self.ended: asyncio.Event = asyncio.Event()  # set when the child ends while not asked to
 
     @property
@@ -88,7 +92,7 @@ class IntakeProcess:
         """Return the child's process id while it runs."""
         return self._proc.pid if self._proc is not None else None
 
-    async def start(self, url: str, subject: str, flush_s: float = FLUSH_S) -> None:
+    async def start(self, url: str, subject: str) -> None:
         """Start the child and wait until it follows ``subject``; raise DeviceUnavailable if it cannot."""
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -98,7 +102,7 @@ class IntakeProcess:
             stdout=asyncio.subprocess.PIPE,
         )
         assert self._proc.stdin is not None
-        settings = {"url": url, "subject": subject, "flush_s": flush_s}  # on stdin: a URL may hold a password
+        settings = {"url": url, "subject": subject}  # on stdin: a URL may hold a password
         self._proc.stdin.write(json.dumps(settings).encode() + b"\n")
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -113,6 +117,18 @@ class IntakeProcess:
             await self.close()
             raise DeviceUnavailable(f"nats {url}", f"telemetry intake process: {payload.decode(errors='replace')}")
         self._reader = asyncio.create_task(self._read(), name="fleet-intake-reader")
+
+    async def pull(self) -> None:
+        """Have the child pass on the numbers it got since the last pull; wait (bounded) until they are in."""
+        if self._proc is None or self._proc.stdin is None or self._proc.stdin.is_closing():
+            return
+        if self._pulled is None or self._pulled.done():  # callers at the same time share one pull
+            self._pulled = asyncio.get_running_loop().create_future()
+            self._proc.stdin.write(b"pull\n")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pulled), PULL_TIMEOUT_S)
+        except TimeoutError:
+            _log.warning("telemetry intake process did not answer a pull", timeout_s=PULL_TIMEOUT_S)
 
     def forget(self, subject: str) -> None:
         """Ask the child to send the next message on ``subject`` whole."""
@@ -154,9 +170,11 @@ class IntakeProcess:
 
     def _handle(self, kind: bytes, payload: bytes) -> None:
         """Hand one frame to the gateway."""
-        if kind == b"D":
+        if kind == b"P":
             (self.cpu_s,) = F64.unpack_from(payload)
             self._on_numbers(_entries(payload, F64.size))
+            if self._pulled is not None and not self._pulled.done():
+                self._pulled.set_result(None)
         elif kind == b"R":
             (n,) = U16.unpack_from(payload)
             self._on_report(payload[2 : 2 + n].decode(), payload[2 + n :])
@@ -167,14 +185,15 @@ class IntakeProcess:
             _log.error("telemetry intake process failed", error=payload.decode(errors="replace"))
 
 
-def _entries(payload: bytes, at: int) -> list[tuple[str, bytes]]:
-    """Return the (subject, numbers) entries of a D frame."""
+def _entries(payload: bytes, at: int) -> list[tuple[str, float, bytes]]:
+    """Return the (subject, age in s, numbers) entries of a P frame."""
     out, end = [], len(payload)
     while at < end:
         (n,) = U16.unpack_from(payload, at)
         subject = payload[at + 2 : at + 2 + n].decode()
         at += 2 + n
-        (m,) = U32.unpack_from(payload, at)
-        out.append((subject, payload[at + 4 : at + 4 + m]))
-        at += 4 + m
+        (age_s,) = F64.unpack_from(payload, at)
+        (m,) = U32.unpack_from(payload, at + 8)
+        out.append((subject, age_s, payload[at + 12 : at + 12 + m]))
+        at += 12 + m
     return out

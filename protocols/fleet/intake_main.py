@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from gateway.errors import DeviceUnavailable, InputRejected
-from protocols.fleet.intake import F64, FLUSH_S, FRAME, U16, U32, TelemetryFilter
+from protocols.fleet.intake import F64, FRAME, U16, U32, TelemetryFilter
 
 
 def _write(kind: bytes, payload: bytes) -> None:
@@ -19,14 +19,14 @@ def _write(kind: bytes, payload: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def _sub_entry(subject: str, body: bytes) -> bytes:
-    """Return one D-frame entry."""
+def _entry(subject: str, age_s: float, body: bytes) -> bytes:
+    """Return one P-frame entry."""
     raw = subject.encode()
-    return U16.pack(len(raw)) + raw + U32.pack(len(body)) + body
+    return U16.pack(len(raw)) + raw + F64.pack(age_s) + U32.pack(len(body)) + body
 
 
 async def _serve() -> None:
-    """Read the settings, then take telemetry in and forward it as frames until stdin closes."""
+    """Read the settings, then take telemetry in and answer the gateway's pulls until stdin closes."""
     import nats
     from nats.aio.msg import Msg
 
@@ -37,7 +37,7 @@ async def _serve() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     settings: dict[str, Any] = json.loads(await stdin.readline())
     filt = TelemetryFilter()
-    pending: dict[str, bytes] = {}
+    latest: dict[str, tuple[bytes, float]] = {}  # subject -> numbers not pulled yet, when they came
     warned: set[tuple[str, str]] = set()
 
     async def on_msg(msg: Msg) -> None:
@@ -50,9 +50,9 @@ async def _serve() -> None:
                 _write(b"W", json.dumps({"key": msg.subject, "message": f"bad telemetry ignored: {err}"}).encode())
             return
         if isinstance(got, bytes):
-            pending[msg.subject] = got
+            latest[msg.subject] = (got, time.monotonic())
         else:
-            pending.pop(msg.subject, None)  # older than this whole message
+            latest.pop(msg.subject, None)  # older than this whole message
             raw = msg.subject.encode()
             _write(b"R", U16.pack(len(raw)) + raw + msg.data)
 
@@ -64,24 +64,16 @@ async def _serve() -> None:
         _write(b"E", str(err).encode())
         return
     _write(b"K", b"")
-    lines = asyncio.ensure_future(stdin.readline())
-    flush_s = float(settings.get("flush_s", FLUSH_S))
     try:
-        while True:
-            await asyncio.wait({lines}, timeout=flush_s)
-            if pending:
-                frame = b"".join([F64.pack(time.process_time())] + [_sub_entry(s, b) for s, b in pending.items()])
-                pending.clear()
-                _write(b"D", frame)
-            if lines.done():
-                line = lines.result()
-                if not line:
-                    break  # the gateway closed our stdin: stop
-                if line.startswith(b"forget "):
-                    filt.forget(line[7:].strip().decode())
-                lines = asyncio.ensure_future(stdin.readline())
+        while line := await stdin.readline():  # until the gateway closes our stdin
+            if line.startswith(b"pull"):
+                now = time.monotonic()
+                entries = [_entry(subject, now - t, body) for subject, (body, t) in latest.items()]
+                latest.clear()
+                _write(b"P", b"".join([F64.pack(time.process_time()), *entries]))
+            elif line.startswith(b"forget "):
+                filt.forget(line[7:].strip().decode())
     finally:
-        lines.cancel()
         with contextlib.suppress(nats.errors.Error):
             await nc.close()
 

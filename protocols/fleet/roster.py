@@ -336,18 +336,20 @@ class Roster:
         node.telemetry_subject = subject
         self.by_subject[subject] = node
 
-    def take_numbers(self, entries: list[tuple[str, bytes]], now: float) -> list[str]:
-        """Keep the (checked) numbers part of nodes' telemetry; return the subjects of no known node."""
+    def take_numbers(self, entries: list[tuple[str, float, bytes]], now: float) -> list[str]:
+        """Keep the (checked) numbers part of nodes' telemetry (subject, age in s, numbers); return unknown subjects."""
         unknown, by_subject = [], self.by_subject
-        for subject, numbers in entries:
+        for subject, age_s, numbers in entries:
             node = by_subject.get(subject)
             if node is None:
                 unknown.append(subject)
                 continue
             node.numbers = numbers
             node.cache = None
-            node.seen_at = now
-            if node.failed_at is not None and now > node.failed_at:
+            seen = now - age_s
+            if seen > node.seen_at:
+                node.seen_at = seen
+            if node.failed_at is not None and seen > node.failed_at:
                 node.failed_at = None
         return unknown
 
