@@ -313,7 +313,7 @@ class NatsFleet:
     ) -> dict[str, float]:
         """Request every node's caps concurrently; collect what they enforce (``asked``: all caps, as given)."""
         cmd_id = compact.command_id(self._next_id())
-        sent: dict[str, tuple[Node, list[str], list[str], list[float], bytes, tuple[int, bytes, bytes]]] = {}
+        sent: dict[str, tuple[Node, list[str], list[str], list[float], bytes, bytes]] = {}
         requests: dict[str, tuple[str, bytes]] = {}
         for node, (ids, caps) in per_node.items():
             local_ids, blob = node.command_ids(ids)

@@ -40,6 +40,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _NAN = math.nan
 _ARRAYS: dict[int, struct.Struct] = {}
+_ACK_HEADS: dict[int, bytes] = {}  # the first 6 bytes of an ack of so many caps
 _SET_CAPS_KIND, _ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK
 
 
@@ -180,16 +181,24 @@ def ack_bytes(
     return b"".join((head, raw_id, node, boot, lapse_json, _packer(len(applied_w)).pack(*applied_w)))
 
 
-def ack_shape(cmd_id: bytes, node: bytes, boot: bytes, count: int) -> tuple[int, bytes, bytes]:
-    """Return what an ack from ``node`` that enforces ``count`` caps as asked and has no news looks like."""
-    head = _ACK.pack(_ACK_KIND, count, 0, len(cmd_id), len(node), len(boot), 0)
-    rest = head[10:] + cmd_id + node + boot
-    return len(head) + len(rest) - 5 + 8 * count, head[:6], rest
+def ack_shape(cmd_id: bytes, node: bytes, boot: bytes, count: int) -> bytes:
+    """Return what an ack from ``node`` that enforces ``count`` caps as asked and has no news holds after its
+    state_seq (its length follows from that and ``count``)."""
+    return _ACK.pack(_ACK_KIND, count, 0, len(cmd_id), len(node), len(boot), 0)[10:] + cmd_id + node + boot
 
 
-def is_expected_ack(data: bytes, shape: tuple[int, bytes, bytes], caps: bytes) -> bool:
+def is_expected_ack(data: bytes, shape: bytes, caps: bytes) -> bool:
     """Return whether ``data`` is the ack of ``ack_shape`` that ends with ``caps``: no decoding needed."""
-    return len(data) == shape[0] and data.startswith(shape[1]) and data.startswith(shape[2], 10) and data.endswith(caps)
+    count = len(caps) // 8
+    head = _ACK_HEADS.get(count)
+    if head is None:
+        head = _ACK_HEADS[count] = _ACK_KIND + _U16.pack(count)
+    return (
+        len(data) == 10 + len(shape) + len(caps)
+        and data.startswith(head)
+        and data.startswith(shape, 10)
+        and data.endswith(caps)
+    )
 
 
 def ack_state_seq(data: bytes) -> int:

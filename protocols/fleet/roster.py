@@ -136,8 +136,11 @@ class Node:
             self.failed_at = None
         if local_ids is self.all_local:  # every GPU: what came before no longer counts
             record = (local_ids, caps_w, until)
-            self._cap_records = [record]
-            self._hold_records = [record]
+            caps, holds = self._cap_records, self._hold_records  # reused: fewer objects for the collector
+            caps.clear()
+            caps.append(record)
+            holds.clear()
+            holds.append(record)
             if self._cap_w:
                 self._cap_w = {}
             if self._held:
