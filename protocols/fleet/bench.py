@@ -14,7 +14,8 @@ Where the agents run is a choice, and it changes what is measured:
 
 - ``agent_procs=0`` (default): in the gateway's own process, so the gateway and all agents share
   one core (the nats-server runs beside it). Every agent's work is charged to the dispatch time
-  and CPU; the floor's responders then run in the floor's process, charged to the floor.
+  and CPU; the floor's responders then run in the floor's process, charged to the floor, and
+  publish bare telemetry of the agents' size and rate there.
 - ``agent_procs=K``: in K child processes, closer to a real site where agents are other hosts;
   the floor's responders run beside the agents, on their connections.
 

@@ -12,9 +12,9 @@ restarting, reporting a lapsed lease) are logged once each.
 When an agent restarts (a new boot id) while the gateway still holds unexpired caps on it, the
 caps are sent again at once with what is left of their lease.
 
-Telemetry is taken in off the control path (``intake``): by default in a child process that
-forwards, in batches, only what changed (``protocols.fleet.intake``), so the event loop that waits
-for acks does not parse 1,250 telemetry messages a second at 10,000 GPUs.
+Telemetry is taken in off the control path (``protocols.fleet.intake``): by default in a child
+process that keeps every node's latest numbers and hands them over when ``read`` asks, so the
+event loop that waits for acks does no telemetry work between reads.
 """
 
 from __future__ import annotations
@@ -26,17 +26,16 @@ import secrets
 from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
 
-from nats.aio.msg import Msg
-
 from gateway.clock import Clock, SystemClock
 from gateway.config import GpusConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.logs import get_logger
 from gateway.model import GpuState
-from protocols.fleet import compact, subjects, telemetry
+from protocols.fleet import compact, subjects
 from protocols.fleet import messages as m
-from protocols.fleet.intake import IntakeProcess, TelemetryFilter
-from protocols.fleet.roster import LeaseLapse, Node, Roster
+from protocols.fleet.intake import IntakeProcess, TelemetryIntake
+from protocols.fleet.node import Node
+from protocols.fleet.roster import Group, LeaseLapse, Roster
 from protocols.fleet.rpc import Failure, NatsRpc
 
 __all__ = ["LeaseLapse", "NatsFleet"]
@@ -45,7 +44,6 @@ _log = get_logger("fleet.client")
 SEP = m.SEP
 _REFUSALS = ("InputRejected", "DeviceRejected", "PermissionDenied", "ReadbackMismatch")
 _ACK_KIND = compact.MAGIC + compact.ACK
-_Group = tuple[list[str], list[float]]  # one node's part of set_caps: site-wide GPU ids and caps (W)
 
 
 class NatsFleet:
@@ -65,8 +63,6 @@ class NatsFleet:
         reconnect_wait_s: float = 0.5,
         intake: str = "process",
     ) -> None:
-        if intake not in ("process", "inline"):
-            raise InputRejected(f"telemetry intake must be 'process' or 'inline', got {intake!r}")
         self.site = subjects.check_token("site", site, reserved_ok=True)
         self.prefix = subjects.check_prefix(prefix)
         self.request_timeout_s = request_timeout_s
@@ -82,10 +78,7 @@ class NatsFleet:
         self._cmd_seq = 0
         self._resends: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, str] = {}  # node -> reason, for logging state changes once
-        self._intake_mode = intake
-        self.intake: IntakeProcess | None = None
-        self._intake_watch: asyncio.Task[None] | None = None
-        self._filter = TelemetryFilter()  # for telemetry taken in on this loop (inline)
+        self._telemetry = TelemetryIntake(self.roster, self._clock, intake)
 
     @classmethod
     def from_config(cls, cfg: GpusConfig, site: str, clock: Clock | None = None) -> NatsFleet:
@@ -103,6 +96,11 @@ class NatsFleet:
         )
 
     @property
+    def intake(self) -> IntakeProcess | None:
+        """Return the telemetry intake process, while there is one."""
+        return self._telemetry.process
+
+    @property
     def lease_lapses(self) -> list[LeaseLapse]:
         """Return the lapses reported and not yet taken."""
         return self.roster.lease_lapses
@@ -112,7 +110,7 @@ class NatsFleet:
     async def connect(self, discover: bool = True) -> None:
         """Connect, follow telemetry, and discover the agents that answer now."""
         await self.rpc.connect()
-        await self._start_intake()
+        await self._telemetry.start(self.rpc, subjects.telemetry_wildcard(self.prefix, self.site))
         if discover:
             await self.discover()
 
@@ -122,38 +120,8 @@ class NatsFleet:
             task.cancel()
         await asyncio.gather(*self._resends.values(), return_exceptions=True)
         self._resends.clear()
-        if self._intake_watch is not None:
-            self._intake_watch.cancel()
-            await asyncio.gather(self._intake_watch, return_exceptions=True)
-        if self.intake is not None:
-            await self.intake.close()
-            self.intake = None
+        await self._telemetry.close()
         await self.rpc.close()
-
-    async def _start_intake(self) -> None:
-        """Follow telemetry: in the intake process, or on this loop if asked to or if it cannot start."""
-        subject = subjects.telemetry_wildcard(self.prefix, self.site)
-        if self._intake_mode == "process":
-            intake = IntakeProcess(self._on_intake_report, self._on_numbers, self.roster.warn_once)
-            try:
-                await intake.start(self.rpc.url, subject)
-            except DeviceUnavailable as err:
-                _log.warning("telemetry intake process unavailable; taking telemetry in inline", error=str(err))
-            else:
-                self.intake = intake
-                self._intake_watch = asyncio.create_task(self._watch_intake(subject), name="fleet-intake-watch")
-                return
-        await self.rpc.subscribe(subject, self._on_telemetry)
-
-    async def _watch_intake(self, subject: str) -> None:
-        """Take telemetry in inline if the intake process ends unasked."""
-        assert self.intake is not None
-        await self.intake.ended.wait()
-        _log.error("telemetry intake process ended; taking telemetry in inline from now on")
-        await self.intake.close()
-        self.intake = None
-        self._filter = TelemetryFilter()
-        await self.rpc.subscribe(subject, self._on_telemetry)
 
     @property
     def nodes(self) -> dict[str, tuple[str, str]]:
@@ -196,72 +164,17 @@ class NatsFleet:
 
     async def read(self) -> tuple[GpuState, ...]:
         """Return the last reported state of every GPU on nodes that are live and answering."""
-        if self.intake is not None:
-            await self.intake.pull()  # the numbers of every node's latest telemetry, decoded from here on
+        await self._telemetry.pull()  # the numbers of every node's latest telemetry, decoded from here on
         return self.roster.read(self._clock.monotonic())
 
     async def set_caps(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
         """Send each node its caps at once; return the enforced caps (W) of the nodes that acknowledged."""
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise InputRejected(f"lease_s must be a positive number of seconds, got {lease_s}")
-        per_node = self._group(caps_w)
+        per_node = self.roster.group(caps_w)
         if not per_node:
             return {}
         return await self._send_caps(per_node, lease_s, caps_w)
-
-    def _group(self, caps_w: Mapping[str, float]) -> dict[Node, _Group]:
-        """Check every cap and group them by node (the hot loop of a dispatch: mostly one step per node)."""
-        get = self.roster.index.get
-        keys, values = list(caps_w), list(caps_w.values())
-        per_node: dict[Node, _Group] = {}
-        if not values:
-            return per_node
-        floor_w, ceiling_w = self.roster.limits()  # most sites: one check for all caps, not one per GPU
-        fits_all = math.isfinite(sum(values)) and floor_w <= min(values) and max(values) <= ceiling_w
-        every, spans = self.roster.order()
-        if fits_all and keys == every:  # every GPU, in read() order: the nodes' slices are known
-            for node, start, stop in spans:
-                if stop > start:
-                    per_node[node] = (node.all_ids, values[start:stop])
-            return per_node
-        i, end = 0, len(keys)
-        while i < end:
-            entry = get(keys[i])
-            if entry is None:
-                raise self._refusal(keys[i], values[i])
-            node = entry[0]
-            all_ids = node.all_ids
-            j = i + len(all_ids)
-            if keys[i:j] == all_ids:  # every GPU of the node, in its order (so none of them seen before)
-                caps = values[i:j]
-                if not fits_all:
-                    for gpu_id, cap_w in zip(all_ids, caps, strict=True):
-                        self._check(gpu_id, cap_w)
-                per_node[node] = (all_ids, caps)
-                i = j
-                continue
-            self._check(keys[i], values[i])
-            group = per_node.get(node)
-            if group is None or group[0] is node.all_ids:  # (the node's own list must not grow)
-                group = per_node[node] = ([], []) if group is None else (list(group[0]), group[1])
-            group[0].append(keys[i])
-            group[1].append(values[i])
-            i += 1
-        return per_node
-
-    def _check(self, gpu_id: str, cap_w: float) -> None:
-        """Raise if ``cap_w`` cannot be sent to ``gpu_id``."""
-        entry = self.roster.index.get(gpu_id)
-        if entry is None or not entry[1] <= cap_w <= entry[2]:  # NaN and infinity fail too
-            raise self._refusal(gpu_id, cap_w)
-
-    def _refusal(self, gpu_id: str, cap_w: float) -> InputRejected | DeviceRejected:
-        """Return the error for a cap ``set_caps`` cannot send."""
-        entry = self.roster.index.get(gpu_id)
-        if entry is None:
-            return InputRejected(f"unknown gpu id {gpu_id!r} (no agent reported it)")
-        _node, lo, hi = entry
-        return DeviceRejected(gpu_id, f"cap {cap_w:g} W outside the allowed range [{lo:g}, {hi:g}] W")
 
     async def release(self, *, hall: str | None = None, rack: str | None = None) -> None:
         """Restore default limits on every node of the site (or of one hall or rack) by broadcast.
@@ -309,7 +222,7 @@ class NatsFleet:
     # -- sending --------------------------------------------------------------------------------
 
     async def _send_caps(
-        self, per_node: dict[Node, _Group], lease_s: float, asked: Mapping[str, float] | None = None
+        self, per_node: dict[Node, Group], lease_s: float, asked: Mapping[str, float] | None = None
     ) -> dict[str, float]:
         """Request every node's caps concurrently; collect what they enforce (``asked``: all caps, as given)."""
         cmd_id = compact.command_id(self._next_id())
@@ -502,35 +415,6 @@ class NatsFleet:
             _log.info("nodes answer again", count=len(recovered), nodes=recovered[:10])
 
     # -- receiving ------------------------------------------------------------------------------
-
-    async def _on_telemetry(self, msg: Msg) -> None:
-        """Take in one telemetry message on this loop (intake ``inline``)."""
-        try:
-            got = self._filter.take(msg.subject, msg.data)
-        except InputRejected as err:
-            self.roster.warn_once(msg.subject, f"bad telemetry ignored: {err}")
-            return
-        if isinstance(got, bytes):
-            self._on_numbers([(msg.subject, 0.0, got)])
-        else:
-            self.roster.take_telemetry(msg.subject, got, self._clock.monotonic())
-
-    def _on_intake_report(self, subject: str, data: bytes) -> None:
-        """Take in a whole telemetry message the intake process passed on (a new or changed head)."""
-        try:
-            report = telemetry.parse_telemetry(data)
-        except InputRejected as err:
-            self.roster.warn_once(subject, f"bad telemetry ignored: {err}")
-            return
-        self.roster.take_telemetry(subject, report, self._clock.monotonic())
-
-    def _on_numbers(self, entries: list[tuple[str, float, bytes]]) -> None:
-        """Keep nodes' latest telemetry numbers; ask for the whole message of a node not known."""
-        for subject in self.roster.take_numbers(entries, self._clock.monotonic()):
-            if self.intake is not None:  # a head the roster did not take (another site, a duplicate name)
-                self.intake.forget(subject)
-            else:
-                self._filter.forget(subject)
 
     def _parse(self, data: bytes) -> m.Reply | None:
         """Parse one JSON reply (or take in a late slim ack) and its report; log (once) and return None if malformed."""

@@ -29,10 +29,15 @@ import struct
 import sys
 from collections.abc import Callable
 
-from gateway.errors import DeviceUnavailable
+from nats.aio.msg import Msg
+
+from gateway.clock import Clock
+from gateway.errors import DeviceUnavailable, InputRejected
 from gateway.logs import get_logger
 from protocols.fleet import compact, telemetry
 from protocols.fleet.messages import NodeReport
+from protocols.fleet.roster import Roster
+from protocols.fleet.rpc import NatsRpc
 
 _log = get_logger("fleet.intake")
 START_TIMEOUT_S = 20.0
@@ -66,6 +71,87 @@ class TelemetryFilter:
 
 
 # -- the gateway's side ---------------------------------------------------------------------------
+
+
+class TelemetryIntake:
+    """Telemetry into the roster: through the intake process, or on the gateway's own loop (``inline``)."""
+
+    def __init__(self, roster: Roster, clock: Clock, mode: str = "process") -> None:
+        if mode not in ("process", "inline"):
+            raise InputRejected(f"telemetry intake must be 'process' or 'inline', got {mode!r}")
+        self.roster = roster
+        self.mode = mode
+        self._clock = clock
+        self.process: IntakeProcess | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._filter = TelemetryFilter()  # for telemetry taken in on the gateway's loop
+
+    async def start(self, rpc: NatsRpc, subject: str) -> None:
+        """Follow ``subject``: in the intake process, or on this loop if asked to or if it cannot start."""
+        if self.mode == "process":
+            process = IntakeProcess(self._on_report, self._on_numbers, self.roster.warn_once)
+            try:
+                await process.start(rpc.url, subject)
+            except DeviceUnavailable as err:
+                _log.warning("telemetry intake process unavailable; taking telemetry in inline", error=str(err))
+            else:
+                self.process = process
+                self._watch = asyncio.create_task(self._take_over(rpc, subject), name="fleet-intake-watch")
+                return
+        await rpc.subscribe(subject, self._on_message)
+
+    async def pull(self) -> None:
+        """Bring the roster up to date with the intake process (nothing to do inline)."""
+        if self.process is not None:
+            await self.process.pull()
+
+    async def close(self) -> None:
+        """Stop the intake process, if any."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self.process is not None:
+            await self.process.close()
+            self.process = None
+
+    async def _take_over(self, rpc: NatsRpc, subject: str) -> None:
+        """Take telemetry in on this loop if the intake process ends unasked."""
+        assert self.process is not None
+        await self.process.ended.wait()
+        _log.error("telemetry intake process ended; taking telemetry in inline from now on")
+        await self.process.close()
+        self.process = None
+        self._filter = TelemetryFilter()
+        await rpc.subscribe(subject, self._on_message)
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Take in one telemetry message on this loop (``inline``)."""
+        try:
+            got = self._filter.take(msg.subject, msg.data)
+        except InputRejected as err:
+            self.roster.warn_once(msg.subject, f"bad telemetry ignored: {err}")
+            return
+        if isinstance(got, bytes):
+            self._on_numbers([(msg.subject, 0.0, got)])
+        else:
+            self.roster.take_telemetry(msg.subject, got, self._clock.monotonic())
+
+    def _on_report(self, subject: str, data: bytes) -> None:
+        """Take in a whole telemetry message the intake process passed on (a new or changed head)."""
+        try:
+            report = telemetry.parse_telemetry(data)
+        except InputRejected as err:
+            self.roster.warn_once(subject, f"bad telemetry ignored: {err}")
+            return
+        self.roster.take_telemetry(subject, report, self._clock.monotonic())
+
+    def _on_numbers(self, entries: list[tuple[str, float, bytes]]) -> None:
+        """Keep nodes' latest numbers; ask for the whole message of a node the roster does not know."""
+        for subject in self.roster.take_numbers(entries, self._clock.monotonic()):
+            if self.process is not None:  # a head the roster did not take (another site, a duplicate name)
+                self.process.forget(subject)
+            else:
+                self._filter.forget(subject)
 
 
 class IntakeProcess:

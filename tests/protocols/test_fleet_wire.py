@@ -18,7 +18,7 @@ from gateway.errors import InputRejected
 from gateway.model import GpuState
 from protocols.fleet import compact, messages, telemetry
 from protocols.fleet.intake import TelemetryFilter
-from protocols.fleet.roster import Node
+from protocols.fleet.node import Node
 
 NAN = math.nan
 IDS = ("site1", "h1", "r1", "n0", "b00t")
