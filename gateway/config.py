@@ -305,6 +305,7 @@ class GpusConfig(_Section):
     nats_url: Annotated[str, _url_of("nats", "tls", "ws", "wss")] = "nats://127.0.0.1:4222"
     subject_prefix: str = "drgw"
     request_timeout_s: float = Field(1.0, gt=0, le=60)
+    telemetry_intake: Literal["process", "inline"] = "process"
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {
             "flex0": TierConfig(max_loss_fraction=0.0),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import random
 import secrets
 from datetime import datetime, timedelta
@@ -30,8 +32,8 @@ from gateway.clock import Clock
 from gateway.errors import DeviceUnavailable, GatewayError, InputRejected
 from gateway.interfaces import GpuFleet
 from gateway.logs import get_logger
+from protocols.fleet import compact, subjects, telemetry
 from protocols.fleet import messages as m
-from protocols.fleet import subjects
 from protocols.fleet.connect import connect_nats
 from protocols.fleet.labels import GpuLabels
 
@@ -76,8 +78,16 @@ class NodeAgent:
         self._own_nc = nc is None
         self._reconnect_wait_s = reconnect_wait_s
         self.boot = secrets.token_hex(6)  # a new id per start: the gateway spots restarts by it
+        self.subject = subjects.node_cmd(self.prefix, self.site, self.hall, self.rack, self.node)
+        self._telemetry_subject = subjects.telemetry(self.prefix, self.site, self.hall, self.rack, self.node)
+        self._node_b, self._boot_b = self.node.encode(), self.boot.encode()
         self._lock = asyncio.Lock()
         self._lease_until: dict[str, float] = {}  # local gpu id -> clock.monotonic() expiry
+        self._soonest = math.inf  # no lease ends before this (a lower bound: checked leases recompute it)
+        self.state_seq = 0  # counts cap changes; telemetry and replies carry it, so late news loses to newer
+        self._head = b""  # telemetry head, encoded again only when its content changes
+        self.telemetry_bytes = 0  # size of the last telemetry message
+        self._head_key: tuple[Any, ...] | None = None
         self._default_w: dict[str, float] = {}
         self.lease_lapsed_at: datetime | None = None  # pending report of the last lapse
         self.lapsed_gpus: list[str] = []
@@ -87,11 +97,6 @@ class NodeAgent:
         self._loop_error: str | None = None
         self._telemetry_due = False
         self._closing = False
-
-    @property
-    def subject(self) -> str:
-        """Return this node's command subject."""
-        return subjects.node_cmd(self.prefix, self.site, self.hall, self.rack, self.node)
 
     @property
     def leased(self) -> dict[str, float]:
@@ -104,6 +109,7 @@ class NodeAgent:
         async with self._lock:
             await self.fleet.release()  # first, even without NATS: no cap survives a restart
             self._lease_until.clear()
+            self.state_seq += 1
             self._default_w = {g.gpu_id: g.default_cap_w for g in await self.fleet.read()}
         if self._nc is None:
             self._nc = await connect_nats(
@@ -138,6 +144,7 @@ class NodeAgent:
                 async with self._lock:
                     await self.fleet.release()
                     self._lease_until.clear()
+                    self.state_seq += 1
         finally:
             if self._own_nc and self._nc is not None:
                 self._closing = True
@@ -172,7 +179,8 @@ class NodeAgent:
             if broadcast and cmd.op == "set_caps":
                 raise InputRejected("set_caps must be sent to a node subject, not a broadcast subject")
             async with self._lock:
-                await self._expire_quietly()  # a lapse is restored (and reported) before anything new
+                if self._clock.monotonic() >= self._soonest:
+                    await self._expire_quietly()  # a lapse is restored (and reported) before anything new
                 body = await self._apply_locked(cmd)
         except GatewayError as err:
             body = {"error": {"type": type(err).__name__, "message": str(err)}}
@@ -181,23 +189,33 @@ class NodeAgent:
             _log.exception("command failed", node=self.node, op=op)
             body = {"error": {"type": "AgentError", "message": f"{type(err).__name__}: {err}"}}
             return self._reply(False, cmd_id, op, body)
+        if cmd.compact:
+            try:
+                applied = list(map(body["applied_w"].__getitem__, cmd.caps_w))
+            except KeyError as err:
+                body = {"error": {"type": "AgentError", "message": f"backend did not report the cap of {err}"}}
+                return self._reply(False, cmd_id, op, body)
+            lapse = self._take_lapse_json()
+            return compact.ack_bytes(cmd.id, self._node_b, self._boot_b, self.state_seq, applied, lapse)
         return self._reply(True, cmd_id, op, body)
 
     async def _apply_locked(self, cmd: m.Command) -> dict[str, Any]:
         """Apply a validated command (lock held); return the reply body."""
         now = self._clock.monotonic()
         if cmd.op == "set_caps":
-            unknown = sorted(set(cmd.caps_w) - set(self._default_w))
-            if unknown:
+            if not self._default_w.keys() >= cmd.caps_w.keys():
+                unknown = sorted(set(cmd.caps_w) - set(self._default_w))
                 raise InputRejected(f"caps_w: unknown gpu id {unknown[0]!r} on node {self.node}")
             assert cmd.lease_s is not None
+            until = now + cmd.lease_s
+            self.state_seq += 1
             try:
                 applied = await self.fleet.set_caps(cmd.caps_w, HOLD_S)
             except GatewayError:
-                await self._lease_strays(now + cmd.lease_s)
+                await self._lease_strays(until)
                 raise
-            for gpu_id in cmd.caps_w:
-                self._lease_until[gpu_id] = now + cmd.lease_s
+            self._lease_until.update(dict.fromkeys(cmd.caps_w, until))
+            self._soonest = min(self._soonest, until)
             return {"applied_w": applied, "lease_s": cmd.lease_s}
         if cmd.op == "renew":
             assert cmd.lease_s is not None
@@ -207,20 +225,29 @@ class NodeAgent:
                 self._lease_until[gpu_id] = now + cmd.lease_s
             return {"renewed": renewed, "lease_s": cmd.lease_s}
         if cmd.op == "release":
+            self.state_seq += 1
             await self.fleet.release()
             self._lease_until.clear()
             return {"applied_w": {g.gpu_id: g.cap_w for g in await self.fleet.read()}}
         return {"gpus": await self._gpus_wire()}  # read, discover
 
     def _reply(self, ok: bool, cmd_id: str | None, op: str | None, body: dict[str, Any]) -> bytes:
-        """Encode a reply with this node's identity and any lapse not yet reported."""
+        """Encode a JSON reply with this node's identity and any lapse not yet reported."""
         obj = self._identity()
-        obj.update(ok=ok, id=cmd_id, op=op, **body)
+        obj.update(ok=ok, id=cmd_id, op=op, state_seq=self.state_seq, **body)
         self.lease_lapsed_at, self.lapsed_gpus = None, []  # now reported to the gateway
         return m.dumps(obj)
 
+    def _take_lapse_json(self) -> bytes:
+        """Return the pending lapse report for an ack (empty if none) and count it as reported."""
+        if self.lease_lapsed_at is None:
+            return b""
+        lapse = {"lease_lapsed_at": self.lease_lapsed_at.isoformat(), "lapsed_gpus": list(self.lapsed_gpus)}
+        self.lease_lapsed_at, self.lapsed_gpus = None, []
+        return json.dumps(lapse).encode()
+
     def _identity(self) -> dict[str, Any]:
-        """Return the fields every message from this agent carries."""
+        """Return the fields every JSON message from this agent carries."""
         lapsed = self.lease_lapsed_at
         return {
             "v": m.VERSION,
@@ -258,20 +285,27 @@ class NodeAgent:
         for state in states:
             if state.cap_w != self._default_w.get(state.gpu_id, state.cap_w) and state.gpu_id not in self._lease_until:
                 self._lease_until[state.gpu_id] = until
+                self._soonest = min(self._soonest, until)
 
     async def _expire_locked(self) -> list[str]:
         """Restore lapsed GPUs (lock held); on a backend error keep them leased to retry."""
         now = self._clock.monotonic()
+        if now < self._soonest:
+            return []
         lapsed = [g for g, until in self._lease_until.items() if until <= now]
+        self._soonest = min((u for u in self._lease_until.values() if u > now), default=math.inf)
         if not lapsed:
             return []
         first_until = min(self._lease_until[g] for g in lapsed)
+        self._soonest = min(self._soonest, first_until)  # until the restore below has succeeded
+        self.state_seq += 1
         if len(lapsed) == len(self._lease_until):
             await self.fleet.release()
         else:
             await self.fleet.set_caps({g: self._default_w[g] for g in lapsed}, HOLD_S)
         for gpu_id in lapsed:
             del self._lease_until[gpu_id]
+        self._soonest = min(self._lease_until.values(), default=math.inf)
         self.lease_lapsed_at = self._clock.now() - timedelta(seconds=now - first_until)
         self.lapsed_gpus = sorted({*self.lapsed_gpus, *lapsed})
         _log.warning(
@@ -300,21 +334,36 @@ class NodeAgent:
         if self._nc is None:
             return
         async with self._lock:
-            gpus = await self._gpus_wire()
-        self._seq += 1
-        obj = self._identity()
-        obj.update(
-            kind="telemetry", seq=self._seq, t=self._clock.now().isoformat(), period_s=self.telemetry_s, gpus=gpus
-        )
-        subject = subjects.telemetry(self.prefix, self.site, self.hall, self.rack, self.node)
-        await self._nc.publish(subject, m.dumps(obj))
+            states = await self.fleet.read()
+            self.labels.refresh()
+            now = self._clock.monotonic()
+            static = tuple((s.gpu_id, s.min_cap_w, s.max_cap_w, s.default_cap_w, s.job_class, s.tier) for s in states)
+            key = (static, self.labels.version, self.lease_lapsed_at, tuple(self.lapsed_gpus))
+            if key != self._head_key:
+                lookup = self.labels.lookup
+                rows = [(*row[:4], *lookup(row[0], (row[4], row[5]))) for row in static]
+                ids = (self.site, self.hall, self.rack, self.node, self.boot)
+                self._head = telemetry.head_bytes(ids, self.telemetry_s, rows, self.lease_lapsed_at, self.lapsed_gpus)
+                self._head_key = key
+            leases, nan = self._lease_until, math.nan
+            nums: list[float] = []
+            for s in states:
+                until = leases.get(s.gpu_id)
+                lease_s = nan if until is None else max(0.0, until - now)
+                nums += (s.power_w, s.cap_w, nan if s.throughput is None else s.throughput, lease_s)
+            self._seq += 1
+            data = compact.telemetry_bytes(self._head, self._seq, self.state_seq, self._clock.now().timestamp(), nums)
+            self.telemetry_bytes = len(data)
+        await self._nc.publish(self._telemetry_subject, data)
 
     async def _run(self) -> None:
         """Check leases every ``lease_check_s`` and publish telemetry every ``telemetry_s``."""
         now = self._clock.monotonic()
-        # Random phases: agents started together must not publish in lockstep.
-        next_check = now + self.lease_check_s * random.random()
-        next_telemetry = now + self.telemetry_s * random.random()
+        # A random phase: agents started together must not publish in lockstep. One phase for both
+        # timers, so with equal periods one wake-up does both.
+        phase = random.random()
+        next_check = now + self.lease_check_s * phase
+        next_telemetry = now + self.telemetry_s * phase
         while True:
             await self._clock.sleep(max(0.0, min(next_check, next_telemetry) - self._clock.monotonic()))
             now = self._clock.monotonic()

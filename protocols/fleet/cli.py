@@ -44,7 +44,8 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     b.add_argument("--gpus", type=int, required=True)
     b.add_argument("--gpus-per-agent", type=int, default=8)
     b.add_argument("--nats", help="use this NATS server instead of starting a private one")
-    b.add_argument("--rounds", type=int, default=50)
+    b.add_argument("--rounds", type=int, default=50, help="timed rounds per repetition")
+    b.add_argument("--reps", type=int, default=3, help="repetitions (each round is followed by a floor round)")
     b.add_argument("--shared-connection", action="store_true", help="all agents share one NATS connection")
     b.add_argument(
         "--agent-procs", type=int, default=0, help="run the agents in this many child processes (default: in-process)"
@@ -165,6 +166,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 telemetry_s=args.telemetry_s,
                 timeout_s=args.timeout_s,
                 profile=args.profile,
+                reps=args.reps,
             )
         )
     except (GatewayError, ValueError) as err:

@@ -11,6 +11,10 @@ restarting, reporting a lapsed lease) are logged once each.
 
 When an agent restarts (a new boot id) while the gateway still holds unexpired caps on it, the
 caps are sent again at once with what is left of their lease.
+
+Telemetry is taken in off the control path (``protocols.fleet.intake``): by default in a child
+process that keeps every node's latest numbers and hands them over when ``read`` asks, so the
+event loop that waits for acks does no telemetry work between reads.
 """
 
 from __future__ import annotations
@@ -19,52 +23,27 @@ import asyncio
 import functools
 import math
 import secrets
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Collection, Mapping, Sequence
+from itertools import chain
 
-from nats.aio.msg import Msg
-
-from gateway import gpumodel
 from gateway.clock import Clock, SystemClock
 from gateway.config import GpusConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.logs import get_logger
 from gateway.model import GpuState
+from protocols.fleet import compact, subjects
 from protocols.fleet import messages as m
-from protocols.fleet import subjects
+from protocols.fleet.intake import IntakeProcess, TelemetryIntake
+from protocols.fleet.node import Node
+from protocols.fleet.roster import Group, LeaseLapse, Roster
 from protocols.fleet.rpc import Failure, NatsRpc
+
+__all__ = ["LeaseLapse", "NatsFleet"]
 
 _log = get_logger("fleet.client")
 SEP = m.SEP
 _REFUSALS = ("InputRejected", "DeviceRejected", "PermissionDenied", "ReadbackMismatch")
-
-
-@dataclass(frozen=True)
-class LeaseLapse:
-    """An agent's report that leases lapsed and it restored default limits itself."""
-
-    node: str
-    lapsed_at: datetime
-    gpus: tuple[str, ...]  # global ids
-
-
-@dataclass
-class _Node:
-    """What the gateway knows of one agent."""
-
-    name: str
-    hall: str
-    rack: str
-    subject: str
-    boot: str
-    seen_at: float
-    period_s: float = 1.0
-    gpus: dict[str, GpuState] = field(default_factory=dict)  # local id -> last reported state
-    cap_w: dict[str, float] = field(default_factory=dict)  # local id -> latest known cap
-    failed_at: float | None = None
-    held: dict[str, tuple[float, float]] = field(default_factory=dict)  # local -> (cap_w, until)
-    cache: tuple[GpuState, ...] | None = None
+_ACK_KIND = compact.MAGIC + compact.ACK
 
 
 class NatsFleet:
@@ -82,24 +61,24 @@ class NatsFleet:
         default_job_class: str = "training",
         default_tier: str = "flex1",
         reconnect_wait_s: float = 0.5,
+        intake: str = "process",
     ) -> None:
         self.site = subjects.check_token("site", site, reserved_ok=True)
         self.prefix = subjects.check_prefix(prefix)
         self.request_timeout_s = request_timeout_s
         self._clock = clock or SystemClock()
-        self._tiers = set(tiers) if tiers is not None else None
-        self._default_label = (default_job_class, default_tier)
         self.rpc = NatsRpc(url, name=f"drgw-gateway {site}", reconnect_wait_s=reconnect_wait_s)
         # An agent reports a lapse once, in whatever reply it sends next: read late replies too.
         self.rpc.on_late_reply = self._parse
-        self._nodes: dict[str, _Node] = {}
+        labels = (default_job_class, default_tier)
+        self.roster = Roster(self.site, self.prefix, request_timeout_s, tiers, labels, self._restarted)
+        self._nodes = self.roster.nodes
         self.last_failed_nodes: dict[str, str] = {}
-        self.lease_lapses: list[LeaseLapse] = []
         self._cmd_prefix = secrets.token_hex(3)
         self._cmd_seq = 0
         self._resends: dict[str, asyncio.Task[None]] = {}
-        self._warned: set[tuple[str, str]] = set()
         self._failing: dict[str, str] = {}  # node -> reason, for logging state changes once
+        self._telemetry = TelemetryIntake(self.roster, self._clock, intake)
 
     @classmethod
     def from_config(cls, cfg: GpusConfig, site: str, clock: Clock | None = None) -> NatsFleet:
@@ -113,23 +92,35 @@ class NatsFleet:
             tiers=cfg.tiers.keys(),
             default_job_class=cfg.default_job_class,
             default_tier=cfg.default_tier,
+            intake=cfg.telemetry_intake,
         )
+
+    @property
+    def intake(self) -> IntakeProcess | None:
+        """Return the telemetry intake process, while there is one."""
+        return self._telemetry.process
+
+    @property
+    def lease_lapses(self) -> list[LeaseLapse]:
+        """Return the lapses reported and not yet taken."""
+        return self.roster.lease_lapses
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def connect(self, discover: bool = True) -> None:
         """Connect, follow telemetry, and discover the agents that answer now."""
         await self.rpc.connect()
-        await self.rpc.subscribe(subjects.telemetry_wildcard(self.prefix, self.site), self._on_telemetry)
+        await self._telemetry.start(self.rpc, subjects.telemetry_wildcard(self.prefix, self.site))
         if discover:
             await self.discover()
 
     async def close(self) -> None:
-        """Stop resends and close the connection (caps stay until their leases lapse)."""
+        """Stop resends and telemetry intake, and close the connection (caps stay until their leases lapse)."""
         for task in self._resends.values():
             task.cancel()
         await asyncio.gather(*self._resends.values(), return_exceptions=True)
         self._resends.clear()
+        await self._telemetry.close()
         await self.rpc.close()
 
     @property
@@ -173,35 +164,17 @@ class NatsFleet:
 
     async def read(self) -> tuple[GpuState, ...]:
         """Return the last reported state of every GPU on nodes that are live and answering."""
-        now = self._clock.monotonic()
-        out: list[GpuState] = []
-        for node in self._nodes.values():
-            if node.failed_at is not None or now - node.seen_at > self._stale_after_s(node):
-                continue
-            if node.cache is None:
-                node.cache = tuple(replace(g, cap_w=node.cap_w.get(k, g.cap_w)) for k, g in node.gpus.items())
-            out.extend(node.cache)
-        return tuple(out)
+        await self._telemetry.pull()  # the numbers of every node's latest telemetry, decoded from here on
+        return self.roster.read(self._clock.monotonic())
 
     async def set_caps(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
         """Send each node its caps at once; return the enforced caps (W) of the nodes that acknowledged."""
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise InputRejected(f"lease_s must be a positive number of seconds, got {lease_s}")
-        per_node: dict[str, dict[str, float]] = {}
-        for gpu_id, cap_w in caps_w.items():
-            node_name, _, local = gpu_id.partition(SEP)
-            node = self._nodes.get(node_name)
-            state = node.gpus.get(local) if node is not None else None
-            if state is None:
-                raise InputRejected(f"unknown gpu id {gpu_id!r} (no agent reported it)")
-            if not (math.isfinite(cap_w) and state.min_cap_w <= cap_w <= state.max_cap_w):
-                raise DeviceRejected(
-                    gpu_id, f"cap {cap_w:g} W outside the allowed range [{state.min_cap_w:g}, {state.max_cap_w:g}] W"
-                )
-            per_node.setdefault(node_name, {})[local] = cap_w
+        per_node = self.roster.group(caps_w)
         if not per_node:
             return {}
-        return await self._send_caps(per_node, lease_s)
+        return await self._send_caps(per_node, lease_s, caps_w)
 
     async def release(self, *, hall: str | None = None, rack: str | None = None) -> None:
         """Restore default limits on every node of the site (or of one hall or rack) by broadcast.
@@ -210,12 +183,13 @@ class NatsFleet:
         """
         scope = self._scope(hall, rack)
         for name in scope:
-            self._nodes[name].held.clear()
+            self._nodes[name].release_holds()
         subject = subjects.broadcast_cmd(self.prefix, self.site, hall, rack)
         replies = await self._broadcast(subject, m.command_bytes("release", self._next_id()), scope)
         for name, reply in replies.items():
-            if reply.ok:
-                self._take_applied(name, reply.applied_w)
+            node = self._nodes.get(name)
+            if reply.ok and node is not None:
+                node.take_caps(list(reply.applied_w), list(reply.applied_w.values()), reply.report.state_seq)
         failed = self._broadcast_failures(scope, replies)
         if failed:
             names = ", ".join(sorted(failed)[:5])
@@ -233,45 +207,112 @@ class NatsFleet:
         replies = await self._broadcast(subjects.broadcast_cmd(self.prefix, self.site, hall, rack), payload, scope)
         until = self._clock.monotonic() + lease_s
         for name, reply in replies.items():
-            if reply.ok and name in self._nodes:
-                node = self._nodes[name]  # GPUs the agent no longer leases have lapsed: forget them
-                node.held = {g: (node.held[g][0], until) for g in reply.renewed if g in node.held}
+            node = self._nodes.get(name)
+            if reply.ok and node is not None:  # GPUs the agent no longer leases have lapsed: forget them
+                held = node.held()
+                node.set_held({g: (held[g][0], until) for g in reply.renewed if g in held})
         self._broadcast_failures(scope, replies)
         return {name for name, reply in replies.items() if reply.ok}
 
     def take_lease_lapses(self) -> list[LeaseLapse]:
         """Return the lapses agents reported since the last call, and forget them."""
-        out, self.lease_lapses = self.lease_lapses, []
+        out, self.roster.lease_lapses = self.roster.lease_lapses, []
         return out
 
     # -- sending --------------------------------------------------------------------------------
 
-    async def _send_caps(self, per_node: dict[str, dict[str, float]], lease_s: float) -> dict[str, float]:
-        """Request every node's caps concurrently; collect what they enforce."""
-        cmd_id = self._next_id()
-        requests = {
-            name: (self._nodes[name].subject, m.command_bytes("set_caps", cmd_id, caps_w=caps, lease_s=lease_s))
-            for name, caps in per_node.items()
-        }
-        results = await self.rpc.request_many(requests, self.request_timeout_s)
-        until = self._clock.monotonic() + lease_s
+    async def _send_caps(
+        self, per_node: dict[Node, Group], lease_s: float, asked: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
+        """Request every node's caps concurrently; collect what they enforce (``asked``: all caps, as given)."""
+        cmd_id = compact.command_id(self._next_id())
+        sent: dict[str, tuple[Node, list[str], list[str], list[float], bytes, bytes]] = {}
+        requests: dict[str, tuple[str, bytes]] = {}
+        for node, (ids, caps) in per_node.items():
+            local_ids, blob = node.command_ids(ids)
+            raw = compact.caps_bytes(caps)
+            # an ack that enforces exactly these caps, with no news, is ``expected`` but for its state_seq
+            expected = compact.ack_shape(cmd_id, node.name_b, node.boot_b, len(caps))
+            sent[node.name] = (node, ids, local_ids, caps, raw, expected)
+            requests[node.name] = (node.subject, compact.set_caps_bytes(cmd_id, lease_s, blob, raw))
+        now = self._clock.monotonic()
+        until = now + lease_s  # the agents count from later: the gateway's view errs on the short side
+        taken: dict[str, Sequence[float] | str] = {}  # node -> caps it enforces, or why its ack is refused
+        is_expected, state_seq_of = compact.is_expected_ack, compact.ack_state_seq
+
+        def take(name: str, data: bytes) -> None:  # each ack as it comes, while others are on their way
+            node, ids, local_ids, caps, raw, expected = sent[name]
+            if is_expected(data, expected, raw):  # the usual case, checked without decoding
+                node.acked(local_ids, caps, state_seq_of(data), until, now)
+                taken[name] = caps
+                return
+            try:
+                ack = compact.parse_ack(data)
+            except InputRejected:
+                return  # not a slim ack: a JSON reply or a malformed ack, looked at below
+            if ack.id != cmd_id or ack.node != node.name_b or ack.n_caps != len(ids):
+                taken[name] = self._mismatch(node, ack, cmd_id, len(ids))
+                return
+            applied: Sequence[float] = caps
+            if not data.endswith(raw):  # it enforces other caps than asked: decode them
+                try:
+                    applied = ack.applied_w()
+                except InputRejected as err:
+                    self.roster.warn_once("reply", f"bad ack ignored: {err}")
+                    taken[name] = "bad reply (see log)"
+                    return
+            self.roster.observe_ack(node, ack, now)  # a new boot, or a lapse reported
+            node.acked(local_ids, applied, ack.state_seq, until, now)
+            taken[name] = applied
+
+        results = await self.rpc.request_many(requests, self.request_timeout_s, take)
+        ids_done: list[list[str]] = []
+        caps_done: list[Sequence[float]] = []
+        as_asked = True  # every node acknowledged and enforces exactly what was asked
         enforced: dict[str, float] = {}
         failed: dict[str, str] = {}
-        for name, result in results.items():
+        for name, (node, ids, _local, caps, _raw, _shape) in sent.items():
+            got = taken.get(name)
+            if got is not None:
+                if isinstance(got, str):
+                    failed[name] = got
+                    as_asked = False
+                else:
+                    ids_done.append(ids)
+                    caps_done.append(got)
+                    as_asked = as_asked and got is caps
+                continue
+            as_asked = False
+            result = results[name]
+            if isinstance(result, bytes) and compact.kind_of(result) == compact.ACK:
+                self._parse(result)  # a malformed ack: logged there
+                failed[node.name] = "bad reply (see log)"
+                continue
             reply = self._parse(result) if isinstance(result, bytes) else None
             if reply is None or not reply.ok:
-                failed[name] = self._reason(result, reply)
+                failed[node.name] = self._reason(result, reply)
                 continue
             for local, cap_w in reply.applied_w.items():
-                enforced[f"{name}{SEP}{local}"] = cap_w
-            self._take_applied(name, reply.applied_w, until)
-        self._note_failures(failed, asked=set(per_node))
+                enforced[f"{node.name}{SEP}{local}"] = cap_w
+            node.take_caps(list(reply.applied_w), list(reply.applied_w.values()), reply.report.state_seq)
+            node.hold(list(reply.applied_w), list(reply.applied_w.values()), until)
+        if as_asked and not failed and isinstance(asked, dict):
+            enforced = dict(asked)  # what the loop below would build, faster
+        else:
+            enforced.update(zip(chain.from_iterable(ids_done), chain.from_iterable(caps_done), strict=True))
+        self._note_failures(failed, per_node)
         if failed and not enforced:
             unavailable = any(not r.startswith(_REFUSALS) for r in failed.values())
             error = DeviceUnavailable if unavailable else DeviceRejected
             first = sorted(failed)[0]
             raise error("fleet", f"no node acknowledged ({len(failed)} failed; {first}: {failed[first]})")
         return enforced
+
+    def _mismatch(self, node: Node, ack: compact.Ack, cmd_id: bytes, count: int) -> str:
+        """Log (once) and return why an ack does not answer the command it came back for."""
+        why = f"ack from {ack.node!r} for {ack.id!r} with {ack.n_caps} caps"
+        self.roster.warn_once(node.name, f"ack does not match its command ({cmd_id!r}, {count} caps): {why}")
+        return f"mismatched ack: {why}"
 
     async def _broadcast(self, subject: str, payload: bytes, expect: set[str]) -> dict[str, m.Reply]:
         """Broadcast one command; return each replying node's reply, waiting until ``expect`` answered."""
@@ -295,7 +336,7 @@ class NatsFleet:
                 failed[name] = f"no reply within {self.request_timeout_s:g} s"
             elif not reply.ok:
                 failed[name] = self._reason(b"", reply)
-        self._note_failures(failed, asked=scope)
+        self._note_failures(failed, scope)
         return failed
 
     def _scope(self, hall: str | None, rack: str | None) -> set[str]:
@@ -304,16 +345,12 @@ class NatsFleet:
             raise InputRejected("a rack broadcast needs its hall")
         return {n.name for n in self._nodes.values() if hall in (None, n.hall) and rack in (None, n.rack)}
 
-    def _take_applied(self, name: str, applied_w: Mapping[str, float], until: float | None = None) -> None:
-        """Record the caps a node says it enforces (and, with ``until``, that the gateway holds them)."""
-        node = self._nodes.get(name)
-        if node is None:
-            return
-        for local, cap_w in applied_w.items():
-            node.cap_w[local] = cap_w
-            if until is not None:
-                node.held[local] = (cap_w, until)
-        node.cache = None
+    def _restarted(self, node: Node) -> None:
+        """Re-send the caps the gateway still holds on an agent that restarted."""
+        if node.held() and node.name not in self._resends:
+            task = asyncio.get_running_loop().create_task(self._resend(node.name))
+            self._resends[node.name] = task
+            task.add_done_callback(functools.partial(self._resend_done, node.name))
 
     async def _resend(self, name: str) -> None:
         """Send a restarted agent the caps the gateway still holds there, with their remaining lease."""
@@ -321,13 +358,14 @@ class NatsFleet:
         now = self._clock.monotonic()
         if node is None:
             return
-        live = {g: (c, until) for g, (c, until) in node.held.items() if until - now > 0.05}
+        live = {g: held for g, held in node.held().items() if held[1] - now > 0.05}
         if not live:
             return
         lease_s = min(until for _, until in live.values()) - now
         _log.info("re-sending caps to restarted agent", node=name, gpus=len(live), lease_s=round(lease_s, 2))
+        group = ([f"{name}{SEP}{g}" for g in live], [cap_w for cap_w, _ in live.values()])
         try:
-            await self._send_caps({name: {g: c for g, (c, _) in live.items()}}, lease_s)
+            await self._send_caps({node: group}, lease_s)
         except (DeviceUnavailable, DeviceRejected) as err:
             _log.warning("re-send to restarted agent failed", node=name, error=str(err))
 
@@ -349,7 +387,7 @@ class NatsFleet:
             return "bad reply (see log)"
         return f"{reply.error_type}: {reply.error_message}"
 
-    def _note_failures(self, failed: dict[str, str], asked: set[str]) -> None:
+    def _note_failures(self, failed: dict[str, str], asked: Collection[str] | Mapping[Node, object]) -> None:
         """Record the failed nodes of one call; log nodes that start or stop failing, once each.
 
         A node that did not answer at all is also left out of ``read`` until it is heard again.
@@ -362,7 +400,10 @@ class NatsFleet:
             node = self._nodes.get(name)
             if node is not None and not reason.startswith(_REFUSALS):
                 node.failed_at = now
-        recovered = sorted(n for n in asked - set(failed) if self._failing.pop(n, None) is not None)
+        names = {n.name if isinstance(n, Node) else n for n in asked} if self._failing else set()
+        recovered = sorted(n for n in list(self._failing) if n in names and n not in failed)
+        for name in recovered:
+            del self._failing[name]
         if newly:
             _log.warning(
                 "nodes failed; planning goes on without them",
@@ -375,93 +416,22 @@ class NatsFleet:
 
     # -- receiving ------------------------------------------------------------------------------
 
-    async def _on_telemetry(self, msg: Msg) -> None:
-        """Take in one telemetry message."""
-        try:
-            report = m.parse_telemetry(msg.data)
-        except InputRejected as err:
-            self._warn_once(msg.subject, f"bad telemetry ignored: {err}")
-            return
-        self._observe(report)
-
     def _parse(self, data: bytes) -> m.Reply | None:
-        """Parse one reply and take in its report; log (once) and return None if malformed."""
+        """Parse one JSON reply (or take in a late slim ack) and its report; log (once) and return None if malformed."""
+        if data[:4] == _ACK_KIND:
+            try:
+                ack = compact.parse_ack(data)
+            except InputRejected as err:
+                self.roster.warn_once("reply", f"bad ack ignored: {err}")
+                return None
+            node = self._nodes.get(ack.node.decode(errors="replace"))
+            if node is not None:
+                self.roster.observe_ack(node, ack, self._clock.monotonic())
+            return None
         try:
             reply = m.parse_reply(data)
         except InputRejected as err:
-            self._warn_once("reply", f"bad reply ignored: {err}")
+            self.roster.warn_once("reply", f"bad reply ignored: {err}")
             return None
-        self._observe(reply.report)
+        self.roster.observe(reply.report, self._clock.monotonic())
         return reply
-
-    def _observe(self, report: m.NodeReport) -> None:
-        """Update the roster from one node report: location, GPUs, restarts, lapses."""
-        if report.site != self.site:
-            return
-        now = self._clock.monotonic()
-        node = self._nodes.get(report.node)
-        if node is None:
-            subject = subjects.node_cmd(self.prefix, self.site, report.hall, report.rack, report.node)
-            node = _Node(report.node, report.hall, report.rack, subject, report.boot, now)
-            self._nodes[report.node] = node
-        elif node.hall != report.hall or node.rack != report.rack:
-            if now - node.seen_at <= self._stale_after_s(node):
-                self._warn_once(
-                    report.node,
-                    f"duplicate node name {report.node!r} in "
-                    f"{report.hall}/{report.rack}; keeping {node.hall}/{node.rack}",
-                )
-                return
-            node.hall, node.rack = report.hall, report.rack
-            node.subject = subjects.node_cmd(self.prefix, self.site, report.hall, report.rack, report.node)
-        if node.boot != report.boot:
-            node.boot = report.boot
-            _log.info("agent (re)started", node=report.node, boot=report.boot)
-            if node.held and report.node not in self._resends:
-                task = asyncio.get_running_loop().create_task(self._resend(report.node))
-                self._resends[report.node] = task
-                task.add_done_callback(functools.partial(self._resend_done, report.node))
-        node.seen_at = now
-        if node.failed_at is not None and now > node.failed_at:
-            node.failed_at = None  # heard again: back in ``read``
-        if report.period_s:
-            node.period_s = report.period_s
-        if report.gpus:
-            cut = len(report.node) + len(SEP)
-            node.gpus = {g.gpu_id[cut:]: self._checked_labels(g) for g in report.gpus}
-            node.cap_w = {local: g.cap_w for local, g in node.gpus.items()}
-            node.cache = None
-        if report.lease_lapsed_at is not None:
-            gpus = tuple(f"{report.node}{SEP}{g}" for g in report.lapsed_gpus)
-            lapse = LeaseLapse(report.node, report.lease_lapsed_at, gpus)
-            if lapse not in self.lease_lapses:
-                self.lease_lapses.append(lapse)
-                _log.warning(
-                    "agent reports lapsed leases; it restored default limits",
-                    node=report.node,
-                    lapsed_at=report.lease_lapsed_at.isoformat(),
-                    gpus=len(gpus),
-                )
-
-    def _checked_labels(self, state: GpuState) -> GpuState:
-        """Return ``state`` with a job class and tier the planner knows (defaults replace unknown ones)."""
-        job, tier = state.job_class, state.tier
-        if job in gpumodel.JOB_CLASSES and (self._tiers is None or tier in self._tiers):
-            return state
-        if job not in gpumodel.JOB_CLASSES:
-            self._warn_once(state.host, f"unknown job class {job!r}; using {self._default_label[0]!r}")
-            job = self._default_label[0]
-        if self._tiers is not None and tier not in self._tiers:
-            self._warn_once(state.host, f"unknown tier {tier!r}; using {self._default_label[1]!r}")
-            tier = self._default_label[1]
-        return replace(state, job_class=job, tier=tier)
-
-    def _stale_after_s(self, node: _Node) -> float:
-        """Return how long a node may stay silent before ``read`` leaves it out."""
-        return 3 * node.period_s + self.request_timeout_s
-
-    def _warn_once(self, key: str, message: str) -> None:
-        """Log a warning once per (key, message)."""
-        if (key, message) not in self._warned:
-            self._warned.add((key, message))
-            _log.warning(message, key=key)

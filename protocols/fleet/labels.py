@@ -73,6 +73,7 @@ class GpuLabels:
         self._node: Label = (None, None)
         self._gpus: dict[str, Label] = {}
         self._mtime_ns: int | None = None
+        self.version = 0  # counts changes of the labels in force (for callers that cache lookups)
         self._error: str | None = None
         self.refresh()
 
@@ -88,6 +89,7 @@ class GpuLabels:
         except FileNotFoundError:
             if self._mtime_ns is not None:
                 _log.info("label file removed; back to defaults", path=str(self.path))
+                self.version += 1
             self._mtime_ns, self._node, self._gpus = None, (None, None), {}
             return
         except (OSError, ValueError) as err:
@@ -96,6 +98,7 @@ class GpuLabels:
             self._error = str(err)
             return
         self._mtime_ns, self._node, self._gpus, self._error = mtime, node, gpus, None
+        self.version += 1
 
     def lookup(self, gpu_id: str, fallback: tuple[str, str]) -> tuple[str, str]:
         """Return (job_class, tier) for a local GPU, falling back level by level."""

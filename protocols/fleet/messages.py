@@ -1,17 +1,20 @@
-"""The JSON messages between the gateway and node agents, and their validation.
+"""The messages between the gateway and node agents (wire version 2), and their validation.
 
-Every message is one JSON object with ``"v": 1``. Commands (gateway -> agent)::
+Two forms share one version number. JSON objects with ``"v": 2`` carry the rare messages that a
+person may also type or read (``nats req``)::
 
-    {"v": 1, "op": "set_caps", "id": "c7", "caps_w": {"gpu-000": 450.0}, "lease_s": 30.0}
-    {"v": 1, "op": "renew",    "id": "c8", "lease_s": 30.0, "gpus": ["gpu-000"]}   # gpus optional
-    {"v": 1, "op": "release",  "id": "c9"}
-    {"v": 1, "op": "read",     "id": "c10"}
-    {"v": 1, "op": "discover", "id": "c11"}                                        # = read
+    {"v": 2, "op": "set_caps", "id": "c7", "caps_w": {"gpu-000": 450.0}, "lease_s": 30.0}
+    {"v": 2, "op": "renew",    "id": "c8", "lease_s": 30.0, "gpus": ["gpu-000"]}   # gpus optional
+    {"v": 2, "op": "release",  "id": "c9"}
+    {"v": 2, "op": "read",     "id": "c10"}
+    {"v": 2, "op": "discover", "id": "c11"}                                        # = read
 
-Replies (agent -> gateway) carry the node's identity and either ``"ok": true`` with what was
-applied or ``"ok": false`` with ``"error": {"type", "message"}``. Telemetry is a node report
-(``"kind": "telemetry"``). A command that fails validation raises ``InputRejected`` whose message
-names the offending field; the agent sends that back and applies nothing.
+and the replies to them: the node's identity and either ``"ok": true`` with what was applied or
+``"ok": false`` with ``"error": {"type", "message"}``. The fleet's traffic at scale (set_caps from
+the gateway, its slim ack, telemetry) uses the compact binary form of ``compact``. A JSON message
+of version 1, or any other version, is refused with an error that says so: never misread.
+A command that fails validation raises ``InputRejected`` whose message names the offending
+field; the agent sends that back and applies nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any
 
 from gateway.errors import InputRejected
 from gateway.model import GpuState
+from protocols.fleet import compact
 
-VERSION = 1
+VERSION = compact.VERSION
 OPS = ("set_caps", "renew", "release", "read", "discover")
 MAX_CAPS = 4096
 MAX_ID_CHARS = 128
@@ -35,7 +39,7 @@ _GPU_NUM_FIELDS = ("power_w", "cap_w", "min_cap_w", "max_cap_w", "default_cap_w"
 _NUM_TYPES = frozenset({int, float})  # exact types: a JSON true is a bool, not a number
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Command:
     """One validated command to an agent; caps in W, lease in seconds."""
 
@@ -44,6 +48,7 @@ class Command:
     caps_w: dict[str, float] = field(default_factory=dict)
     lease_s: float | None = None
     gpus: tuple[str, ...] | None = None
+    compact: bool = False  # came in compact form: answer with a slim ack
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class NodeReport:
     lease_lapsed_at: datetime | None = None
     lapsed_gpus: tuple[str, ...] = ()
     period_s: float | None = None
+    state_seq: int | None = None  # the agent's count of cap changes when it reported
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ def dumps(obj: dict[str, Any]) -> bytes:
 
 
 def _load(data: bytes, what: str) -> dict[str, Any]:
-    """Decode one JSON object; raise InputRejected saying why it is not one."""
+    """Decode one JSON object of this version; raise InputRejected saying why it is not one."""
+    if data[:2] == compact.MAGIC[:2]:
+        raise compact.refuse_other(data, what)
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError) as err:
@@ -90,11 +98,14 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputRejected(f"{what}: expected a JSON object, got {type(obj).__name__}")
     if obj.get("v") != VERSION:
-        raise InputRejected(f"{what}: field 'v' must be {VERSION}, got {obj.get('v')!r}")
+        raise InputRejected(
+            f"{what}: field 'v' must be {VERSION}, got {obj.get('v')!r} (gateway and agents must speak the same "
+            "wire version: upgrade the older side)"
+        )
     return obj
 
 
-def _number(value: Any, where: str) -> float:
+def number_field(value: Any, where: str) -> float:
     """Return ``value`` as a finite float; raise InputRejected naming ``where`` otherwise."""
     kind = type(value)  # exact types: JSON gives int or float, and a bool is not a number here
     if (kind is float or kind is int) and math.isfinite(value):
@@ -102,7 +113,7 @@ def _number(value: Any, where: str) -> float:
     raise InputRejected(f"{where}: must be a finite number, got {value!r}")
 
 
-def _text(value: Any, where: str, max_chars: int = 256) -> str:
+def text_field(value: Any, where: str, max_chars: int = 256) -> str:
     """Return ``value`` if it is a non-empty string of at most ``max_chars``; raise InputRejected otherwise."""
     if type(value) is str and 0 < len(value) <= max_chars:
         return value
@@ -132,7 +143,10 @@ def command_bytes(
 
 
 def parse_command(data: bytes) -> Command:
-    """Decode and validate one command; raise InputRejected naming the first bad field."""
+    """Decode and validate one command (JSON or compact set_caps); raise InputRejected naming the first bad field."""
+    if compact.kind_of(data) == compact.SET_CAPS:
+        set_id, set_lease_s, set_caps_w = compact.parse_set_caps(data)
+        return Command(op="set_caps", id=set_id, caps_w=set_caps_w, lease_s=set_lease_s, compact=True)
     obj = _load(data, "command")
     extra = sorted(set(obj) - _CMD_KEYS)
     if extra:
@@ -140,10 +154,10 @@ def parse_command(data: bytes) -> Command:
     op = obj.get("op")
     if op not in OPS:
         raise InputRejected(f"command field 'op': must be one of {', '.join(OPS)}, got {op!r}")
-    cmd_id = _text(obj.get("id"), "command field 'id'", MAX_ID_CHARS)
+    cmd_id = text_field(obj.get("id"), "command field 'id'", MAX_ID_CHARS)
     lease_s: float | None = None
     if op in ("set_caps", "renew"):
-        lease_s = _number(obj.get("lease_s"), "command field 'lease_s'")
+        lease_s = number_field(obj.get("lease_s"), "command field 'lease_s'")
         if lease_s <= 0:
             raise InputRejected(f"command field 'lease_s': must be positive, got {lease_s:g}")
     elif "lease_s" in obj:
@@ -172,7 +186,7 @@ def parse_command(data: bytes) -> Command:
         raw_gpus = obj["gpus"]
         if not isinstance(raw_gpus, list) or len(raw_gpus) > MAX_CAPS:
             raise InputRejected(f"command field 'gpus': must be a list of GPU ids, got {raw_gpus!r}")
-        gpus = tuple(_text(g, f"command field 'gpus[{i}]'") for i, g in enumerate(raw_gpus))
+        gpus = tuple(text_field(g, f"command field 'gpus[{i}]'") for i, g in enumerate(raw_gpus))
     return Command(op=op, id=cmd_id, caps_w=caps_w, lease_s=lease_s, gpus=gpus)
 
 
@@ -202,12 +216,12 @@ def _gpu_error(raw: Any, where: str) -> InputRejected:
         return InputRejected(f"{where}: must be an object")
     try:
         for key in ("id", "job_class", "tier"):
-            _text(raw.get(key), f"{where}.{key}", 64)
+            text_field(raw.get(key), f"{where}.{key}", 64)
         for key in _GPU_NUM_FIELDS:
-            _number(raw.get(key), f"{where}.{key}")
+            number_field(raw.get(key), f"{where}.{key}")
         for key in ("throughput", "lease_s"):
             if raw.get(key) is not None:
-                _number(raw[key], f"{where}.{key}")
+                number_field(raw[key], f"{where}.{key}")
     except InputRejected as err:
         return err
     return InputRejected(f"{where}: malformed")
@@ -249,12 +263,12 @@ def _gpu_from_wire(raw: Any, what: str, index: int, node: str) -> tuple[GpuState
     return state, None if lease is None else float(lease)
 
 
-def _parse_time(value: Any, where: str) -> datetime | None:
+def time_field(value: Any, where: str) -> datetime | None:
     """Return an aware datetime from an RFC 3339 string, or None for null."""
     if value is None:
         return None
     try:
-        t = datetime.fromisoformat(_text(value, where, 64))
+        t = datetime.fromisoformat(text_field(value, where, 64))
     except ValueError as err:
         raise InputRejected(f"{where}: not an RFC 3339 time: {value!r}") from err
     if t.tzinfo is None:
@@ -263,8 +277,8 @@ def _parse_time(value: Any, where: str) -> datetime | None:
 
 
 def _report(obj: dict[str, Any], what: str) -> NodeReport:
-    """Return the node report carried in a reply or telemetry object."""
-    node = _text(obj.get("node"), f"{what} field 'node'", 64)
+    """Return the node report carried in a JSON reply."""
+    node = text_field(obj.get("node"), f"{what} field 'node'", 64)
     gpus: list[GpuState] = []
     leases: dict[str, float] = {}
     raw_gpus = obj.get("gpus", [])
@@ -277,23 +291,22 @@ def _report(obj: dict[str, Any], what: str) -> NodeReport:
             leases[raw["id"]] = left
     lapsed = obj.get("lapsed_gpus", [])
     period = obj.get("period_s")
+    state_seq = obj.get("state_seq")
+    if state_seq is not None and (type(state_seq) is not int or state_seq < 0):
+        raise InputRejected(f"{what} field 'state_seq': must be a count, got {state_seq!r}")
     return NodeReport(
-        site=_text(obj.get("site"), f"{what} field 'site'", 64),
-        hall=_text(obj.get("hall"), f"{what} field 'hall'", 64),
-        rack=_text(obj.get("rack"), f"{what} field 'rack'", 64),
+        site=text_field(obj.get("site"), f"{what} field 'site'", 64),
+        hall=text_field(obj.get("hall"), f"{what} field 'hall'", 64),
+        rack=text_field(obj.get("rack"), f"{what} field 'rack'", 64),
         node=node,
-        boot=_text(obj.get("boot"), f"{what} field 'boot'", 64),
+        boot=text_field(obj.get("boot"), f"{what} field 'boot'", 64),
         gpus=tuple(gpus),
         lease_left_s=leases,
-        lease_lapsed_at=_parse_time(obj.get("lease_lapsed_at"), f"{what} field 'lease_lapsed_at'"),
+        lease_lapsed_at=time_field(obj.get("lease_lapsed_at"), f"{what} field 'lease_lapsed_at'"),
         lapsed_gpus=tuple(str(g) for g in lapsed) if isinstance(lapsed, list) else (),
-        period_s=None if period is None else _number(period, f"{what} field 'period_s'"),
+        period_s=None if period is None else number_field(period, f"{what} field 'period_s'"),
+        state_seq=state_seq,
     )
-
-
-def parse_telemetry(data: bytes) -> NodeReport:
-    """Decode and validate one telemetry message."""
-    return _report(_load(data, "telemetry"), "telemetry")
 
 
 def parse_reply(data: bytes) -> Reply:
@@ -305,7 +318,7 @@ def parse_reply(data: bytes) -> Reply:
     applied_raw = obj.get("applied_w", {})
     if not isinstance(applied_raw, dict):
         raise InputRejected("reply field 'applied_w': must be an object")
-    applied = {g: _number(c, f"reply field 'applied_w.{g}'") for g, c in applied_raw.items()}
+    applied = {g: number_field(c, f"reply field 'applied_w.{g}'") for g, c in applied_raw.items()}
     err = obj.get("error") if not ok else None
     if not ok and not isinstance(err, dict):
         raise InputRejected("reply field 'error': a failed reply must carry an error object")
@@ -320,3 +333,17 @@ def parse_reply(data: bytes) -> Reply:
         error_type=str(err.get("type", "GatewayError")) if err else None,
         error_message=str(err.get("message", "")) if err else None,
     )
+
+
+def parse_lapse(data: bytes) -> tuple[datetime, tuple[str, ...]]:
+    """Decode the lapse report a slim ack carries: when leases lapsed and which GPUs (local ids)."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputRejected(f"ack field 'lapse': not valid JSON ({err})") from err
+    if not isinstance(obj, dict) or not isinstance(obj.get("lapsed_gpus"), list):
+        raise InputRejected("ack field 'lapse': must be an object with lease_lapsed_at and lapsed_gpus")
+    at = time_field(obj.get("lease_lapsed_at"), "ack field 'lapse.lease_lapsed_at'")
+    if at is None:
+        raise InputRejected("ack field 'lapse.lease_lapsed_at': missing")
+    return at, tuple(text_field(g, "ack field 'lapse.lapsed_gpus'", 64) for g in obj["lapsed_gpus"])

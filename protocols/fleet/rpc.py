@@ -28,6 +28,7 @@ from protocols.fleet.connect import connect_nats
 
 _log = get_logger("fleet.rpc")
 _NO_RESPONDERS = "503"
+_CHUNK = 250  # requests handed to nats-py between two chances for it to write them out
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,15 @@ class Failure:
     absent: bool = False  # "no responders": nobody subscribed to the subject
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     """Requests in flight under one deadline."""
 
     remaining: int
     results: dict[Any, bytes | Failure] = field(default_factory=dict)
-    keys: dict[str, Any] = field(default_factory=dict)  # token -> key
     done: asyncio.Event = field(default_factory=asyncio.Event)
     accept: Callable[[bytes], bool] | None = None  # gather: called per reply, True when complete
+    on_reply: Callable[[Any, bytes], None] | None = None  # request_many: called per reply as it comes
 
 
 class NatsRpc:
@@ -59,12 +60,14 @@ class NatsRpc:
         self._reconnect_wait_s = reconnect_wait_s
         self.nc: NatsClient | None = None
         self._inbox = ""
-        self._waiting: dict[str, _Batch] = {}
+        self._waiting: dict[str, tuple[_Batch, Any]] = {}  # reply token -> (batch, request key)
         self._seq = 0
         self._connected = asyncio.Event()
         self.disconnects = 0  # counts outages; a request that spans one may be retried
         self._closing = False
         self.last_publish_s = 0.0  # how long the last batch took to hand to nats-py (for the benchmark)
+        self.sent = [0, 0]  # requests published, their bytes (for the benchmark's floor)
+        self.received = [0, 0]  # replies routed, their bytes
         # Given every reply that arrives after its request gave up (it may carry news, e.g. a lapse report).
         self.on_late_reply: Callable[[bytes], object] | None = None
 
@@ -108,9 +111,15 @@ class NatsRpc:
     # -- requests -------------------------------------------------------------------------------
 
     async def request_many(
-        self, requests: Mapping[Any, tuple[str, bytes]], timeout_s: float
+        self,
+        requests: Mapping[Any, tuple[str, bytes]],
+        timeout_s: float,
+        on_reply: Callable[[Any, bytes], None] | None = None,
     ) -> dict[Any, bytes | Failure]:
         """Send one request per key at once; return each key's reply or Failure.
+
+        ``on_reply(key, data)`` is called for each reply as it arrives (it must not raise), so a
+        caller can take replies in while others are still on their way.
 
         Requests that failed because of an outage (a connection error, or any failure while the
         connection was down during the call) are sent again once the connection is back. Agents
@@ -118,7 +127,7 @@ class NatsRpc:
         nothing to wait for) until ``timeout_s`` after the reconnect.
         """
         gen, was_down = self.disconnects, not self.connected
-        results = await self._request_once(requests, timeout_s)
+        results = await self._request_once(requests, timeout_s, on_reply)
         outage = was_down or self.disconnects != gen
         pending = [k for k, r in results.items() if isinstance(r, Failure) and (r.transport or outage)]
         if not pending or not await self.wait_connected(timeout_s):
@@ -128,34 +137,53 @@ class NatsRpc:
         _log.info("retrying requests after reconnect", count=len(pending))
         while pending and loop.time() < deadline:
             await asyncio.sleep(self._reconnect_wait_s)  # let agents resubscribe too
-            again = await self._request_once({k: requests[k] for k in pending}, max(0.05, deadline - loop.time()))
+            again = await self._request_once(
+                {k: requests[k] for k in pending}, max(0.05, deadline - loop.time()), on_reply
+            )
             results.update(again)
             pending = [k for k, r in again.items() if isinstance(r, Failure) and r.absent]
         return results
 
     async def _request_once(
-        self, requests: Mapping[Any, tuple[str, bytes]], timeout_s: float
+        self,
+        requests: Mapping[Any, tuple[str, bytes]],
+        timeout_s: float,
+        on_reply: Callable[[Any, bytes], None] | None = None,
     ) -> dict[Any, bytes | Failure]:
         """Publish every request, then wait for the replies until ``timeout_s``."""
         nc = self._client()
-        batch = _Batch(remaining=len(requests))
+        batch = _Batch(remaining=len(requests), on_reply=on_reply)
         t0 = time.perf_counter()
+        waiting, publish, inbox = self._waiting, nc.publish, self._inbox + "."
+        tokens: list[str] = []
+        sent_bytes = 0
+        unsent = False
         try:
             for key, (subject, payload) in requests.items():
-                token = self._token()
-                batch.keys[token] = key
-                self._waiting[token] = batch
+                self._seq += 1
+                token = f"{self._seq:x}"
+                waiting[token] = (batch, key)
+                tokens.append(token)
                 try:
-                    await nc.publish(subject, payload, reply=f"{self._inbox}.{token}")
+                    await publish(subject, payload, reply=inbox + token)
                 except nats.errors.Error as err:
                     self._settle(batch, key, Failure(f"connection: {err!r}", transport=True))
+                    unsent = True
+                sent_bytes += len(payload)
+                if len(tokens) % _CHUNK == 0:
+                    await asyncio.sleep(0)  # let nats-py write out what it has: the first agents start sooner
+            self.sent[0] += len(requests)
+            self.sent[1] += sent_bytes
             self.last_publish_s = time.perf_counter() - t0
             await self._wait(batch, timeout_s)
         finally:
-            for token in batch.keys:
-                self._waiting.pop(token, None)
-        for key in requests:
-            batch.results.setdefault(key, Failure(f"no reply within {timeout_s:g} s"))
+            if batch.remaining > 0 or unsent:  # replies take their own token out; clean up the rest
+                for token in tokens:
+                    waiting.pop(token, None)
+        if len(batch.results) < len(requests):
+            missing = Failure(f"no reply within {timeout_s:g} s")
+            for key in requests:
+                batch.results.setdefault(key, missing)
         return batch.results
 
     async def gather(self, subject: str, payload: bytes, timeout_s: float, accept: Callable[[bytes], bool]) -> None:
@@ -163,7 +191,7 @@ class NatsRpc:
         nc = self._client()
         token = self._token()
         batch = _Batch(remaining=1, accept=accept)
-        self._waiting[token] = batch
+        self._waiting[token] = (batch, None)
         try:
             await nc.publish(subject, payload, reply=f"{self._inbox}.{token}")
             await self._wait(batch, timeout_s)
@@ -208,21 +236,32 @@ class NatsRpc:
     async def _on_reply(self, msg: Msg) -> None:
         """Route one reply to the batch that waits for it."""
         token = msg.subject[len(self._inbox) + 1 :]
-        batch = self._waiting.get(token)
+        entry = self._waiting.pop(token, None)
         no_responders = msg.headers is not None and msg.headers.get("Status") == _NO_RESPONDERS
-        if batch is None:  # late reply to a request that gave up (e.g. one buffered through an outage)
+        if entry is None:  # late reply to a request that gave up (e.g. one buffered through an outage)
             if self.on_late_reply is not None and not no_responders:
                 self.on_late_reply(msg.data)
             return
+        batch, key = entry
         if batch.accept is not None:
+            self._waiting[token] = entry  # a broadcast: more replies to come
             if no_responders or batch.accept(msg.data):
                 batch.done.set()
             return
-        key = batch.keys[token]
         if no_responders:
             self._settle(batch, key, Failure("no responders (agent not subscribed)", absent=True))
-        else:
-            self._settle(batch, key, msg.data)
+            return
+        received = self.received
+        received[0] += 1
+        received[1] += len(msg.data)
+        results = batch.results
+        if key not in results:
+            results[key] = msg.data
+            if batch.on_reply is not None:
+                batch.on_reply(key, msg.data)
+            batch.remaining -= 1
+            if batch.remaining <= 0:
+                batch.done.set()
 
     # -- connection events ----------------------------------------------------------------------
 
