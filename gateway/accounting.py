@@ -26,8 +26,7 @@ from gateway.model import GpuState, Snapshot
 
 def job_key(g: GpuState) -> str:
     """Return the job a GPU belongs to: its job id if known, else its group (host/class/tier)."""
-    job_id = getattr(g, "job_id", "") or ""
-    return str(job_id) if job_id else f"{g.host}/{g.job_class}/{g.tier}"
+    return g.job_id if g.job_id else f"{g.host}/{g.job_class}/{g.tier}"
 
 
 @dataclass(slots=True)

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from gateway.clock import Clock
 from gateway.errors import InputRejected
-from gateway.model import DemandEvent
+from gateway.model import DemandEvent, Opt, Role
 
-MAP_VERSION = 1
+if TYPE_CHECKING:
+    from gateway.status import ControlStatus
+
+MAP_VERSION = 2  # 2: events_active (register 33)
 NOT_AVAILABLE_INT32 = -(2**31)  # what an int32 register holds when the value is unknown
 NOT_AVAILABLE_UINT16 = 0xFFFF
 
@@ -44,6 +47,9 @@ class Alarm(enum.IntFlag):
     GPUS_LOST = 1 << 2
     STALE = 1 << 3  # the control loop has not ticked recently
     SHORTFALL = 1 << 4  # measured facility power is above the event's target
+    FEED_BREACH = 1 << 5  # a DSX Flex feed draws above its load target (the agent's breach alert)
+    FEED_BREACH_CRITICAL = 1 << 6  # ... more than 20 % above it (the alert's severity critical)
+    FEED_ENFORCED = 1 << 7  # an infrastructure agent applied an action to a breach (not reverted yet)
 
 
 RegType = Literal["uint16", "int16", "uint32", "int32", "string"]
@@ -80,7 +86,9 @@ REGISTERS: tuple[BmsRegister, ...] = (
         "alarms",
         3,
         "uint16",
-        "Bits: 0 meter lost, 1 battery lost, 2 GPUs lost, 3 control loop stale, 4 facility above target.",
+        "Bits: 0 meter lost, 1 battery lost, 2 GPUs lost, 3 control loop stale, 4 facility above target, "
+        "5 a DSX Flex feed above its load target (breach), 6 a breach more than 20 % over target (critical), "
+        "7 an infrastructure action applied to a breach (enforcement, not reverted).",
     ),
     BmsRegister("event_state", 4, "uint16", "0 idle, 1 event pending (opted in), 2 event active, 3 opted out."),
     BmsRegister("event_id", 5, "string", "Id of the current or next event, ASCII, NUL-padded (32 chars).", size=16),
@@ -94,6 +102,13 @@ REGISTERS: tuple[BmsRegister, ...] = (
         "bms_opt_out_remaining_s", 31, "uint16", "Seconds until the BMS opt-out request lapses (0: none).", "s"
     ),
     BmsRegister("bms_flex_remaining_s", 32, "uint16", "Seconds until the BMS flexibility offer lapses (0: none).", "s"),
+    BmsRegister(
+        "events_active",
+        33,
+        "uint16",
+        "OpenADR events whose active period (after any randomized start) covers now and that the gateway is "
+        "delivering: the event active indicator; 0 none.",
+    ),
     BmsRegister(
         "bms_opt_out",
         100,
@@ -132,6 +147,7 @@ class BmsSnapshot:
     battery_power_w: float | None = None
     gpu_cap_pct: float | None = None
     alarms: Alarm = Alarm(0)
+    events_active: int = 0
 
 
 StateProvider = Callable[[], BmsSnapshot]
@@ -223,28 +239,31 @@ def site_max_w(site_it_w: float, gpu_max_w: float, cooling_overhead: float) -> f
     return (site_it_w + gpu_max_w) * (1.0 + cooling_overhead)
 
 
-def snapshot_of(loop: Any, book: Any, now: datetime, stale_after_s: float) -> BmsSnapshot:
-    """Return what the BMS should see from a ControlLoop (``last``, ``records``, ``baseline_w``) and EventBook."""
-    snap = getattr(loop, "last", None)
-    records = getattr(loop, "records", None) or []
-    if snap is None:
+class KnownEvents(Protocol):
+    """Where the BMS face and metrics learn the events known to the gateway (the event book)."""
+
+    def events(self) -> list[tuple[DemandEvent, Opt]]: ...
+    def active_event_ids(self, t: datetime) -> list[str]: ...
+
+
+ALARM_OF_ROLE = {Role.METER: Alarm.METER_LOST, Role.BATTERY: Alarm.BATTERY_LOST, Role.GPUS: Alarm.GPUS_LOST}
+
+
+def snapshot_of(status: ControlStatus | None, book: KnownEvents, now: datetime, stale_after_s: float) -> BmsSnapshot:
+    """Return what the BMS should see from the control loop's latest status and the event book."""
+    snap = status.snapshot if status is not None else None
+    if status is None or snap is None:
         return BmsSnapshot()
-    rec = records[-1] if records else None
     alarms = Alarm(0)
     for fault in snap.faults:
-        prefix = str(fault).split(":", 1)[0]
-        alarms |= {"meter": Alarm.METER_LOST, "battery": Alarm.BATTERY_LOST, "gpus": Alarm.GPUS_LOST}.get(
-            prefix, Alarm(0)
-        )
+        alarms |= ALARM_OF_ROLE[fault.role]
     if (now - snap.t).total_seconds() > stale_after_s:
         alarms |= Alarm.STALE
-    # Live state where the loop offers it: the tick record lags an event's first commands.
-    active = getattr(loop, "active_event_id", rec.event_id if rec is not None else None)
-    limit_w = getattr(loop, "limit_w", rec.limit_w if rec is not None else None)
+    active, limit_w = status.event_id, status.limit_w
     if active and limit_w is not None and snap.facility_w is not None and snap.facility_w > limit_w * 1.01:
         alarms |= Alarm.SHORTFALL
     state, event_id = _event_state(active, book, now)
-    baseline = getattr(loop, "baseline_w", None)
+    baseline = status.baseline_w
     shed = baseline - snap.facility_w if active and baseline is not None and snap.facility_w is not None else 0.0
     caps = [g.cap_w / g.max_cap_w * 100.0 for g in snap.gpus if g.max_cap_w > 0]
     return BmsSnapshot(
@@ -258,16 +277,28 @@ def snapshot_of(loop: Any, book: Any, now: datetime, stale_after_s: float) -> Bm
         battery_power_w=snap.battery.power_w if snap.battery else None,
         gpu_cap_pct=sum(caps) / len(caps) if caps else None,
         alarms=alarms,
+        events_active=len(book.active_event_ids(now)),
     )
 
 
-def _event_state(active: str | None, book: Any, now: datetime) -> tuple[EventState, str]:
+def with_feed_breaches(snap: BmsSnapshot, breaches: Mapping[str, str], enforced: bool = False) -> BmsSnapshot:
+    """Return ``snap`` with the breach bits set for unresolved DSX Flex breaches (feed -> severity), and the
+    enforcement bit while an infrastructure action applied to a breach is not reverted."""
+    alarms = snap.alarms | (Alarm.FEED_ENFORCED if enforced else Alarm(0))
+    if breaches:
+        alarms |= Alarm.FEED_BREACH
+    if "critical" in breaches.values():
+        alarms |= Alarm.FEED_BREACH_CRITICAL
+    return snap if alarms == snap.alarms else replace(snap, alarms=alarms)
+
+
+def _event_state(active: str | None, book: KnownEvents, now: datetime) -> tuple[EventState, str]:
     """Return the event state and id the BMS sees: the active event, else the next one known."""
     state, ev = current_event(active, book, now)
     return state, active or (ev.event_id if ev is not None else "")
 
 
-def current_event(active: str | None, book: Any, now: datetime) -> tuple[EventState, DemandEvent | None]:
+def current_event(active: str | None, book: KnownEvents, now: datetime) -> tuple[EventState, DemandEvent | None]:
     """Return the event state and the event it concerns: the active event, else the next one known."""
     if active:
         return EventState.ACTIVE, next((ev for ev, _ in book.events() if ev.event_id == active), None)
@@ -296,7 +327,7 @@ def render_markdown() -> str:
         "The gateway serves these Modbus TCP holding registers (function code 3; writes with 6 or 16) to the",
         "facility BMS at the `[bms]` address and port (default 127.0.0.1:1502, unit 1). Addresses are 0-based.",
         "32-bit values are big-endian, high word first. Engineering value = register x scale.",
-        "Registers 33-99 are reserved and read as 0.",
+        "Registers 34-99 are reserved and read as 0.",
         "",
         "A write to a read-only or reserved register is refused with exception code 2 (ILLEGAL DATA ADDRESS),",
         "as is a write covering only part of a 32-bit value; a value out of range is refused with exception",

@@ -1,9 +1,11 @@
 """`drgw demo`: a whole simulated site on loopback, one event run from the utility to release.
 
-In one process: openleadr's own VTN as the utility, a pymodbus server as the battery (built
-from its mapping file), simulated GPUs with the DVFS model, an asyncua server as the substation
-meter (publishing what the site model draws), and the real gateway against all of it.
-Operators use it to rehearse a program.
+In one process: openleadr's own VTN as the utility (``--openadr 3.1``: the 3.1 VTN simulator), a
+pymodbus server as the battery (built from its mapping file) and one as the UPS, simulated GPUs
+with the DVFS model, an asyncua server as the substation meter (publishing what the site model
+draws), and the real gateway against all of it, built by the composition root like `drgw run`'s:
+the config recorded in the audit log, the battery behind the UPS guard, the BMS face on a loopback
+port. Operators use it to rehearse a program.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any, TextIO
 from gateway.app import Gateway
 from gateway.audit import AuditLog
 from gateway.clock import ScaledClock
+from gateway.compose import Site, build_devices, build_site
 from gateway.config import GatewayConfig, parse_config
 from gateway.control import TickRecord
+from gateway.estimate import ModelMeter
 from gateway.simulation.gpus import SimGpuFleet
-from gateway.simulation.site import ModelMeter
-from protocols.modbus.build import build_meter
 from protocols.opcua.simulator import OpcuaSimServer
 
 DEMO_SITE: dict[str, Any] = {
@@ -44,6 +46,9 @@ DEMO_SITE: dict[str, Any] = {
         ],
     },
 }
+# The UPS on mains with a full battery and no alarm: the guard lets the battery discharge.
+UPS_TIMEOUT_S = 5.0
+UPS_STATE: dict[str, float] = {"battery_soc_pct": 100.0, "runtime_remaining_s": 3600.0, "status": 1.0, "alarms": 0.0}
 BATTERY: dict[str, Any] = {
     "capacity_wh": 40_000.0,
     "soc_pct": 80.0,
@@ -62,7 +67,7 @@ class DemoResult:
     limit_w: float
     mean_facility_w: float
     battery_energy_wh: float
-    throughput_kept: float
+    throughput_kept: float | None  # None: the fleet reports no work rate (e.g. DSX Flex feeds report load only)
     released: bool
     records: list[TickRecord]
     accounting: dict[str, Any] = field(default_factory=dict)  # the control loop's event accounting
@@ -75,14 +80,21 @@ def demo_config(
     battery_timeout_s: float = 1.0,
     overrides: dict[str, dict[str, Any]] | None = None,
     meter_url: str | None = None,
+    ups_port: int | None = None,
 ) -> GatewayConfig:
-    """Return the demo site's config pointed at the in-process peers (the OPC UA meter at ``meter_url``)."""
+    """Return the demo site's config pointed at the in-process peers (the OPC UA meter at ``meter_url``, the
+    UPS at ``ups_port``); the BMS face listens on an ephemeral loopback port."""
     data = {k: dict(v) for k, v in DEMO_SITE.items()}
     if meter_url is not None:
         # Loopback rehearsal: no transport security; a real substation uses Basic256Sha256 (see etc/).
         data["meter"] = {"backend": "opcua", "device_id": "meter1", "opcua": {"url": meter_url, "security": "none"}}
     data["audit"] = {"db_url": db_url}
     data["management"] = {"port": 0}  # an ephemeral port: demos and tests run side by side
+    data["bms"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
+    if ups_port is not None:
+        # A generous timeout: one slow answer on a loaded host would hold the battery back for the
+        # UPS link's backoff (the guard treats an unreadable UPS as an outage).
+        data["ups"] = {"enabled": True, "host": "127.0.0.1", "port": ups_port, "timeout_s": UPS_TIMEOUT_S}
     data["openadr"] = {
         "vtn_url": vtn_url,
         "ven_name": "demo-ven",
@@ -108,8 +120,10 @@ class DemoSite:
         battery_timeout_s: float = 1.0,
         overrides: dict[str, dict[str, Any]] | None = None,
         vtn: Any = None,
+        openadr: str = "2.0b",
     ) -> None:
         self.speed = speed
+        self.openadr = openadr  # which OpenADR the utility and the VEN speak: "2.0b" or "3.1"
         self.overrides = overrides or {}
         self.battery_timeout_s = battery_timeout_s
         self.db_url = db_url
@@ -118,9 +132,11 @@ class DemoSite:
         # run elsewhere, as the dispatch benchmark's does (its own process, like a real utility's).
         self.vtn: Any = vtn
         self.bsim: Any = None
+        self.usim: Any = None
         self.battery: Any = None
         self.fleet: SimGpuFleet | None = None
         self.audit: AuditLog | None = None
+        self.site: Site | None = None
         self.gateway: Gateway | None = None
         self.msim: OpcuaSimServer | None = None
         self.meter: Any = None
@@ -139,37 +155,40 @@ class DemoSite:
             await self._publish(site_model)
 
     async def __aenter__(self) -> DemoSite:
-        """Start the VTN, the battery and GPU simulators, and the gateway."""
-        from protocols.modbus import BatterySimulator, ModbusBattery, load_mapping
+        """Start the VTN, the battery, UPS, meter and GPU simulators, and the site built against them."""
+        from protocols.modbus import BatterySimulator, PointServer, load_mapping
         from protocols.openadr import SimVtn
 
         clock = self.clock
         # The VEN polls on the gateway's (scaled) clock: ask for a poll about every half real second.
-        if self.vtn is None:
-            self.vtn = SimVtn(poll_interval_s=max(1.0, round(self.speed / 2)))
+        poll_s = max(1.0, round(self.speed / 2))
+        if self.vtn is None and self.openadr == "3.1":
+            from gateway.simulation.vtn3 import DemoVtn3
+
+            self.vtn = DemoVtn3(poll_interval_s=poll_s)
+        elif self.vtn is None:
+            self.vtn = SimVtn(poll_interval_s=poll_s)
         vtn_url = await self.vtn.start()
-        mapping = load_mapping(DEMO_SITE["battery"]["mapping"])
-        self.bsim = BatterySimulator(mapping, clock=clock, **BATTERY)
+        overrides = self.overrides
+        if self.openadr == "3.1":  # the VEN's [openadr] keys come from the 3.1 VTN (its URL, secret files)
+            wired = self.vtn.config()
+            overrides = {**overrides, "openadr": {**wired, **overrides.get("openadr", {})}}
+        self.bsim = BatterySimulator(load_mapping(DEMO_SITE["battery"]["mapping"]), clock=clock, **BATTERY)
         port = await self.bsim.start()
+        self.usim = PointServer("ups_generic")
+        for name, value in UPS_STATE.items():
+            self.usim.set(name, value)
+        ups_port = await self.usim.start()
         self.msim = OpcuaSimServer("opcua_substation")
         meter_url = await self.msim.start()
-        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s, self.overrides, meter_url)
-        self.fleet = fleet = SimGpuFleet(cfg.gpus, clock)
-        self.battery = ModbusBattery(
-            cfg.battery.device_id,
-            "127.0.0.1",
-            port,
-            cfg.battery.unit,
-            mapping,
-            timeout_s=cfg.battery.timeout_s,
-            revert_s=cfg.battery.revert_s,
-            clock=clock,
-        )
-        await self.battery.connect()
+        cfg = demo_config(self.db_url, vtn_url, port, self.battery_timeout_s, overrides, meter_url, ups_port)
+        # The substation meter publishes what the site model draws; the gateway reads it over OPC UA. It
+        # shows the site's draw before the gateway connects (GPUs uncapped), then follows the real fleet.
+        fleet_now = [SimGpuFleet(cfg.gpus, clock)]
         bsim = self.bsim
 
         async def gpu_w() -> float:
-            return fleet.total_power_w()
+            return fleet_now[0].total_power_w()
 
         async def batt_w() -> float:
             return float(bsim.power_w)
@@ -183,43 +202,42 @@ class DemoSite:
             disturbance_pct=3.0,
             disturbance_period_s=900.0,
         )
-        # The substation meter publishes what the site model draws; the gateway reads it over OPC UA.
         await self._publish(site_model)
+        devices = await build_devices(cfg, clock)  # what `drgw run` builds from the same config
+        assert isinstance(devices.fleet, SimGpuFleet)  # [gpus] backend = "sim"
+        self.fleet = fleet_now[0] = devices.fleet
+        self.battery, self.meter = devices.battery, devices.meter
         self._feeder = asyncio.create_task(self._feed(site_model, cfg.control.tick_s / 2), name="demo-meter")
-        meter = build_meter(cfg.meter, clock)
-        await meter.start()
-        self.meter = meter
         self.audit = await AuditLog.open(cfg.audit.db_url, clock=clock)
-        self.gateway = Gateway(cfg, clock, self.audit, meter, self.battery, fleet)
-        await self.gateway.start(resume=False)  # a rehearsal never resumes an old rehearsal's event
-        await _wait(
-            lambda: bool(self.gateway and self.gateway.ven.registered),
-            30.0 * self.speed,
-            clock,
-            "VEN registration",
-        )
+        self.site = await build_site(cfg, clock, self.audit, "<demo>", devices)
+        self.gateway = gw = self.site.gateway
+        await self.site.start(resume=False)  # a rehearsal never resumes an old rehearsal's event
+        await _wait(lambda: bool(gw.ven and gw.ven.registered), 30.0 * self.speed, clock, "VEN registration")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        """Stop the gateway (releasing everything), then the peers."""
-        if self.gateway is not None:
-            await self.gateway.stop("demo finished")
+        """Stop the site (releasing everything, closing its devices), then the peers."""
+        if self.site is not None:
+            await self.site.stop("demo finished")
         if self.audit is not None:
             await self.audit.close()
-        if self.battery is not None:
-            await self.battery.close()
-        if self.bsim is not None:
-            await self.bsim.stop()
+        for sim in (self.bsim, self.usim):
+            if sim is not None:
+                await sim.stop()
         if self._feeder is not None:
             self._feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feeder
-        if self.meter is not None:
-            await self.meter.close()
         if self.msim is not None:
             await self.msim.stop()
         if self.vtn is not None:
             await self.vtn.stop()
+
+    @property
+    def ven_id(self) -> str:
+        """Return the id the VTN gave the gateway's VEN (once registered)."""
+        assert self.gateway is not None and self.gateway.ven is not None and self.gateway.ven.ven_id is not None
+        return str(self.gateway.ven.ven_id)
 
     def issue_event(
         self, level: int, duration_min: float, lead_s: float | None = None, out: TextIO | None = None
@@ -230,7 +248,7 @@ class DemoSite:
         start = self.clock.now() + timedelta(seconds=lead)
         duration_s = duration_min * 60.0
         event_id = self.vtn.add_event(
-            self.gateway.ven.ven_id, signal="SIMPLE", value=float(level), start=start, duration_s=duration_s
+            self.ven_id, signal="SIMPLE", value=float(level), start=start, duration_s=duration_s
         )
         if out is not None:
             print(
@@ -256,9 +274,10 @@ async def run_demo(
     duration_min: float = 30.0,
     lead_s: float | None = None,
     out: TextIO = sys.stdout,
+    openadr: str = "2.0b",
 ) -> DemoResult:
-    """Run one SIMPLE event on the simulated site and return what was measured."""
-    async with DemoSite(speed, db_url) as site:
+    """Run one SIMPLE event on the simulated site (its utility speaking ``openadr``) and return what was measured."""
+    async with DemoSite(speed, db_url, openadr=openadr) as site:
         event_id, _, end = site.issue_event(level, duration_min, lead_s, out)
         released = await site.run_until_released(end, out)
         assert site.gateway is not None and site.audit is not None
@@ -295,10 +314,15 @@ async def _progress(gw: Gateway, clock: ScaledClock, end: datetime, out: TextIO 
         print(
             f"{r.t:%H:%M:%S}  {state:<22} target {target}  facility {facility}  "
             f"battery {r.battery_w / 1000:5.1f} kW  GPUs {r.gpu_w / 1000:5.1f} kW "
-            f"({len(caps):2d} capped)  throughput {100 * r.throughput / max(r.natural_throughput, 1e-9):5.1f} %",
+            f"({len(caps):2d} capped)  throughput {_share(r.throughput, r.natural_throughput)}",
             file=out,
             flush=True,
         )
+
+
+def _share(work: float, natural: float) -> str:
+    """Return work kept as a percentage, or n/a when the fleet reports no work rate."""
+    return f"{100 * work / natural:5.1f} %" if natural > 0 else "  n/a  "
 
 
 def _result(event_id: str, db_url: str, gw: Gateway, released: bool) -> DemoResult:
@@ -315,7 +339,9 @@ def _result(event_id: str, db_url: str, gw: Gateway, released: bool) -> DemoResu
         limit_w=sum(limits) / len(limits) if limits else 0.0,
         mean_facility_w=sum(facility) / len(facility) if facility else 0.0,
         battery_energy_wh=float(acct.get("battery_energy_wh", 0.0)),
-        throughput_kept=float(acct.get("throughput_kept_fraction", 1.0)),
+        throughput_kept=(
+            float(acct.get("throughput_kept_fraction", 1.0)) if any(r.natural_throughput > 0 for r in recs) else None
+        ),
         released=released,
         records=recs,
         accounting=acct,
@@ -335,7 +361,10 @@ def print_summary(res: DemoResult, out: TextIO = sys.stdout) -> None:
         file=out,
     )
     print(f"battery energy delivered   {res.battery_energy_wh / 1000:8.2f} kWh", file=out)
-    print(f"GPU throughput kept        {100 * res.throughput_kept:8.1f} %", file=out)
+    if res.throughput_kept is None:
+        print("GPU throughput kept             n/a (no work rate reported; job losses below: power model)", file=out)
+    else:
+        print(f"GPU throughput kept        {100 * res.throughput_kept:8.1f} %", file=out)
     _print_accounting(res.accounting, out)
     print(f"released at end            {'yes' if res.released else 'NO'}", file=out)
     print(f"\naudit log: {res.db_url}", file=out)
@@ -365,7 +394,8 @@ def _print_accounting(acct: dict[str, Any], out: TextIO) -> None:
         if j.get("tokens_per_s_per_w_before") and j.get("tokens_per_s_per_w_during"):
             eff = f"  tokens/s/W {j['tokens_per_s_per_w_before']:.2f} -> {j['tokens_per_s_per_w_during']:.2f}"
         print(
-            f"  {j['job']:<28} {j['gpus']:3d} GPUs  lost {100 * j['throughput_lost_fraction']:5.1f} % "
+            f"  {j['job']:<28} {j['gpus']:3d} {'GPU ' if j['gpus'] == 1 else 'GPUs'}  "
+            f"lost {100 * j['throughput_lost_fraction']:5.1f} % "
             f"of {100 * j['max_loss_fraction']:4.0f} % allowed{eff}",
             file=out,
         )

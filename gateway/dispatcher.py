@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.clock import Clock
 from gateway.errors import AuditError, DeviceError, GatewayError
-from gateway.interfaces import AuditSink, Battery, GpuFleet
+from gateway.interfaces import AuditSink, Battery, GpuFleet, LeaseLapse, ReportsLeaseLapses
 from gateway.logs import get_logger
 from gateway.model import BatteryState, GpuState
 
@@ -23,6 +23,8 @@ log = get_logger("gateway.dispatcher")
 BATTERY_DEADBAND_W = 50.0  # smaller changes are not re-sent (they are still leased)
 CAP_DEADBAND_W = 1.0
 CAP_READBACK_TOLERANCE_W = 1.0
+
+_Row = tuple[str, dict[str, Any], str]  # an audit row to append: kind, data, device id
 
 
 class Dispatcher:
@@ -59,7 +61,7 @@ class Dispatcher:
             due = now - self._battery_sent_at >= self._lease_s / 2
             changed = self.battery_w is None or abs(battery_w - self.battery_w) >= BATTERY_DEADBAND_W
             if due or changed:
-                jobs.append(self._set_battery(battery_w, event_id))
+                jobs.append(self._set_battery(battery_w))
         if self.fleet is not None:
             half = self._lease_s / 2
             to_send = {
@@ -73,39 +75,44 @@ class Dispatcher:
                 )
             }
             if to_send:
-                jobs.append(self._set_caps(to_send, event_id, default_caps_w))
-        if jobs:
-            await asyncio.gather(*jobs)
+                jobs.append(self._set_caps(to_send, default_caps_w))
+        if not jobs:
+            return
+        # Every device's command and read-back first, then all their rows together (one commit): a
+        # row's commit is never in the way of another device's read-back, and each is still audited
+        # before apply returns. The rows of the devices that answered are written even when another
+        # job raised (what was actuated is always recorded); then the first error is raised.
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        rows = [row for d in done if not isinstance(d, BaseException) for row in d]
+        appended = await asyncio.gather(
+            *(self._audit.append(kind, data, event_id=event_id, device_id=dev) for kind, data, dev in rows),
+            return_exceptions=True,
+        )
+        for res in (*done, *appended):
+            if isinstance(res, BaseException):
+                raise res
 
-    async def _set_battery(self, power_w: float, event_id: str | None) -> None:
-        """Command the battery, read back, and audit both values."""
+    async def _set_battery(self, power_w: float) -> list[_Row]:
+        """Command the battery and read back; return the rows that audit both values."""
         assert self.battery is not None
         dev = self.battery.device_id
         try:
             readback = await self.battery.set_discharge_w(power_w, self._lease_s)
         except DeviceError as err:
-            await self._fault(dev, "command.battery", err, event_id, {"requested_w": power_w})
-            return
+            return [self._fault_row(dev, "command.battery", err, {"requested_w": power_w})]
         self._battery_sent_at = self._clock.monotonic()
         self.battery_w = readback
         self._recovered(dev)
-        await self._audit.append(
-            "command.battery",
-            {"requested_w": round(power_w, 1), "readback_w": round(readback, 1), "lease_s": self._lease_s},
-            event_id=event_id,
-            device_id=dev,
-        )
+        data = {"requested_w": round(power_w, 1), "readback_w": round(readback, 1), "lease_s": self._lease_s}
+        return [("command.battery", data, dev)]
 
-    async def _set_caps(
-        self, caps_w: Mapping[str, float], event_id: str | None, default_caps_w: Mapping[str, float]
-    ) -> None:
-        """Command GPU caps in one call, audit requested against enforced."""
+    async def _set_caps(self, caps_w: Mapping[str, float], default_caps_w: Mapping[str, float]) -> list[_Row]:
+        """Command GPU caps in one call; return the rows that audit requested against enforced."""
         assert self.fleet is not None
         try:
             enforced = await self.fleet.set_caps(caps_w, self._lease_s)
         except GatewayError as err:
-            await self._fault("gpus", "command.gpus", err, event_id, {"requested": _round(caps_w)})
-            return
+            return [self._fault_row("gpus", "command.gpus", err, {"requested": _round(caps_w)})]
         sent_at = self._clock.monotonic()
         for g in enforced:
             self._cap_sent_at[g] = sent_at
@@ -120,14 +127,11 @@ class Dispatcher:
             else:
                 self.caps_w.pop(g, None)
         self._recovered("gpus")
-        await self._audit.append(
-            "command.gpus",
-            {"requested_w": _round(caps_w), "enforced_w": _round(enforced), "lease_s": self._lease_s},
-            event_id=event_id,
-            device_id="gpus",
-        )
+        data = {"requested_w": _round(caps_w), "enforced_w": _round(enforced), "lease_s": self._lease_s}
+        rows: list[_Row] = [("command.gpus", data, "gpus")]
         if mismatched:
-            await self._audit.append("fault.readback", {"mismatched": mismatched}, event_id=event_id, device_id="gpus")
+            rows.append(("fault.readback", {"mismatched": mismatched}, "gpus"))
+        return rows
 
     def adopt(self, battery: BatteryState | None, gpus: Sequence[GpuState]) -> dict[str, Any]:
         """Take over the setpoint and caps the devices hold from an earlier process; return what was kept.
@@ -183,8 +187,10 @@ class Dispatcher:
 
     async def _audit_lapses(self, event_id: str | None) -> None:
         """Audit the leases the fleet reports lapsed (node agents restore defaults on their own; the fleet logs it)."""
-        take = getattr(self.fleet, "take_lease_lapses", None)
-        for lapse in take() if take is not None else ():
+        lapses: Sequence[LeaseLapse] = (
+            self.fleet.take_lease_lapses() if isinstance(self.fleet, ReportsLeaseLapses) else ()
+        )
+        for lapse in lapses:
             await self._audit.append(
                 "fault.lease_lapsed",
                 {"node": lapse.node, "lapsed_at": lapse.lapsed_at.isoformat(), "gpus": list(lapse.gpus)},
@@ -196,14 +202,18 @@ class Dispatcher:
         self, device_id: str, action: str, err: Exception, event_id: str | None, extra: dict[str, Any]
     ) -> None:
         """Audit a device fault; log it once per change of state."""
+        kind, data, dev = self._fault_row(device_id, action, err, extra)
+        await self._audit.append(kind, data, event_id=event_id, device_id=dev)
+
+    def _fault_row(self, device_id: str, action: str, err: Exception, extra: dict[str, Any]) -> _Row:
+        """Note a device fault (logged once per change of state); return the row that audits it."""
         if self.faults.get(device_id) != str(err):
             log.warning("device fault", device_id=device_id, action=action, error=str(err))
         self.faults[device_id] = str(err)
-        await self._audit.append(
+        return (
             "fault.device",
             {"action": action, "error": str(err), "error_type": type(err).__name__, **extra},
-            event_id=event_id,
-            device_id=device_id,
+            device_id,
         )
 
     def _recovered(self, device_id: str) -> None:

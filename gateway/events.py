@@ -1,7 +1,8 @@
-"""The event book: stores events by (id, modification number), decides opt, resolves the directive.
+"""The event book: stores events by (id, modification number), decides opt, hands out the directive.
 
-It answers the utility quickly and never drives equipment; the control loop asks it, each tick,
-which target applies now. What OpenADR 2.0b leaves to the VEN is done here:
+It answers the utility quickly and never drives equipment; each tick the control loop takes the
+``Directive`` it hands out (resolved by the pure ``gateway.directive``). What OpenADR 2.0b leaves
+to the VEN is done here:
 
 - a lower modification number is rejected (rule 58), the same one is answered as before without
   acting again, a higher one replaces the event and replans at once (rule 57);
@@ -11,12 +12,13 @@ which target applies now. What OpenADR 2.0b leaves to the VEN is done here:
   event at once, or at the same random offset when ``startafter`` is set (rule 65), and the
   facility then ramps back over ``x-eiRecovery``; before ``dtstart`` it ramps in over ``x-eiRampUp``;
 - overlapping events: the highest priority wins (1 highest, 0 lowest); equal priorities go to
-  the one that started first (rule 18);
+  the one that started first (rule 18; resolved in ``gateway.directive``);
 - events for another market context or whose eiTarget does not match are answered and ignored
   (rules 22 and 48); test events are acknowledged and audited, acted on only if configured;
-- opt decisions come from an override (operator or BMS, per event or standing), then the clock
-  check (optOut while the VTN's clock is too far from ours), config policy and the feasibility
-  estimate, each with its reason audited;
+- opt decisions come from an override (operator or BMS, per event), then the clock check
+  (optOut while the VTN's clock is too far from ours), config policy and the feasibility
+  estimate (a function of the event the book is given when it is built), each with its reason
+  audited;
 - a decision is stored together with its ``opt.decided`` row (one transaction) before the book, the
   control loop or the answer to the VTN follow it; when it cannot be stored nothing changes and
   the caller answers nothing (the VEN asks for the event again later).
@@ -33,27 +35,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from gateway import directive
 from gateway.clock import Clock, SystemClock
 from gateway.config import OpenAdrConfig
+from gateway.directive import Directive, Entry, Order
 from gateway.errors import AuditError, InputRejected
 from gateway.eventstore import Record
+from gateway.feasibility import FeasibilityFn
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
-from gateway.model import DemandEvent, Opt, Signal, SignalName, Target, TargetKind
+from gateway.model import DemandEvent, Opt
 
 log = get_logger("gateway.events")
 
 OVERRIDE_ACTORS = frozenset({"operator", "bms"})
-_STANDING = "override:*"
-_ACCOUNT = "account:open"  # the running accounting of the event under control
-# When one event carries several signals, the most specific one that asks for something wins.
-_SIGNAL_ORDER = {
-    SignalName.LOAD_DISPATCH: 0,
-    SignalName.LOAD_CONTROL: 1,
-    SignalName.SIMPLE: 2,
-    SignalName.ELECTRICITY_PRICE: 3,
-    SignalName.ENERGY_PRICE: 4,
-}
 
 
 class Outcome(enum.StrEnum):
@@ -77,21 +72,6 @@ class Answer:
     reason: str
 
 
-@dataclass(frozen=True)
-class Feasibility:
-    """Whether the site can deliver a shed (W) for a duration, and the expected shortfall."""
-
-    feasible: bool
-    required_w: float
-    available_w: float
-    reason: str
-
-    @property
-    def shortfall_w(self) -> float:
-        """Return how many watts the site is expected to miss by (0 when feasible)."""
-        return max(0.0, self.required_w - self.available_w)
-
-
 class EventStoreLike(Protocol):
     """What the event book needs from its persistent store."""
 
@@ -112,36 +92,6 @@ class EventStoreLike(Protocol):
     async def open_events(self, now: datetime) -> list[Any]: ...
     async def get_state(self, key: str) -> str | None: ...
     async def set_state(self, key: str, value: str) -> None: ...
-
-
-FeasibilityFn = Callable[[DemandEvent, "EventBook"], Feasibility]
-
-
-@dataclass
-class _Entry:
-    """The book's working record of one event: latest version, answer and timing."""
-
-    event: DemandEvent
-    opt: Opt  # the answer in force (an override changes it)
-    delay_s: float  # the randomized start (and end) offset
-    active: bool  # the gateway acts on it (opted in, not a test, ours)
-    stop_at: datetime | None = None  # cancelled or opted out: when it stops (then recovers)
-
-    @property
-    def start(self) -> datetime:
-        """Return the randomized start of the active period."""
-        return self.event.start + timedelta(seconds=self.delay_s)
-
-    @property
-    def end(self) -> datetime:
-        """Return when the event stops asking for the full reduction."""
-        end = _add(self.event.end, self.delay_s)
-        return end if self.stop_at is None else min(end, self.stop_at)
-
-    @property
-    def over_at(self) -> datetime:
-        """Return when the event no longer affects the directive (end plus recovery)."""
-        return _add(self.end, self.event.recovery_s)
 
 
 def mismatch(ev: DemandEvent, cfg: OpenAdrConfig) -> tuple[Outcome, str] | None:
@@ -179,9 +129,9 @@ class EventBook:
         self._feasibility = feasibility
         self._clock = clock or SystemClock()
         self._rng = rng or random.SystemRandom()
-        self._events: dict[str, _Entry] = {}
+        self._events: dict[str, Entry] = {}
         self._overrides: dict[str, dict[str, str]] = {}  # event id -> {opt, actor, reason, at}
-        self._standing: dict[str, str] | None = None
+        self._orders: dict[str, tuple[DemandEvent, Opt, float, Order]] = {}  # by event id, with what it was built from
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
         # Why event times cannot be trusted now (the VTN's clock is too far from ours), or None: new
@@ -192,8 +142,6 @@ class EventBook:
 
     async def load(self, now: datetime) -> int:
         """Load events still open at ``now`` and overrides from the store (restart recovery)."""
-        raw = await self._store.get_state(_STANDING)
-        self._standing = _loads(raw) or None
         for stored in await self._store.open_events(now):
             ev = stored.event
             override = _loads(await self._store.get_state(f"override:{ev.event_id}"))
@@ -203,7 +151,7 @@ class EventBook:
                 opt = Opt(override["opt"])
                 self._overrides[ev.event_id] = override
             active = opt is Opt.IN and not ev.cancelled and self._acts_on(ev)
-            entry = _Entry(ev, opt, float(stored.start_delay_s), active)
+            entry = Entry(ev, opt, float(stored.start_delay_s), active)
             if stop:
                 entry.active = bool(stop.get("active", active))
                 entry.stop_at = datetime.fromisoformat(stop["at"])
@@ -216,38 +164,7 @@ class EventBook:
         """Return the latest version of every known event with the opt in force."""
         return [(e.event, e.opt) for e in self._events.values()]
 
-    def start_delay_s(self, event_id: str) -> float | None:
-        """Return the randomized start offset drawn for an event, or None if unknown."""
-        entry = self._events.get(event_id)
-        return None if entry is None else entry.delay_s
-
-    async def kept_baseline_w(self, event_id: str) -> float | None:
-        """Return the baseline (W) frozen when an event first started, kept across restarts; None if never."""
-        value = _loads(await self._store.get_state(f"baseline:{event_id}")).get("w")
-        return float(value) if isinstance(value, int | float) else None
-
-    async def keep_baseline_w(self, event_id: str, baseline_w: float) -> None:
-        """Persist the baseline (W) frozen for an event, so that a restart mid-event resumes with it."""
-        await self._store.set_state(f"baseline:{event_id}", json.dumps({"w": baseline_w}))
-
-    async def kept_account(self) -> dict[str, Any] | None:
-        """Return the accounting state kept for the event under control, or None (see ``keep_account``)."""
-        return _loads(await self._store.get_state(_ACCOUNT)) or None
-
-    async def keep_account(self, state: Mapping[str, Any] | None) -> None:
-        """Keep (or with None, drop) the running accounting of the event under control across restarts."""
-        await self._store.set_state(_ACCOUNT, json.dumps(dict(state) if state is not None else {}))
-
-    @property
-    def standing_override(self) -> Opt | None:
-        """Return the standing (all new events) override in force, if any."""
-        return None if self._standing is None else Opt(self._standing["opt"])
-
     # -- answering the utility ----------------------------------------------------------------
-
-    async def on_event(self, ev: DemandEvent) -> Opt:
-        """Record one event version from the utility and return the opt to send; never actuates."""
-        return (await self.answer(ev)).opt
 
     async def answer(self, ev: DemandEvent) -> Answer:
         """Record one event version and return the opt, what was done, and why."""
@@ -330,7 +247,7 @@ class EventBook:
         await self._store.put_audited(ev, opt, reason, self._audit, record, start_delay_s=delay, state=state)
         # Stored and audited: only now does the book (and so the control loop and the answer) follow it.
         if entry is None:
-            entry = self._events[ev.event_id] = _Entry(ev, opt, delay, False)
+            entry = self._events[ev.event_id] = Entry(ev, opt, delay, False)
         entry.event, entry.opt, entry.delay_s, entry.active = ev, opt, delay, active
         if ev.cancelled and active and entry.stop_at is None:
             await self._stop(entry, now + timedelta(seconds=delay), "cancelled by the utility")
@@ -349,7 +266,7 @@ class EventBook:
         wrong = mismatch(ev, self._cfg)
         if wrong is not None:
             return Opt.OUT, wrong[0], wrong[1], "policy"
-        override = self._overrides.get(ev.event_id) or self._standing
+        override = self._overrides.get(ev.event_id)
         if override is not None:
             who = override["actor"]
             return Opt(override["opt"]), fresh, f"{who} override: {override['reason']}", who
@@ -364,10 +281,10 @@ class EventBook:
             return Opt.IN, fresh, "policy: always participate", "policy"
         if self._feasibility is None:
             return Opt.IN, fresh, "no feasibility estimate available; policy feasible defaults to optIn", "policy"
-        fz = self._feasibility(ev, self)
+        fz = self._feasibility(ev)
         return (Opt.IN if fz.feasible else Opt.OUT), fresh, fz.reason, "policy"
 
-    def _delay_for(self, ev: DemandEvent, entry: _Entry | None) -> float:
+    def _delay_for(self, ev: DemandEvent, entry: Entry | None) -> float:
         """Return the start offset: kept from earlier versions unless startafter changed (rule 30)."""
         if ev.start_after_s <= 0:
             return 0.0
@@ -407,7 +324,7 @@ class EventBook:
             await self.cancel(event_id, "implied cancellation: the VTN no longer lists the event")
         return gone
 
-    async def _stop(self, entry: _Entry, at: datetime, reason: str, actor: str = "utility") -> None:
+    async def _stop(self, entry: Entry, at: datetime, reason: str, actor: str = "utility") -> None:
         """Stop an event at ``at`` (then recovery) at once, and persist and audit it in one transaction.
 
         Stopping is the safe direction: it applies even when the store cannot record it (logged)."""
@@ -468,138 +385,26 @@ class EventBook:
             self.changed.set()
             return Answer(opt, Outcome.UPDATED, f"{actor} override: {reason}")
 
-    async def set_standing_override(self, opt: Opt | None, actor: str, reason: str) -> None:
-        """Answer every new event version with ``opt`` (None lifts it); events already answered keep theirs."""
-        if actor not in OVERRIDE_ACTORS:
-            raise InputRejected(f"override actor {actor!r} is not one of {', '.join(sorted(OVERRIDE_ACTORS))}")
-        record = None if opt is None else {"opt": Opt(opt).value, "actor": actor, "reason": reason}
-        data = {"opt": None if opt is None else Opt(opt).value, "reason": reason}
-        await self._store.set_state_audited(
-            {_STANDING: json.dumps(record or {})}, self._audit, Record("override.standing", data, actor)
-        )
-        self._standing = record
-
     # -- the directive ------------------------------------------------------------------------
 
-    def target_at(self, t: datetime) -> Target | None:
-        """Return the target in force at ``t``: the winning event's ask, scaled during ramps."""
-        best: tuple[tuple[int, datetime, str], Target] | None = None
-        for entry in self._events.values():
-            if not entry.active:
-                continue
-            target = self._target_of(entry, t)
-            if target is None:
-                continue
-            # OpenADR priority: 1 is highest, larger numbers lower, 0 means none (lowest); on a
-            # tie the event that started first keeps precedence (rule 18).
-            rank = (entry.event.priority or 1 << 30, entry.start, entry.event.event_id)
-            if best is None or rank < best[0]:
-                best = (rank, target)
-        return best[1] if best else None
-
-    def _target_of(self, entry: _Entry, t: datetime) -> Target | None:
-        """Return what one event asks at ``t`` (None outside ramp-up, active period and recovery)."""
-        ev, start, end = entry.event, entry.start, entry.end
-        ramp_start = start - timedelta(seconds=ev.ramp_up_s)
-        if t < ramp_start or end <= ramp_start or t >= entry.over_at:
-            return None
-        if t < end:
-            fraction = _rise(t, start, ev.ramp_up_s)
-            at = max(t, start)
-        else:
-            recovery = ev.recovery_s
-            fraction = _rise(end, start, ev.ramp_up_s) * (1.0 - (t - end).total_seconds() / recovery)
-            at = max(end - timedelta(microseconds=1), start)
-        if fraction <= 0:
-            return None
-        ask = self.ask_at(ev, at - timedelta(seconds=entry.delay_s))
-        if ask is None:
-            return None
-        kind, value = ask
-        return Target(kind, value, ev.event_id, ev.modification_number, ramp_fraction=min(1.0, fraction))
-
-    def ask_at(self, ev: DemandEvent, t: datetime) -> tuple[TargetKind, float] | None:
-        """Return what the event's signals ask at ``t`` on its own (unrandomized) timeline."""
-        for sig in sorted(ev.signals, key=lambda s: _SIGNAL_ORDER.get(s.name, 9)):
-            value = sig.value_at(t)
-            if value is not None and (ask := self._ask(sig, value)) is not None:
-                return ask
-        return None
-
-    def _ask(self, sig: Signal, value: float) -> tuple[TargetKind, float] | None:
-        """Translate one signal value into a target kind and value; None when it asks for nothing."""
-        levels = self._cfg.simple_levels
-        frac: float | None = None
-        if sig.name is SignalName.SIMPLE:
-            frac = levels.get(str(int(value)), 0.0)
-        elif sig.signal_type in ("setpoint", "x-loadControlSetpoint"):
-            return TargetKind.CAP_W, value
-        elif sig.signal_type == "delta":
-            return (TargetKind.SHED_W, value) if value > 0 else None
-        elif sig.signal_type == "x-loadControlCapacity":
-            frac = 1.0 - value
-        elif sig.signal_type == "x-loadControlLevelOffset":
-            frac = levels.get(str(min(3, int(value))), 0.0) if value > 0 else 0.0
-        elif sig.signal_type == "x-loadControlPercentOffset":
-            frac = -value / 100.0
-        elif sig.name in (SignalName.ELECTRICITY_PRICE, SignalName.ENERGY_PRICE):
-            frac = levels.get(str(self._price_level(sig.signal_type, value)), 0.0)
-        if frac is None or frac <= 0:
-            return None
-        return TargetKind.SHED_FRACTION, min(1.0, frac)
-
-    def _price_level(self, signal_type: str, price: float) -> int:
-        """Return the highest SIMPLE level whose configured price threshold ``price`` reaches."""
-        thresholds = {
-            "price": self._cfg.price_levels,
-            "priceRelative": self._cfg.price_relative_levels,
-            "priceMultiplier": self._cfg.price_multiplier_levels,
-        }.get(signal_type, {})
-        return max((int(lvl) for lvl, floor in thresholds.items() if price >= floor), default=0)
-
-    def required_shed_w(self, ev: DemandEvent, baseline_w: float) -> float:
-        """Return the largest reduction (W) any interval of the event asks, given a baseline."""
-        worst = 0.0
-        for sig in ev.signals:
-            for iv in sig.intervals:
-                ask = self._ask(sig, iv.value)
-                if ask is not None:
-                    worst = max(worst, baseline_w - Target(ask[0], ask[1], "", 0).facility_limit_w(baseline_w))
-        return worst
+    def directive_at(self, t: datetime, default_ramp_up_s: float = 0.0) -> Directive:
+        """Return what the facility must do at ``t`` and when that next changes (see ``gateway.directive``)."""
+        entries = list(self._events.values())
+        return directive.resolve(entries, t, self._cfg, default_ramp_up_s, self._current_orders(entries))
 
     def active_event_ids(self, t: datetime) -> list[str]:
-        """Return ids of acted-on events whose (randomized) active period covers ``t``."""
-        return [e.event.event_id for e in self._events.values() if e.active and e.start <= t < e.end]
+        """Return the events being delivered at ``t`` (the event active indicator: BMS register, metrics)."""
+        return directive.active_event_ids(list(self._events.values()), t)
 
-    def next_change_after(self, t: datetime) -> datetime | None:
-        """Return the first moment after ``t`` where the directive steps (an acted-on event's ramp-up
-        start, start, interval start, end or end of recovery), or None; the control loop wakes then."""
-        first: datetime | None = None
-        for e in self._events.values():
-            if not e.active or e.over_at <= t:
-                continue
-            shift = timedelta(seconds=e.delay_s)
-            steps = [e.start - timedelta(seconds=e.event.ramp_up_s), e.start, e.end, e.over_at]
-            steps += [iv.start + shift for sig in e.event.signals for iv in sig.intervals]
-            for at in steps:
-                if at > t and (first is None or at < first):
-                    first = at
-        return first
-
-
-def _rise(t: datetime, start: datetime, ramp_up_s: float) -> float:
-    """Return the share of the reduction asked at ``t`` on the way in (1 from ``start`` on)."""
-    if t >= start or ramp_up_s <= 0:
-        return 1.0
-    return max(0.0, 1.0 - (start - t).total_seconds() / ramp_up_s)
-
-
-def _add(t: datetime, seconds: float) -> datetime:
-    """Return ``t`` plus seconds, saturating at datetime.max for open-ended events."""
-    try:
-        return t + timedelta(seconds=seconds)
-    except OverflowError:
-        return datetime.max.replace(tzinfo=t.tzinfo)
+    def _current_orders(self, entries: list[Entry]) -> dict[str, Order]:
+        """Return every entry's order, built again only for an entry whose version or answer changed."""
+        out: dict[str, Order] = {}
+        for e in entries:
+            kept = self._orders.get(e.event.event_id)
+            if kept is None or kept[0] is not e.event or kept[1:3] != (e.opt, e.delay_s):
+                kept = self._orders[e.event.event_id] = (e.event, e.opt, e.delay_s, directive.order_of(e, self._cfg))
+            out[e.event.event_id] = kept[3]
+        return out
 
 
 def _loads(raw: str | None) -> dict[str, Any]:

@@ -286,6 +286,17 @@ class EventStore:
         except sa.exc.SQLAlchemyError as err:
             raise AuditError(f"cannot read VEN state {key!r}: {err}") from err
 
+    async def get_states(self, prefix: str) -> dict[str, str]:
+        """Return every persisted VEN value whose key starts with ``prefix``, by key (one read)."""
+        # LIKE with "%" and "_" escaped; SQLite's LIKE ignores ASCII case, so the keys are checked again here.
+        q = sa.select(ven_state.c.key, ven_state.c.value).where(ven_state.c.key.startswith(prefix, autoescape=True))
+        try:
+            async with self._engine.connect() as conn:
+                res = await conn.execute(q)
+                return {k: v for k, v in res.all() if k.startswith(prefix)}
+        except sa.exc.SQLAlchemyError as err:
+            raise AuditError(f"cannot read VEN state {prefix!r}*: {err}") from err
+
     async def set_state(self, key: str, value: str) -> None:
         """Persist a VEN value, replacing any earlier one."""
         try:

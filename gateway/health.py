@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.clock import Clock
 from gateway.errors import AuditError
-from gateway.interfaces import AuditSink, TransactionalAuditSink
+from gateway.interfaces import AuditSink, ReportsLoss, TransactionalAuditSink
 
 
 class AuditHealth:
@@ -122,8 +122,7 @@ class AuditHealth:
     @property
     def lost(self) -> str | None:
         """Return why the wrapped log refuses every record (its database vanished or was replaced), or None."""
-        lost = getattr(self._inner, "lost", None)
-        return lost if isinstance(lost, str) else None
+        return self._inner.lost if isinstance(self._inner, ReportsLoss) else None
 
     @property
     def writable(self) -> bool:
@@ -171,7 +170,7 @@ def readiness(
     vtn_last_poll: datetime | None,
     vtn_registered: bool,
     now: datetime,
-    vtn_stale_s: float,
+    vtn_silent_after_s: float,
     devices_down: Mapping[str, str],
     *,
     vtn_clock: Check | None = None,
@@ -184,7 +183,10 @@ def readiness(
         checks["vtn"] = Check(False, "registered, no successful poll yet")
     else:
         age = (now - vtn_last_poll).total_seconds()
-        checks["vtn"] = Check(age <= vtn_stale_s, f"last poll answered {age:.0f} s ago (limit {vtn_stale_s:.0f} s)")
+        ok = age <= vtn_silent_after_s
+        checks["vtn"] = Check(
+            ok, f"last poll answered {age:.0f} s ago (limit {vtn_silent_after_s:.0f} s: a poll period + vtn_stale_s)"
+        )
     if vtn_clock is not None:
         checks["vtn_clock"] = vtn_clock
     checks["devices"] = Check(

@@ -72,5 +72,7 @@ def limit(
         prev_cap = prev_caps_w.get(gpu_id, g.cap_w)
         if abs(c - prev_cap) > ramp:
             c = prev_cap - ramp if c < prev_cap else prev_cap + ramp
+        if g.cap_step_w > 0 and abs(c - prev_cap) < g.cap_step_w and c < g.max_cap_w and lo <= prev_cap:
+            c = prev_cap  # below the unit's step: keep what it holds (a release to max_cap_w always goes)
         caps[gpu_id] = c
     return Limited(battery_w=b, gpu_caps_w=caps, notes=tuple(notes))

@@ -6,6 +6,9 @@ changes between ticks and matters at once (an audit append failing, devices rele
 safe state) makes the render stale too; and when the loop does not tick (stalled, or stopped), a
 scrape at least ``max_age_s`` after the last render renders again.
 
+Everything about the site and the event under control comes from the control loop's latest
+published status (``gateway.status.ControlStatus``), one status per render.
+
 Names follow Prometheus conventions: base units as suffixes (``_watts``, ``_seconds``,
 ``_joules``, ``_ratio`` for a fraction 0..1), ``_total`` on counters, ``_info`` on info metrics,
 ``_timestamp_seconds`` for Unix times. Every value is read from state the gateway already keeps
@@ -29,6 +32,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from gateway.bms import EventState, current_event
+from gateway.model import Role
+from gateway.status import ControlStatus
+from gateway.status_adapter import link_states
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -103,23 +109,6 @@ class LinkWatch:
                 self.since[peer] = (up, now_s)
 
 
-def link_states(gw: Gateway) -> dict[str, bool]:
-    """Return whether each configured peer answers: meter, battery, gpus, vtn, bms face, audit writer."""
-    loop = gw.loop
-    down = gw.devices_down()
-    states = {
-        peer: peer not in down
-        for peer, device in (("meter", loop.meter), ("battery", loop.battery), ("gpus", loop.fleet))
-        if device is not None
-    }
-    if gw.ven is not None:
-        states["vtn"] = gw.vtn_ok()
-    if gw.bms is not None:
-        states["bms"] = gw.bms.wire is not None  # the face is listening
-    states["audit_writer"] = gw.liveness().ok
-    return states
-
-
 # Every metric the gateway exports, by its name in /metrics, with its help text (docs/monitoring.md lists them).
 HELP = {
     "drgw_info": "the gateway's site and version",
@@ -128,6 +117,7 @@ HELP = {
     "drgw_facility_target_watts": "facility power the active event allows now (NaN idle)",
     "drgw_facility_baseline_watts": "facility baseline (meter-before)",
     "drgw_event_active": "1 while a demand-response event is being delivered",
+    "drgw_openadr_events_active": "OpenADR events whose (randomized) active period covers now, being delivered",
     "drgw_event_state": "1 for the event state now: idle, pending (opted in, later), active, opted_out",
     "drgw_event_phase": "1 for the delivered event's phase: ramp_up, active, recovery",
     "drgw_event_info": "the event being delivered, else the next one known",
@@ -166,6 +156,8 @@ HELP = {
     "drgw_vtn_clock_skew_seconds": "the VTN's clock minus ours, from its HTTP Date (NaN unmeasured)",
     "drgw_vtn_clock_skew_limit_seconds": "clock difference beyond which new events are answered optOut (config)",
     "drgw_vtn_clock_skewed": "1 while the VTN's clock is beyond the limit",
+    "drgw_standby_active": "1 while this gateway may act (always without [standby]; else holds the lease), 0 standby",
+    "drgw_standby_token": "the fencing token of the term this node acts in (NaN standby or without [standby])",
 }
 
 
@@ -189,6 +181,7 @@ class GatewayCollector(Collector):
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self.status = gw.status.latest  # one status for the whole render: values from the same tick
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family."""
@@ -201,29 +194,32 @@ class GatewayCollector(Collector):
         yield from self._audit()
         yield from self._links()
         yield from self._vtn()
+        yield from self._standby()
 
     def _site(self) -> Iterator[Metric]:
         """Yield the gateway's identity, its last tick, and facility power against limit and baseline."""
-        gw, loop = self.gw, self.gw.loop
-        snap = loop.last
+        gw, status = self.gw, self.status
+        snap = status.snapshot if status is not None else None
         info = info_family("drgw_info", ["site", "version"])
         info.add_metric([gw.cfg.site.name, _version()], {})
         yield info
         yield gauge("drgw_control_last_tick_timestamp_seconds", _ts(snap.t if snap else None))
         yield gauge("drgw_facility_power_watts", _num(snap.facility_w if snap else None))
-        yield gauge("drgw_facility_target_watts", _num(loop.limit_w))
-        yield gauge("drgw_facility_baseline_watts", _num(loop.baseline_w))
+        yield gauge("drgw_facility_target_watts", _num(status.limit_w if status is not None else None))
+        yield gauge("drgw_facility_baseline_watts", _num(status.baseline_w if status is not None else None))
 
     def _event(self) -> Iterator[Metric]:
         """Yield the event being delivered (or the next one), its phase and its energy so far."""
-        loop = self.gw.loop
-        state, ev = current_event(loop.active_event_id, self.gw.book, self.gw.clock.now())
-        yield gauge("drgw_event_active", 1.0 if loop.active_event_id else 0.0)
+        status = self.status
+        active = status.event_id if status is not None else None
+        state, ev = current_event(active, self.gw.book, self.gw.clock.now())
+        yield gauge("drgw_event_active", 1.0 if active else 0.0)
+        yield gauge("drgw_openadr_events_active", float(len(self.gw.book.active_event_ids(self.gw.clock.now()))))
         states = gauge("drgw_event_state", labels=["state"])
         for s, name in EVENT_STATES.items():
             states.add_metric([name], 1.0 if s == state else 0.0)
         yield states
-        phase = loop.records[-1].phase if loop.records and loop.active_event_id else ""
+        phase = status.phase if status is not None and active else ""
         phases = gauge("drgw_event_phase", labels=["phase"])
         for p in PHASES:
             phases.add_metric([p], 1.0 if p == phase else 0.0)
@@ -236,14 +232,16 @@ class GatewayCollector(Collector):
             end.add_metric([], ev.end.timestamp())
         yield from (info, start, end)
         shed, battery = gauge("drgw_event_facility_energy_shed_joules"), gauge("drgw_event_battery_energy_joules")
-        if loop.account is not None:
-            shed.add_metric([], loop.account.facility_shed_wh * 3600.0)
-            battery.add_metric([], loop.account.battery_wh * 3600.0)
+        account = status.account if status is not None else None
+        if account is not None:
+            shed.add_metric([], account.facility_shed_wh * 3600.0)
+            battery.add_metric([], account.battery_wh * 3600.0)
         yield from (shed, battery)
 
     def _battery(self) -> Iterator[Metric]:
         """Yield the battery's state of charge, discharge and setpoint, and the configured floor."""
-        snap = self.gw.loop.last
+        status = self.status
+        snap = status.snapshot if status is not None else None
         soc = gauge("drgw_battery_soc_ratio", labels=["device"])
         power = gauge("drgw_battery_power_watts", labels=["device"])
         setpoint = gauge("drgw_battery_setpoint_watts", labels=["device"])
@@ -253,29 +251,31 @@ class GatewayCollector(Collector):
             power.add_metric([b.device_id], b.power_w)
             setpoint.add_metric([b.device_id], b.setpoint_w)
         yield from (soc, power, setpoint)
-        if self.gw.loop.battery is not None:
+        if status is not None and Role.BATTERY in status.roles:
             yield gauge("drgw_battery_soc_floor_ratio", self.gw.cfg.limits.soc_floor_pct / 100.0)
 
     def _gpus(self) -> Iterator[Metric]:
         """Yield each GPU's cap and draw, and the fleet's: draw, natural draw, capped, work and work per joule."""
-        loop = self.gw.loop
-        gpus = loop.last.gpus if loop.last is not None else ()
+        status = self.status
+        snap = status.snapshot if status is not None else None
+        gpus = snap.gpus if snap is not None else ()
         caps = gauge("drgw_gpu_cap_watts", labels=["gpu", "host"])
         draw = gauge("drgw_gpu_power_watts", labels=["gpu", "host"])
         for g in gpus:
             caps.add_metric([g.gpu_id, g.host], g.cap_w)
             draw.add_metric([g.gpu_id, g.host], g.power_w)
         yield from (caps, draw)
-        if loop.fleet is None:
+        if status is None or status.site is None or Role.GPUS not in status.roles:
             return
+        natural_w, natural_tput = status.site.natural_w, status.site.natural_tput
         known = [g for g in gpus if g.throughput is not None]  # GPUs that report the work they do
         work = sum(g.throughput or 0.0 for g in known)
         known_w = sum(g.power_w for g in known)
         yield gauge("drgw_gpus_capped", float(len(self.gw.dispatcher.caps_w)))
         yield gauge("drgw_gpus_power_watts", sum(g.power_w for g in gpus))
-        yield gauge("drgw_gpus_natural_power_watts", sum(loop.natural_w.get(g.gpu_id, g.power_w) for g in gpus))
+        yield gauge("drgw_gpus_natural_power_watts", sum(natural_w.get(g.gpu_id, g.power_w) for g in gpus))
         yield gauge("drgw_gpus_throughput_tokens_per_second", work)
-        natural = sum(loop.natural_tput.get(g.gpu_id, g.throughput or 0.0) for g in known)
+        natural = sum(natural_tput.get(g.gpu_id, g.throughput or 0.0) for g in known)
         yield gauge("drgw_gpus_natural_throughput_tokens_per_second", natural)
         yield gauge("drgw_gpus_tokens_per_joule", work / known_w if known_w > 0 else NAN)
 
@@ -285,7 +285,7 @@ class GatewayCollector(Collector):
         count = gauge("drgw_job_gpus", labels=labels)
         lost = gauge("drgw_job_throughput_lost_ratio", labels=labels)
         allowed = gauge("drgw_job_throughput_loss_allowed_ratio", labels=labels)
-        account = self.gw.loop.account
+        account = self.status.account if self.status is not None else None
         for row in account.summary()["jobs"] if account is not None else ():
             key = [str(row["job"]), str(row["tier"]), str(row["job_class"])]
             count.add_metric(key, float(row["gpus"]))
@@ -340,6 +340,16 @@ class GatewayCollector(Collector):
         yield gauge("drgw_vtn_clock_skew_limit_seconds", ven.max_clock_skew_s)
         yield gauge("drgw_vtn_clock_skewed", 1.0 if ven.clock_skewed else 0.0)
 
+    def _standby(self) -> Iterator[Metric]:
+        """Yield this node's role under hot standby (a gateway without ``[standby]`` always acts, with no token)."""
+        lease = self.gw.lease
+        if lease is None:
+            yield gauge("drgw_standby_active", 1.0)
+            yield gauge("drgw_standby_token", NAN)
+            return
+        yield gauge("drgw_standby_active", 1.0 if lease.acting else 0.0)
+        yield gauge("drgw_standby_token", _num(None if lease.token is None else float(lease.token)))
+
 
 class MetricsCache:
     """The rendered metrics, rendered again only after a tick (or ``max_age_s`` without one)."""
@@ -355,10 +365,12 @@ class MetricsCache:
         self._monotonic = monotonic
         self._cached: tuple[tuple[Any, ...], float, bytes] = ((), -math.inf, b"")  # (stamp, when, body), swapped whole
 
-    def on_tick(self, record: Any) -> None:
-        """Mark the cached render stale and note the links' states (a control loop observer)."""
+    def on_status(self, status: ControlStatus) -> None:
+        """Mark the cached render stale and note the links' states (a status board subscriber)."""
         self.ticks += 1
-        self.links.update(link_states(self.gw), record.t.timestamp())
+        snap = status.snapshot
+        at = status.record.t if status.record is not None else (snap.t if snap is not None else self.gw.clock.now())
+        self.links.update(link_states(self.gw), at.timestamp())
 
     def fresh(self) -> bytes | None:
         """Return the cached render if no tick came since and it is younger than ``max_age_s``, else None."""
@@ -370,7 +382,8 @@ class MetricsCache:
     def _stamp(self) -> tuple[Any, ...]:
         """Return what, changed, makes a render stale: ticks, audit failures, devices commanded."""
         gw = self.gw
-        return (self.ticks, gw.audit_health.failures, len(gw.dispatcher.caps_w), gw.dispatcher.active)
+        acting = gw.lease.acting if gw.lease is not None else None  # a role change makes a render stale
+        return (self.ticks, gw.audit_health.failures, len(gw.dispatcher.caps_w), gw.dispatcher.active, acting)
 
     def get(self) -> bytes:
         """Return the metrics, rendering them if the cached render is stale."""
@@ -387,4 +400,10 @@ def render(gw: Gateway) -> bytes:
     """Return the Prometheus text exposition of the gateway's metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gw))
+    from gateway.loads import feeds_of  # a DSX site's feeds: their own families (gateway.metrics_dsx)
+
+    if (feeds := feeds_of(gw.loop.fleet)) is not None:
+        from gateway.metrics_dsx import FeedsCollector
+
+        registry.register(FeedsCollector(feeds))
     return generate_latest(registry)

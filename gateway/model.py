@@ -155,6 +155,31 @@ class GpuState:
     tier: str = "flex1"
     host: str = "local"
     throughput: float | None = None  # work units per second, where known
+    job_id: str = ""  # the job on it where the fleet reports one (accounting then groups by it)
+    # The smallest cap change worth a command (W); 0: every change. A DSX feed sets it: each new
+    # load target restarts the agent's ramp, so watt-sized corrections every tick keep it from settling.
+    cap_step_w: float = 0.0
+
+
+class Role(enum.StrEnum):
+    """What a device is to the site reading: the facility meter, the battery, or the GPU fleet."""
+
+    METER = "meter"
+    BATTERY = "battery"
+    GPUS = "gpus"
+
+
+@dataclass(frozen=True)
+class DeviceFault:
+    """Why one device gave no usable reading: its role, its id, and the error (``str``: "role: error")."""
+
+    role: Role
+    device_id: str
+    error: str
+    untrusted: bool = False  # it answered, with a reading that is not a possible one (not merely silent)
+
+    def __str__(self) -> str:
+        return f"{self.role.value}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -165,7 +190,7 @@ class Snapshot:
     facility_w: float | None
     battery: BatteryState | None
     gpus: tuple[GpuState, ...] = ()
-    faults: tuple[str, ...] = ()
+    faults: tuple[DeviceFault, ...] = ()
 
 
 @dataclass(frozen=True)

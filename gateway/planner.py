@@ -70,6 +70,7 @@ class Plan:
     weighted_loss: float = 0.0  # sum over GPUs of weight x throughput fraction lost
     throughput_kept_fraction: float = 1.0  # mean over GPUs of the throughput fraction kept
     marginal_loss_per_w: float = 0.0  # lambda: weighted loss per IT watt of the last watt shed
+    breach_w: float = 0.0  # IT power (W) feeds in breach draw above their targets: the battery covers it first
 
     @property
     def expected_shed_w(self) -> float:
@@ -119,20 +120,21 @@ def battery_schedule(
     needs: Sequence[tuple[float, float]],
     power_w: float,
     energy_wh: float,
-    gpu_max_w: float,
+    gpu_max_w: float | Sequence[float],
     policy: BatteryPolicy,
 ) -> list[float]:
     """Return the battery discharge (W) for each (duration_s, shed_w) interval, within power and energy.
 
-    ``gpu_max_w`` is the most facility shed the GPUs can give per interval: what they cannot
-    cover is covered first (shaving the worst shortfalls); the rest goes by ``policy``.
+    ``gpu_max_w`` is the most facility shed the GPUs can give per interval (one figure for all, or
+    one per interval): what they cannot cover is covered first (shaving the worst shortfalls); the
+    rest goes by ``policy``.
     """
     if power_w <= 0 or energy_wh <= 0 or not needs:
         return [0.0] * len(needs)
     energy_j = energy_wh * 3600.0
     dur = np.array([max(d, 0.0) for d, _ in needs])
     need = np.array([max(r, 0.0) for _, r in needs])
-    uncovered = np.minimum(np.maximum(need - gpu_max_w, 0.0), power_w)
+    uncovered = np.minimum(np.maximum(need - np.asarray(gpu_max_w, dtype=float), 0.0), power_w)
     cap = np.minimum(need, power_w)
     top = float(need.max()) + power_w
     if float(np.sum(dur * uncovered)) >= energy_j:
@@ -168,18 +170,23 @@ def plan(
     allowance: Mapping[str, float] | None = None,
     horizon: Horizon = (),
     battery_delivery: float = 1.0,
+    breach_w: float = 0.0,
 ) -> Plan:
     """Split ``required_shed_w`` of facility power: battery by policy, then GPU caps at least loss.
 
     ``remaining_s`` is the time left in the event; ``horizon`` lists the intervals after the
     current one as (duration_s, facility shed W); ``allowance`` is each GPU's allowed throughput
     loss now (0..1), default its tier's; ``battery_delivery`` is the share (0..1) of its setpoint
-    the battery is measured to deliver: the GPUs are planned for what it will not.
+    the battery is measured to deliver: the GPUs are planned for what it will not. ``breach_w`` is
+    IT power (W) the GPU side draws above what it was asked (feeds in breach at a DSX site): it
+    does not count as GPU flexibility now, so an energy-limited battery covers it before saving
+    energy for later intervals (the battery leans harder while the breach lasts).
     """
     need = max(0.0, required_shed_w)
     fleet = fleet_arrays(gpus, natural_w, ctx, allowance)
     k = 1.0 + ctx.cooling_overhead
     gpu_max_w = fleet.max_shed_w() * k
+    gpu_now_w = max(0.0, fleet.max_shed_w() - max(0.0, breach_w)) * k  # feeds in breach give less now
     batt = 0.0
     if battery is not None and battery.online and need > 0:
         later = [(d, r) for d, r in horizon if d > 0]
@@ -188,7 +195,7 @@ def plan(
             [(now_s, need), *later],
             battery.max_discharge_w,
             battery_energy_wh(battery, ctx.soc_floor_pct),
-            gpu_max_w,
+            [gpu_now_w] + [gpu_max_w] * len(later),
             ctx.battery_policy,
         )
         batt = min(need, sched[0])
@@ -207,6 +214,7 @@ def plan(
         weighted_loss=alloc.weighted_loss,
         throughput_kept_fraction=float(np.mean(kept)) if len(fleet) else 1.0,
         marginal_loss_per_w=alloc.marginal_loss_per_w,
+        breach_w=max(0.0, breach_w),
     )
 
 

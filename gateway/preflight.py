@@ -19,8 +19,7 @@ Check = Callable[[GatewayConfig, str], list[ConfigError]]
 
 def _audit(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     """Check the database URL, the signing key, the checkpoint folder and the measurement journal."""
-    from gateway.audit.migrate import normalise_db_url
-    from gateway.audit.signing import Signer
+    from gateway.audit.urls import normalise_db_url
 
     a = cfg.audit
     problems = []
@@ -29,6 +28,8 @@ def _audit(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     except AuditError as err:
         problems.append(ConfigError(source, "audit.db_url", str(err)))
     if a.signing_key is not None:
+        from gateway.audit.signing import Signer
+
         try:
             Signer.load(a.signing_key)
         except AuditError as err:
@@ -47,8 +48,13 @@ def _audit(cfg: GatewayConfig, source: str) -> list[ConfigError]:
 
 
 def _openadr_tls(cfg: GatewayConfig, source: str) -> list[ConfigError]:
-    """Load the VEN's certificate, key, CA file and ciphers the way its TLS context and signer will."""
+    """Load the VEN's certificate, key, CA file and ciphers the way its TLS context and signer will (3.1: its
+    secrets, webhook certificate and TLS context too)."""
     o = cfg.openadr
+    if o.version == "3.1":
+        from protocols.openadr3.preflight import config_problems
+
+        return config_problems(o, source)
     if not (o.client_cert or o.ca_file or o.ciphers):
         return []
     from protocols.openadr.tls import client_context
@@ -105,7 +111,7 @@ CHECKS: tuple[Check, ...] = (_audit, _openadr_tls, _management, _files)
 
 async def startup_problems(cfg: GatewayConfig, source: str) -> list[ConfigError]:
     """Return every reason `drgw run` would refuse to start with ``cfg`` (empty when it would start)."""
-    from protocols.modbus.build import equipment_problems  # device drivers: maps, roles, OPC UA files
+    from gateway.compose import equipment_problems  # device drivers: maps, roles, OPC UA files
 
     found = [problem for check in CHECKS for problem in check(cfg, source)]
     found += await equipment_problems(cfg, source)  # its Modbus clients need a running event loop

@@ -27,7 +27,7 @@ def full_limit_w(target: Target, baseline_w: float) -> float:
 
 def ramp_fraction(target: Target) -> float:
     """Return the share (0..1) of its reduction a target asks now (the book's ramp-up and recovery)."""
-    return min(1.0, max(0.0, float(getattr(target, "ramp_fraction", 1.0))))
+    return min(1.0, max(0.0, float(target.ramp_fraction)))
 
 
 def _local_shed_w(ev: DemandEvent, t: datetime, baseline_w: float, simple_levels: Mapping[str, float]) -> float:

@@ -1,1 +1,1 @@
-"""Equipment mapping files (YAML), one per equipment model."""
+"""Equipment mapping files (YAML), one per equipment model; ``gateway.mappings`` reads them."""

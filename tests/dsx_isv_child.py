@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from protocols.dsx.build import flex_client_from_config
-
-
-class _NoAudit:
-    async def append(self, kind: str, data: Mapping[str, Any], **_kw: Any) -> int:
-        return 0
+from tests.doubles import RecordingAudit
 
 
 async def main(path: str, feed: str, watts: float) -> None:
-    client = flex_client_from_config(load_config(path).dsxflex, _NoAudit(), SystemClock(), path)
+    client = flex_client_from_config(load_config(path).dsxflex, RecordingAudit(), SystemClock(), path)
     await client.start()
     cid = (await client.set_constraints({feed: watts}, hold_s=3600.0))[feed]
     print(f"SET {cid}", flush=True)

@@ -12,51 +12,26 @@ import asyncio
 import contextlib
 import inspect
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from drgw_tools.servers.mqtt import MosquittoBroker, accepts, find_mosquitto, nats_mqtt
+from drgw_tools.servers.nats import NatsServer
 from gateway.clock import SystemClock
 from protocols.dsx import contract as c
 from protocols.dsx.agent_sim import DsxFlexAgentSim, RampFeed, SimFeedSpec
-from protocols.dsx.brokers import MosquittoBroker, accepts, find_mosquitto, nats_mqtt
 from protocols.dsx.codec import Codec
 from protocols.dsx.flex_client import DsxFlexClient, FlexSettings
 from protocols.dsx.flex_state import BreachAlert, FeedLimits
 from protocols.dsx.jws import KeyRing, Signer
 from protocols.dsx.mqtt import BrokerParams
-from protocols.fleet.server import NatsServer
+from tests.doubles import RecordingAudit
 
 BROKERS = ["nats", "mosquitto"]
 SHARED_MOSQUITTO = ("127.0.0.1", 1883)
-
-
-class RecordingAudit:
-    """An AuditSink that keeps rows in a list."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    async def append(
-        self,
-        kind: str,
-        data: Mapping[str, Any],
-        *,
-        actor: str = "gateway",
-        event_id: str | None = None,
-        device_id: str | None = None,
-    ) -> int:
-        """Record one row; return its sequence number."""
-        self.rows.append(
-            {"kind": kind, "data": dict(data), "actor": actor, "event_id": event_id, "device_id": device_id}
-        )
-        return len(self.rows)
-
-    def kinds(self, kind: str) -> list[dict[str, Any]]:
-        """Return the data of the rows of one kind."""
-        return [r["data"] for r in self.rows if r["kind"] == kind]
 
 
 @dataclass

@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from drgw_tools.ports import free_port
+
+__all__ = ["DRGW", "free_port", "gateway_config", "until"]
 
 DRGW = str(Path(sys.executable).parent / "drgw")
 """The `drgw` console script of the interpreter running the tests."""
@@ -71,13 +74,6 @@ def gateway_config(
         f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in body.items())
         for name, body in sections.items()
     )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def until(cond: Callable[[], Any], timeout_s: float, what: str, detail: Callable[[], str] | None = None) -> Any:

@@ -26,6 +26,14 @@ ACTORS = frozenset({"utility", "policy", "operator", "bms", "gateway"})
 _MAX_DEPTH = 64
 _SCALARS = (str, int, bool, type(None))  # exact types that are already JSON (bool before int is moot here)
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_PLAIN_DEPTH = 48  # deeper values take the general path (which enforces _MAX_DEPTH with its own message)
+# The C encoder _ENCODER builds at every call, built once; no circular check (see encode_plain).
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE: Any = (
+    _c_make_encoder(None, _ENCODER.default, encode_basestring, None, ":", ",", True, False, False)
+    if _c_make_encoder is not None
+    else None
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ def canonical_json(obj: Any) -> bytes:
 
 def format_ts(t: datetime) -> str:
     """Return ``t`` as RFC 3339 UTC text with microseconds, e.g. 2026-01-01T00:00:00.000000Z."""
+    if t.tzinfo is UTC and type(t) is datetime and t.year >= 1000:  # the clock's own readings: no conversion
+        return t.isoformat(timespec="microseconds")[:-6] + "Z"  # "+00:00" -> "Z"
     if t.tzinfo is None or t.utcoffset() is None:
         raise AuditError(f"timestamp {t!r} is naive; the audit log needs aware UTC datetimes")
     u = t.astimezone(UTC)
@@ -127,20 +137,78 @@ def _json_key(key: Any, path: str) -> str:
     raise AuditError(f"{path}: key {key!r:.40} of type {type(key).__name__} is not a string")
 
 
+def _is_plain(value: Any, depth: int) -> bool:
+    """Return whether ``value`` is already what ``to_jsonable`` would return, encoded alike.
+
+    Plain: exact dicts with exact str keys, exact lists and tuples, exact str, int, bool, None and
+    finite floats, nested less than ``_PLAIN_DEPTH`` deep. Anything else (subclasses, enums,
+    datetimes, other keys, NaN, deep nesting) is left to ``to_jsonable``, which is the rule.
+    """
+    t = type(value)
+    if t is dict:
+        if depth >= _PLAIN_DEPTH:
+            return False
+        for k, v in value.items():
+            if type(k) is not str:
+                return False
+            tv = type(v)
+            if tv in _SCALARS:
+                continue
+            if tv is float:
+                if v - v != 0.0:  # NaN or infinity
+                    return False
+            elif not _is_plain(v, depth + 1):
+                return False
+        return True
+    if t is list or t is tuple:
+        if depth >= _PLAIN_DEPTH:
+            return False
+        for v in value:
+            tv = type(v)
+            if tv in _SCALARS:
+                continue
+            if tv is float:
+                if v - v != 0.0:
+                    return False
+            elif not _is_plain(v, depth + 1):
+                return False
+        return True
+    if t in _SCALARS:
+        return True
+    return t is float and value - value == 0.0
+
+
+def encode_plain(obj: Any) -> str:
+    """Return the canonical JSON text of ``obj``, which holds no reference cycles.
+
+    The same text as ``_ENCODER.encode`` (the same C encoder with the same settings), without
+    building the encoder at every call and without the circular-reference check.
+    """
+    if _C_ENCODE is None:  # pragma: no cover
+        return _ENCODER.encode(obj)
+    return "".join(_C_ENCODE(obj, 0))
+
+
 def encode_data(data: Mapping[str, Any]) -> str:
     """Return the canonical JSON text stored in the ``data`` column for ``data``."""
-    if not isinstance(data, Mapping):
-        raise AuditError(f"data must be a mapping, got {type(data).__name__}")
-    try:
-        text = _ENCODER.encode(to_jsonable(data))
-    except (ValueError, RecursionError) as err:
-        raise AuditError(f"data cannot be encoded as JSON: {err}") from err
+    if type(data) is dict and _is_plain(data, 0):
+        # Already plain JSON types (most records): to_jsonable would return an equal copy.
+        text = encode_plain(data)
+    else:
+        if not isinstance(data, Mapping):
+            raise AuditError(f"data must be a mapping, got {type(data).__name__}")
+        try:
+            text = _ENCODER.encode(to_jsonable(data))
+        except (ValueError, RecursionError) as err:
+            raise AuditError(f"data cannot be encoded as JSON: {err}") from err
     check_text(text, "data")
     return text
 
 
 def check_text(value: str, name: str) -> None:
     """Raise AuditError when ``value`` cannot be stored as UTF-8 (lone surrogates)."""
+    if value.isascii():  # O(1) for str: the common case needs no encoding
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -158,6 +226,20 @@ def compute_row_hash(
     data: str,
 ) -> str:
     """Return the hex SHA-256 row hash chaining this row onto ``prev_hash``."""
+    return hashlib.sha256(row_hash_input(prev_hash, seq, ts, kind, actor, event_id, device_id, data)).hexdigest()
+
+
+def row_hash_input(
+    prev_hash: str,
+    seq: int,
+    ts: str,
+    kind: str,
+    actor: str,
+    event_id: str | None,
+    device_id: str | None,
+    data: str,
+) -> bytes:
+    """Return the bytes the row hash is taken over: ``0x00 || prev_hash || canonical_json(row)``."""
     # Equal to canonical_json({seq, ts, kind, actor, event_id, device_id, data}), spelt out with
     # the keys already in sorted order: this runs once per row written and once per row verified.
     enc = encode_basestring
@@ -167,7 +249,47 @@ def compute_row_hash(
         f'"event_id":{"null" if event_id is None else enc(event_id)},'
         f'"kind":{enc(kind)},"seq":{int(seq)},"ts":{enc(ts)}}}'
     )
-    return hashlib.sha256(b"\x00" + bytes.fromhex(prev_hash) + body.encode("utf-8")).hexdigest()
+    return b"\x00" + bytes.fromhex(prev_hash) + body.encode("utf-8")
+
+
+class RowHasher:
+    """``compute_row_hash`` for a writer: kinds, actors and ids repeat, so each is JSON-encoded once."""
+
+    _MAX_NAMES = 4096
+
+    def __init__(self) -> None:
+        self._names: dict[str | None, str] = {None: "null"}
+
+    def _name(self, value: str | None) -> str:
+        """Return ``value`` as a JSON string (or null), cached."""
+        names = self._names
+        out = names.get(value)
+        if out is None:
+            if len(names) >= self._MAX_NAMES:
+                names.clear()
+                names[None] = "null"
+            out = names[value] = encode_basestring(value)  # type: ignore[arg-type]  # None is cached
+        return out
+
+    def row_hash(
+        self,
+        prev_hash: str,
+        seq: int,
+        ts: str,
+        kind: str,
+        actor: str,
+        event_id: str | None,
+        device_id: str | None,
+        data: str,
+    ) -> str:
+        """Return what ``compute_row_hash`` returns for the same arguments."""
+        get, name = self._names.get, self._name
+        body = (
+            f'{{"actor":{get(actor) or name(actor)},"data":{encode_basestring(data)},'
+            f'"device_id":{get(device_id) or name(device_id)},"event_id":{get(event_id) or name(event_id)},'
+            f'"kind":{get(kind) or name(kind)},"seq":{int(seq)},"ts":{encode_basestring(ts)}}}'
+        )
+        return hashlib.sha256(b"\x00" + bytes.fromhex(prev_hash) + body.encode("utf-8")).hexdigest()
 
 
 def compute_row_hash_slow(

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.audit import baseline as bl
+from gateway.audit import shadow_report
 from gateway.audit.chain import AuditRow, format_ts, parse_ts, row_hash_of
 from gateway.audit.measurements import POINTS, rows_between, series_of
 from gateway.audit.migrate import open_existing
@@ -111,6 +112,8 @@ async def build(conn: AsyncConnection, event_id: str, opts: Options) -> dict[str
         [format_ts(p.start), format_ts(p.end), base.per_period_w[i] if i < len(base.per_period_w) else None]
         for i, p in enumerate(periods)
     ]
+    out["planned"] = shadow_report.planned(rows, out["series"])  # shadow mode: what it would have done
+    out["mode"] = "shadow" if out["planned"] else "live"
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.audit.chain import canonical_json, encode_data, format_ts, parse_ts
+from gateway.audit.chain import encode_data, encode_plain, format_ts, parse_ts
 from gateway.audit.schema import measurements
 from gateway.errors import AuditError
 
@@ -102,7 +102,8 @@ def batch_digest(rows: Iterable[Sequence[Any]]) -> str:
     """Return the hex SHA-256 sealing a batch of stored rows (in mseq order)."""
     h = hashlib.sha256()
     for r in rows:
-        h.update(canonical_json([int(r[0]), r[1], r[2], *(_f(v) for v in r[3:8]), r[8]]) + b"\n")
+        # canonical_json of a fresh list (no cycles possible), by the encoder built once
+        h.update((encode_plain([int(r[0]), r[1], r[2], *(_f(v) for v in r[3:8]), r[8]]) + "\n").encode("utf-8"))
     return h.hexdigest()
 
 

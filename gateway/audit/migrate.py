@@ -20,31 +20,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway.audit.urls import normalise_db_url
 from gateway.errors import AuditError
 from gateway.logs import get_logger
 
 log = get_logger("gateway.audit.migrate")
 
-_SYNC_DRIVERS = {"", "pysqlite", "psycopg2", "pg8000", "psycopg2cffi"}
 _PG_LOCK_ID = 0x64726777  # "drgw": serialises concurrent upgrades on one PostgreSQL database
-
-
-def normalise_db_url(url_or_path: str | Path) -> str:
-    """Return an async SQLAlchemy URL for a URL (sqlite, postgresql) or a plain SQLite file path."""
-    raw = str(url_or_path).strip()
-    if not raw:
-        raise AuditError("empty database URL")
-    if "://" not in raw:
-        return "sqlite+aiosqlite:///" + str(Path(raw).expanduser().absolute())
-    scheme, rest = raw.split("://", 1)
-    backend, _, driver = scheme.lower().partition("+")
-    if backend == "postgres":
-        backend = "postgresql"
-    if backend == "sqlite":
-        return f"sqlite+{'aiosqlite' if driver in _SYNC_DRIVERS else driver}://{rest}"
-    if backend == "postgresql":
-        return f"postgresql+{'asyncpg' if driver in _SYNC_DRIVERS else driver}://{rest}"
-    raise AuditError(f"unsupported database URL scheme {scheme!r}: use sqlite or postgresql")
 
 
 def sqlite_path(url: str) -> Path | None:

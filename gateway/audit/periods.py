@@ -9,7 +9,8 @@ Kinds these read (the convention every writer follows):
   the row's device (the VTN for ``ven.*``); ``device.recovered`` / ``ven.link_restored`` /
   ``link.restored`` / ``fallback.end`` or the device's next successful ``command.*`` close it;
 - config: ``config.*`` and ``gateway.start``; security: ``xml.rejected``, ``event.rejected``,
-  ``event.stale``, ``ven.registration_refused``, ``auth.*``, ``login.*``, ``security.*``.
+  ``event.stale``, ``ven.registration_refused``, ``ven.ven_id_refused``, ``ven.cancel_refused``, ``auth.*``,
+  ``login.*``, ``security.*``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from gateway.errors import AuditError
 
 LINK_DOWN = ("fault.device", "ven.link_lost", "link.lost", "fallback.start")
 LINK_UP = ("device.recovered", "ven.link_restored", "link.restored", "fallback.end")
-SECURITY_KINDS = ("xml.rejected", "event.rejected", "event.stale", "ven.registration_refused")
+SECURITY_KINDS = ("xml.rejected", "event.rejected", "event.stale", "ven.registration_refused", "ven.ven_id_refused",
+                  "ven.cancel_refused")  # fmt: skip
 SECURITY_PREFIXES = ("auth.", "login.", "security.")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.audit.chain import canonical_json
+from gateway.audit.kinds import CONFIG_CHANGED, CONFIG_LOADED
 from gateway.audit.log import AuditLog
 from gateway.audit.schema import audit_log
 from gateway.errors import AuditError
@@ -42,12 +43,12 @@ async def record_config(audit: AuditLog, config: Mapping[str, Any] | Any, source
     previous = await _last_config(audit)
     data: dict[str, Any] = {"source": source, "sha256": digest}
     if previous is None:
-        kind = "config.loaded"
+        kind = CONFIG_LOADED
         data["first"] = True
     elif previous.get("sha256") == digest:
-        kind = "config.loaded"
+        kind = CONFIG_LOADED
     else:
-        kind = "config.changed"
+        kind = CONFIG_CHANGED
         old = previous.get("values", {})
         changed = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
         data["previous_sha256"] = previous.get("sha256")
@@ -62,7 +63,7 @@ async def _last_config(audit: AuditLog) -> dict[str, Any] | None:
         async with audit.engine.connect() as conn:
             res = await conn.execute(
                 sa.select(audit_log.c.data)
-                .where(audit_log.c.kind.in_(["config.loaded", "config.changed"]))
+                .where(audit_log.c.kind.in_([CONFIG_LOADED, CONFIG_CHANGED]))
                 .order_by(audit_log.c.seq.desc())
                 .limit(1)
             )

@@ -12,6 +12,7 @@ import html
 import json
 from typing import Any
 
+from gateway.audit import shadow_report
 from gateway.audit.chain import parse_ts
 from gateway.audit.verify import VerifyResult
 
@@ -80,6 +81,7 @@ def render(d: dict[str, Any], integrity: VerifyResult | None, site: str = "") ->
         '<span class="k gpu"></span>GPU caps</div>',
         '<svg id="power" width="960" height="320" role="img" aria-label="facility power chart"></svg>',
         '<svg id="contrib" width="960" height="180" role="img" aria-label="battery and GPU contributions"></svg>',
+        shadow_report.section(d),
         _performance(perf),
         _response(d.get("response") or {}),
         _timeline(d),

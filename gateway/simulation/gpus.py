@@ -103,6 +103,10 @@ class SimGpuFleet:
 
     async def set_caps(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
         """Validate every cap, then apply them all leased for ``lease_s``; return the enforced caps (W)."""
+        return self.set_caps_now(caps_w, lease_s)
+
+    def set_caps_now(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
+        """The synchronous form of ``set_caps`` (for simulators driving the GPUs from their own code)."""
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise InputRejected(f"lease_s must be a positive number of seconds, got {lease_s}")
         for gpu_id, cap_w in caps_w.items():

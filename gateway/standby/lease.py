@@ -79,6 +79,7 @@ class LeaseManager:
         self._token: int | None = None  # the term this node holds (while ACTIVE)
         self._deadline = 0.0  # monotonic: acting ends here unless a renewal is confirmed
         self._next_renew = 0.0
+        self._hold_off_until = 0.0  # monotonic: no contending before this (after giving a term up)
         self._callbacks: list[RoleCallback] = []
         self._changes: asyncio.Queue[RoleChange | None] = asyncio.Queue()
         self._events = {Role.ACTIVE: asyncio.Event(), Role.STANDBY: asyncio.Event()}
@@ -187,6 +188,23 @@ class LeaseManager:
             await asyncio.wait(self._stray, timeout=1.0)
         if self._own_engine:
             await self._engine.dispose()
+
+    async def relinquish(self, reason: str) -> None:
+        """Stop acting now and give the lease up, for a term this node cannot serve (its takeover failed).
+
+        The lease is marked released, so another node may take a new term at once instead of the
+        site waiting on a holder that does not act. This node contends again only after one lease
+        period, so a standby that can serve gets the first chance.
+        """
+        token = self._token
+        if self._role is not Role.ACTIVE or token is None or self._closed:
+            return
+        self._step_down(reason)
+        self._hold_off_until = self._clock.monotonic() + self.lease_s
+        try:
+            await self._bounded(self._release(token), self.renew_s)
+        except Exception as err:  # the term still ends by expiry
+            log.warning("lease_release_failed", node=self.node, token=token, error=str(err))
 
     async def observe(self) -> LeaseState | None:
         """Return the lease as the database holds it now (None before any node took it)."""
@@ -303,6 +321,9 @@ class LeaseManager:
 
     async def _standby_step(self) -> float:
         """Look at the lease, take it if free; return how long to wait before looking again."""
+        held_off = self._hold_off_until - self._clock.monotonic()
+        if held_off > 0:
+            return held_off
         seen = await self._bounded(self.observe(), self.renew_s)
         if seen is not None and not seen.expired and seen.instance == self.instance:
             # An acquisition this node gave up on (no answer in time) did commit: hand that term back.

@@ -55,7 +55,7 @@ class RoleChange:
     node: str
     role: Role  # the role begun
     token: int  # the term begun (active) or ended (standby)
-    reason: str  # active: first, expired, released; standby: released, lost, unconfirmed, closed
+    reason: str  # active: first, expired, released; standby: released, lost, unconfirmed, closed, takeover failed
     at_mono: float  # monotonic s: when the acquisition was sent (active) or when acting stopped (standby)
     acquired_at: datetime | None = None  # active: database clock
     expires_at: datetime | None = None  # active: database clock, as first granted

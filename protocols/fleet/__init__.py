@@ -1,8 +1,8 @@
-"""GPUs on other hosts: node agents and the gateway's NatsFleet over NATS, plus a private nats-server."""
+"""GPUs on other hosts: node agents and the gateway's NatsFleet over NATS (a private nats-server for
+tests and the bench is ``drgw_tools.servers.nats``)."""
 
 from protocols.fleet.agent import NodeAgent
 from protocols.fleet.client import LeaseLapse, NatsFleet
 from protocols.fleet.labels import GpuLabels
-from protocols.fleet.server import NatsServer, find_binary
 
-__all__ = ["GpuLabels", "LeaseLapse", "NatsFleet", "NatsServer", "NodeAgent", "find_binary"]
+__all__ = ["GpuLabels", "LeaseLapse", "NatsFleet", "NodeAgent"]

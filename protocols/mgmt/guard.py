@@ -67,7 +67,9 @@ class _Guarded(asyncio.Protocol):
         return self._timer is not None
 
     def evict(self) -> None:
-        """Close the connection to make room for a new one."""
+        """Give up this connection's slot and close the connection, to make room for a new one."""
+        if self._transport is not None:
+            self._guard.open.pop(self._transport, None)  # type: ignore[arg-type]
         self.disarm()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
@@ -133,8 +135,7 @@ class ConnectionGuard:
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.waiting_since)
-        self.open.pop(victim._transport, None)  # type: ignore[arg-type]  # its slot is the new one's now
-        victim.evict()
+        victim.evict()  # gives its slot up at once: it is the new one's now
         self.evicted += 1
         return True
 

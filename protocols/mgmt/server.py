@@ -26,7 +26,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -37,14 +37,28 @@ from gateway.health import HealthReport
 from gateway.interfaces import AuditSink
 from gateway.logs import get_logger
 from gateway.refusals import RefusalLog
+from gateway.status_feed import StatusFeed
 from protocols.mgmt.auth import Caller, TokenFile, cert_subject, cross_site, server_tls
 from protocols.mgmt.bridge import Coalesced, Home, HomeUnavailable, LoopThread
+from protocols.mgmt.console import Console, auth_hint
 from protocols.mgmt.guard import ConnectionGuard
 
 log = get_logger("protocols.mgmt")
 
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_REASON_CHARS = 500
+# OpenADR operator commands (POST /openadr/{action}); each is audited by the gateway with who asked.
+REPORT_ACTIONS = ("register-reports", "request-vtn-reports", "cancel-vtn-reports")
+OPENADR_ACTIONS = (
+    "cancel-registration",
+    "register",
+    "query-registration",
+    "request-events",
+    "opt-schedule",
+    "cancel-opt",
+    *REPORT_ACTIONS,
+)
+OPENADR_ARGS_S = {"every_s": (0.0, 86_400.0), "for_s": (1.0, 31 * 86_400.0)}  # report commands: seconds, inclusive
 _BAD_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 HEALTH_MAX_AGE_S = 0.05  # a health answer is shared by the requests of the next 50 ms
 COMMAND_TIMEOUT_S = 60.0  # an operator command may wait this long for the gateway (it talks to the VTN)
@@ -66,6 +80,11 @@ class ManagedGateway(Protocol):
     def metrics(self) -> bytes: ...
     def cached_metrics(self) -> bytes | None: ...  # any thread: the metrics rendered since the last tick
     async def operator_opt_out(self, event_id: str, reason: str, peer: str) -> dict[str, Any]: ...
+    async def event_report(self, event_id: str) -> str: ...  # any thread: the event's report page (console)
+
+    @property
+    def status_feed(self) -> StatusFeed: ...  # any thread: the live console's feed
+    async def operator_openadr(self, action: str, args: dict[str, Any], peer: str) -> dict[str, Any]: ...
 
 
 class Refused(Exception):
@@ -77,6 +96,7 @@ class Refused(Exception):
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+R = TypeVar("R", bound=web.StreamResponse)
 CALLER = "drgw.caller"  # request key of the authenticated Caller, set by ManagementServer.operator
 
 
@@ -167,6 +187,10 @@ class ManagementServer:
         app.router.add_get("/readyz", self._wrap(self._readyz))
         app.router.add_get("/metrics", self._wrap(self._metrics_page))
         app.router.add_post("/events/{event_id}/opt-out", self.operator(self._opt_out))
+        hint = auth_hint(cfg.token_file, self._client_certs)
+        self.console = Console(self._gw, self._home, self.commands_enabled, hint, max(1, cfg.max_connections // 8))
+        self.console.install(app, self._wrap)  # the live console: page, event stream, reports (docs/console.md)
+        app.router.add_post("/openadr/{action}", self.operator(self._openadr))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         handlers = self._runner.server  # aiohttp's protocol factory, made by setup()
@@ -202,11 +226,11 @@ class ManagementServer:
             await self.refusals.stop()
 
     def _wrap(
-        self, handler: Callable[[web.Request], Awaitable[web.Response]]
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        self, handler: Callable[[web.Request], Awaitable[R]]
+    ) -> Callable[[web.Request], Awaitable[R | web.Response]]:
         """Turn bad input into a 4xx, a refusal into its status, and any other failure into a 5xx."""
 
-        async def run(request: web.Request) -> web.Response:
+        async def run(request: web.Request) -> R | web.Response:
             try:
                 return await handler(request)
             except InputRejected as err:
@@ -308,15 +332,7 @@ class ManagementServer:
         event_id = request.match_info["event_id"]
         if not EVENT_ID_RE.match(event_id):
             raise InputRejected("event id: 1-128 characters of letters, digits and ._:- only")
-        raw = await request.read()
-        try:
-            body = json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputRejected(f"body is not JSON: {err}") from err
-        except RecursionError as err:
-            raise InputRejected("body is not JSON: nested too deeply") from err
-        if not isinstance(body, dict):
-            raise InputRejected("body must be a JSON object with a 'reason'")
+        body = await _json_object(request, "body must be a JSON object with a 'reason'")
         reason = body.get("reason")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
             raise InputRejected(f"reason: a non-empty string of at most {MAX_REASON_CHARS} characters is required")
@@ -324,6 +340,38 @@ class ManagementServer:
             raise InputRejected(f"reason: not valid text (character U+{ord(bad.group()):04X} at {bad.start()})")
         result = await self._gw.operator_opt_out(event_id, reason.strip(), who_asked(request))
         return _json(200 if result.get("ok") else 404, result)
+
+    async def _openadr(self, request: web.Request) -> web.Response:
+        """Run an OpenADR operator command (registration, opt schedules, reports) on an authenticated
+        operator's word; the report commands take ``every_s`` and ``for_s`` in seconds."""
+        action = request.match_info["action"]
+        if action not in OPENADR_ACTIONS:
+            return _json(404, {"error": f"no OpenADR command {action[:40]!r}; one of {', '.join(OPENADR_ACTIONS)}"})
+        body = await _json_object(request, "body must be a JSON object")
+        if action in REPORT_ACTIONS:
+            for key in body:
+                if key not in OPENADR_ARGS_S:
+                    raise InputRejected(f"{key}: unknown argument (known: {', '.join(OPENADR_ARGS_S)})")
+                lo, hi = OPENADR_ARGS_S[key]
+                value = body[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+                    raise InputRejected(f"{key}: a number of seconds from {lo:g} to {hi:g} is required")
+        result = await self._gw.operator_openadr(action, body, who_asked(request))
+        return _json(200 if result.get("ok") else 409, result)
+
+
+async def _json_object(request: web.Request, shape: str) -> dict[str, Any]:
+    """Return the request's JSON object body (empty: {}); raise InputRejected naming what is wrong."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputRejected(f"body is not JSON: {err}") from err
+    except RecursionError as err:
+        raise InputRejected("body is not JSON: nested too deeply") from err
+    if not isinstance(body, dict):
+        raise InputRejected(shape)
+    return body
 
 
 def who_asked(request: web.Request) -> str:

@@ -27,6 +27,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.errors import ConfigError, DeviceRejected, InputRejected, ReadbackMismatch
 from gateway.model import BatteryState
 from protocols.modbus import codec
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.lease import LeasedDevice
 from protocols.modbus.link import Link
 from protocols.modbus.mapping import Mapping, load_mapping
@@ -61,17 +62,10 @@ class ModbusBattery(LeasedDevice):
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping | str | Path,
-        timeout_s: float = 1.0,
         revert_s: float = 60.0,
         clock: Clock | None = None,
-        *,
-        retries: int = 0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 60.0,
     ) -> None:
         self.device_id = device_id
         self.mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
@@ -84,11 +78,13 @@ class ModbusBattery(LeasedDevice):
         self._pts = self.mapping.require_roles(ROLES)
         self._remote = self.mapping.by_role("remote_enabled")
         super().__init__(clock or SystemClock(), revert_s)
-        self._transport = ModbusTransport(
-            device_id, host, port, unit, self.mapping, timeout_s=timeout_s, retries=retries
-        )
+        self._transport = ModbusTransport(device_id, endpoint, self.mapping)
         self._link = Link(
-            device_id, self._clock, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, logger=__name__
+            device_id,
+            self._clock,
+            backoff_initial_s=endpoint.backoff_initial_s,
+            backoff_max_s=endpoint.backoff_max_s,
+            logger=__name__,
         )
         self._remote_seen: tuple[float, bool] | None = None  # (monotonic, remote accepted) as last read
         self._lock = asyncio.Lock()

@@ -105,6 +105,7 @@ def image(snap: BmsSnapshot, inputs: BmsInputs, now_s: float) -> dict[int, int]:
         "gpu_cap_pct": snap.gpu_cap_pct,
         "bms_opt_out_remaining_s": min(65535.0, math.ceil(inputs.remaining_s("bms_opt_out"))),
         "bms_flex_remaining_s": min(65535.0, math.ceil(inputs.remaining_s("bms_available_flex_w"))),
+        "events_active": snap.events_active,
         "bms_opt_out": inputs.value("bms_opt_out"),
         "bms_available_flex_w": inputs.value("bms_available_flex_w"),
     }

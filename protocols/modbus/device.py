@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.clock import Clock, SystemClock
 from gateway.errors import ConfigError
 from protocols.modbus.codec import Value
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.link import Link
 from protocols.modbus.mapping import Mapping, load_mapping
 from protocols.modbus.poller import GroupPoller
@@ -23,16 +24,9 @@ class ModbusDevice:
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping | str | Path,
-        timeout_s: float = 1.0,
         clock: Clock | None = None,
-        *,
-        retries: int = 0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 60.0,
     ) -> None:
         self.device_id = device_id
         self.mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
@@ -40,16 +34,14 @@ class ModbusDevice:
             raise ConfigError(
                 self.mapping.source or self.mapping.model, "kind", self.WRONG_KIND.format(kind=self.mapping.kind)
             )
-        self._transport = ModbusTransport(
-            device_id, host, port, unit, self.mapping, timeout_s=timeout_s, retries=retries
-        )
+        self._transport = ModbusTransport(device_id, endpoint, self.mapping)
         clock = clock or SystemClock()
         self._poller = GroupPoller(self._transport, clock)
         self._link = Link(
             device_id,
             clock,
-            backoff_initial_s=backoff_initial_s,
-            backoff_max_s=backoff_max_s,
+            backoff_initial_s=endpoint.backoff_initial_s,
+            backoff_max_s=endpoint.backoff_max_s,
             logger=type(self).__module__,
         )
 

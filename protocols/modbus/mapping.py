@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import math
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import ConfigError
+from gateway.mappings import Limit, error_key, names_for, read_document
 
-PACKAGE = "mappings"
 MAX_READ_REGISTERS = 125  # the most registers one Modbus read (FC 3/4) may return
 
 Table = Literal["holding", "input"]
@@ -45,13 +43,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Limit(_Strict):
-    """A range in engineering units: what a written value must lie in, or what a reading can physically be."""
-
-    min: float
-    max: float
 
 
 class Point(_Strict):
@@ -262,11 +253,6 @@ def _check(m: Mapping) -> tuple[str, str] | None:
     return None
 
 
-def _key(loc: tuple[int | str, ...]) -> str:
-    """Join a pydantic error location into a dotted key."""
-    return ".".join(str(part) for part in loc) or "(top level)"
-
-
 def _validated(data: dict[str, Any], source: str) -> Mapping:
     """Run the schema over ``data``; raise ConfigError naming the first bad key."""
     try:
@@ -274,7 +260,7 @@ def _validated(data: dict[str, Any], source: str) -> Mapping:
     except ValidationError as err:
         first = err.errors()[0]
         reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(source, _key(tuple(first["loc"])), reason) from err
+        raise ConfigError(source, error_key(tuple(first["loc"])), reason) from err
 
 
 def parse_mapping(data: Any, source: str = "<mapping>") -> Mapping:
@@ -291,7 +277,7 @@ def parse_mapping(data: Any, source: str = "<mapping>") -> Mapping:
             spec = Sunspec.model_validate(data["sunspec"])
         except ValidationError as err:
             first = err.errors()[0]
-            raise ConfigError(source, _key(("sunspec", *first["loc"])), first["msg"]) from err
+            raise ConfigError(source, error_key(("sunspec", *first["loc"])), first["msg"]) from err
         base = 40000 if spec.base == "auto" else spec.base
         try:
             generated = sunspec.nominal_points(base, (*spec.models, *spec.optional))
@@ -317,49 +303,9 @@ def replace_points(m: Mapping, points: dict[str, dict[str, Any]]) -> Mapping:
     return out
 
 
-def read_document(name_or_path: str | Path) -> tuple[Any, str]:
-    """Return (decoded YAML, source name) for a shipped map's bare name or a file path."""
-    text_name = str(name_or_path)
-    is_path = isinstance(name_or_path, Path) or "/" in text_name or text_name.endswith((".yaml", ".yml"))
-    try:
-        if is_path:
-            source = text_name
-            raw = Path(name_or_path).read_text(encoding="utf-8")
-        else:
-            res = resources.files(PACKAGE).joinpath(f"{text_name}.yaml")
-            source = f"{PACKAGE}/{text_name}.yaml"
-            if not res.is_file():
-                known = ", ".join(all_mapping_names()) or "none"
-                raise ConfigError(source, "(file)", f"no such mapping (shipped: {known})")
-            raw = res.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(text_name, "(file)", f"cannot read: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(text_name, "(file)", "not valid UTF-8") from err
-    try:
-        return yaml.safe_load(raw), source
-    except yaml.YAMLError as err:
-        raise ConfigError(source, "(syntax)", str(err).replace("\n", " ")) from err
-    except RecursionError as err:
-        raise ConfigError(source, "(syntax)", "mappings or lists nested too deeply") from err
-
-
-def all_mapping_names() -> list[str]:
-    """Return the bare names of every mapping file shipped in the ``mappings`` package, any protocol."""
-    root = resources.files(PACKAGE)
-    return sorted(f.name[: -len(".yaml")] for f in root.iterdir() if f.name.endswith(".yaml"))
-
-
-def protocol_of(name: str) -> str:
-    """Return the ``protocol`` a shipped mapping file declares (``modbus`` when it says none)."""
-    data, _ = read_document(name)
-    proto = data.get("protocol", "modbus") if isinstance(data, dict) else "modbus"
-    return str(proto)
-
-
 def mapping_names() -> list[str]:
     """Return the bare names of the shipped Modbus register maps."""
-    return [n for n in all_mapping_names() if protocol_of(n) == "modbus"]
+    return names_for("modbus")
 
 
 def load_mapping(name_or_path: str | Path) -> Mapping:

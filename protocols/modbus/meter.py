@@ -11,11 +11,11 @@ and recovery are logged once each.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from gateway.clock import Clock
 from protocols.modbus.codec import Value
 from protocols.modbus.device import ModbusDevice
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping
 
 ROLE = "facility_w"
@@ -30,15 +30,11 @@ class ModbusMeter(ModbusDevice):
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping | str | Path = "meter_facility",
-        timeout_s: float = 1.0,
         clock: Clock | None = None,
-        **link: Any,
     ) -> None:
-        super().__init__(device_id, host, port, unit, mapping, timeout_s, clock, **link)
+        super().__init__(device_id, endpoint, mapping, clock)
         self._point = self.mapping.require_roles((ROLE,))[ROLE]
 
     async def read_facility_w(self) -> float:

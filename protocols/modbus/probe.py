@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gateway.errors import DeviceRejected
+from gateway.errors import DeviceRejected, InputRejected
 from protocols.modbus import sunspec
 from protocols.modbus.codec import Value
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, load_mapping, parse_mapping, replace_points
 from protocols.modbus.transport import ModbusTransport
 
@@ -37,13 +38,38 @@ async def _read_all(t: ModbusTransport, names: list[str]) -> dict[str, tuple[Val
         return out
 
 
+def split_target(target: str, default_port: int = 502) -> tuple[str, int]:
+    """Return (host, port) from HOST, HOST:PORT, [V6] or [V6]:PORT; raise InputRejected if malformed."""
+    host, port = target, default_port
+    if target.startswith("["):
+        close = target.find("]")
+        if close < 0:
+            raise InputRejected(f"{target!r}: unclosed [")
+        host, rest = target[1:close], target[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise InputRejected(f"{target!r}: expected :PORT after ]")
+            port = _port(rest[1:], target)
+    elif target.count(":") == 1:
+        host, _, text = target.partition(":")
+        port = _port(text, target)
+    if not host:
+        raise InputRejected(f"{target!r}: no host")
+    return host, port
+
+
+def _port(text: str, target: str) -> int:
+    """Return a TCP port number parsed from ``text``."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise InputRejected(f"{target!r}: port must be 1..65535")
+    return int(text)
+
+
 async def probe_modbus(args: argparse.Namespace) -> dict[str, Any]:
     """Return a report of every point of a Modbus device (SunSpec discovery or a mapping)."""
-    from protocols.modbus.cli import split_target
-
     host, port = split_target(args.target)
     m = parse_mapping(_PLACEHOLDER, "<probe>") if args.sunspec else load_mapping(args.mapping)
-    t = ModbusTransport("probe", host, port, args.unit, m, timeout_s=args.timeout)
+    t = ModbusTransport("probe", ModbusEndpoint(host, port, args.unit, args.timeout), m)
     report: dict[str, Any] = {
         "device": f"{host}:{port} unit {args.unit}",
         "mapping": "SunSpec" if args.sunspec else m.source,

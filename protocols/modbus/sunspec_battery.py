@@ -24,6 +24,7 @@ from gateway.errors import ConfigError, DeviceRejected, InputRejected, InvalidRe
 from gateway.model import BatteryState
 from protocols.modbus import codec, sunspec
 from protocols.modbus.codec import Value
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.lease import LeasedDevice
 from protocols.modbus.link import Link
 from protocols.modbus.mapping import Mapping, load_mapping, replace_points
@@ -52,17 +53,10 @@ class SunspecBattery(LeasedDevice):
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping | str | Path = "sunspec_storage",
-        timeout_s: float = 1.0,
         revert_s: float = 60.0,
         clock: Clock | None = None,
-        *,
-        retries: int = 0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 60.0,
     ) -> None:
         m = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
         where = m.source or m.model
@@ -77,9 +71,13 @@ class SunspecBattery(LeasedDevice):
         self.mapping = m
         self.spec = m.sunspec
         self.layout: sunspec.Layout | None = None
-        self._transport = ModbusTransport(device_id, host, port, unit, m, timeout_s=timeout_s, retries=retries)
+        self._transport = ModbusTransport(device_id, endpoint, m)
         self._link = Link(
-            device_id, self._clock, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, logger=__name__
+            device_id,
+            self._clock,
+            backoff_initial_s=endpoint.backoff_initial_s,
+            backoff_max_s=endpoint.backoff_max_s,
+            logger=__name__,
         )
         self._lock = asyncio.Lock()
         self._remote_seen: tuple[float, bool] | None = None

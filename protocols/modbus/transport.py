@@ -36,6 +36,7 @@ from pymodbus.exceptions import ModbusException
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from protocols.modbus import codec
 from protocols.modbus.codec import Value
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, Point, Table
 
 MAX_WRITE_REGISTERS = 123  # the most registers one FC 16 request may carry
@@ -125,21 +126,18 @@ class ModbusTransport:
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping,
-        *,
-        timeout_s: float = 1.0,
-        retries: int = 0,
     ) -> None:
         quiet_pymodbus_logs()
         self.device_id = device_id
-        self.unit = unit
+        self.unit = endpoint.unit
         self.mapping = mapping
         # reconnect_delay=0: no background reconnect loop; the caller's backoff decides when to retry.
-        self._client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=retries, reconnect_delay=0)
-        self._where = f"{host}:{port} unit {unit}"
+        self._client = AsyncModbusTcpClient(
+            endpoint.host, port=endpoint.port, timeout=endpoint.timeout_s, retries=endpoint.retries, reconnect_delay=0
+        )
+        self._where = str(endpoint)
         self._sf: dict[str, int | None] = {}  # scale-factor point -> exponent last read (None: invalid)
         self._sf_names = {p.scale_factor for p in mapping.points.values() if p.scale_factor}
 

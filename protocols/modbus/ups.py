@@ -23,6 +23,7 @@ from gateway.logs import get_logger
 from gateway.model import BatteryState
 from protocols.modbus.codec import Value
 from protocols.modbus.device import ModbusDevice
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping
 
 ROLES = ("soc_pct", "runtime_s", "on_battery", "alarms")
@@ -65,15 +66,11 @@ class ModbusUps(ModbusDevice):
     def __init__(
         self,
         device_id: str,
-        host: str,
-        port: int,
-        unit: int,
+        endpoint: ModbusEndpoint,
         mapping: Mapping | str | Path = "ups_generic",
-        timeout_s: float = 1.0,
         clock: Clock | None = None,
-        **link: Any,
     ) -> None:
-        super().__init__(device_id, host, port, unit, mapping, timeout_s, clock, **link)
+        super().__init__(device_id, endpoint, mapping, clock)
         self._pts = self.mapping.require_roles(ROLES)
 
     async def read(self) -> UpsState:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import ConfigError
-from protocols.modbus.mapping import Limit, all_mapping_names, read_document
+from gateway.mappings import Limit, names_for, read_document
 
 NodeType = Literal["Boolean", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float", "Double", "String"]
 INT_RANGE: dict[str, tuple[int, int]] = {
@@ -145,12 +145,7 @@ def parse_node_map(data: Any, source: str = "<node map>") -> NodeMap:
 
 def node_map_names() -> list[str]:
     """Return the bare names of the shipped OPC UA node maps."""
-    out = []
-    for name in all_mapping_names():
-        data, _ = read_document(name)
-        if isinstance(data, dict) and data.get("protocol") == "opcua":
-            out.append(name)
-    return out
+    return names_for("opcua")
 
 
 def load_node_map(name_or_path: str | Path) -> NodeMap:

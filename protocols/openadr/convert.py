@@ -11,8 +11,13 @@ xmltodict's output). Its quirks, all handled here:
   raw ``signal['powerReal'] = {'item_units', 'si_scale_code', ...}``;
 - a date-time it cannot read is left as the original string.
 
+A negative x-eiRampUp or x-eiRecovery (the schema allows a signed duration; the 2.0b test tool sends
+"-PT1M") means no ramp-up or recovery period: it is read as 0, not refused.
+
 An active period (or an interval) of duration 0 means "open-ended, until cancelled" in OpenADR
 2.0b; it becomes ``OPEN_ENDED_S`` seconds, which every consumer treats as "no end yet".
+
+The signal name "simple" (OpenADR 2.0a's, still allowed by the 2.0b schema) is SIMPLE.
 
 Refusals carry the 2.0b response code the VEN answers with: ``SignalNotSupported`` (460) for a
 signal name or type the gateway cannot act on, plain ``InvalidEvent`` (454) for anything else.
@@ -38,6 +43,8 @@ _MEASUREMENT_KEYS = ("powerReal", "powerApparent", "powerReactive", "energyReal"
                      "currency", "customUnit")  # fmt: skip
 _TARGET_KINDS = ("ven_id", "resource_id", "group_id", "group_name", "party_id")
 PRICE_TYPES = frozenset({"price", "priceRelative", "priceMultiplier"})
+# 2.0a's lower-case "simple", which the 2.0b schema still lists beside "SIMPLE" (no other case form is allowed)
+_ALIASES = {"simple": SignalName.SIMPLE.value}
 # signal name -> signal types the gateway can act on
 _TYPES = {
     SignalName.SIMPLE: frozenset({"level"}),
@@ -115,8 +122,8 @@ def to_demand_event(
     duration_s = _seconds(period.get("duration"), "activePeriod duration", reject)
     if duration_s == 0:
         duration_s = OPEN_ENDED_S
-    ramp_up_s = _optional_seconds(period.get("ramp_up"), "x-eiRampUp", reject)
-    recovery_s = _optional_seconds(period.get("recovery"), "x-eiRecovery", reject)
+    ramp_up_s = _optional_seconds(period.get("ramp_up"), "x-eiRampUp", reject, negative_is_zero=True)
+    recovery_s = _optional_seconds(period.get("recovery"), "x-eiRecovery", reject, negative_is_zero=True)
     start_after_s = _optional_seconds(_start_after(period.get("tolerance")), "startafter", reject)
     _shift(start, -ramp_up_s, "activePeriod dtstart minus x-eiRampUp", reject)
     _shift(start, duration_s + start_after_s + recovery_s, "activePeriod end plus startafter and x-eiRecovery", reject)
@@ -173,8 +180,9 @@ def _signal(raw: Any, index: int, event_start: datetime, reject: _Reject, price_
     if not isinstance(raw, dict):
         raise reject(f"signal #{index} is not a mapping")
     name = raw.get("signal_name")
+    text = name if isinstance(name, str) else ""
     try:
-        signal_name = SignalName(name if isinstance(name, str) else "")
+        signal_name = SignalName(_ALIASES.get(text, text))
     except ValueError:
         raise reject(f"signal {name!r} is not supported", SignalNotSupported) from None
     signal_type = raw.get("signal_type")
@@ -287,11 +295,13 @@ def _datetime(value: Any, what: str, reject: _Reject) -> datetime:
     return value.astimezone(UTC)
 
 
-def _seconds(value: Any, what: str, reject: _Reject) -> float:
-    """Return a non-negative duration in seconds or raise."""
+def _seconds(value: Any, what: str, reject: _Reject, negative_is_zero: bool = False) -> float:
+    """Return a non-negative duration in seconds or raise (a negative one is 0 where ``negative_is_zero``)."""
     if not isinstance(value, timedelta):
         raise reject(f"{what} {value!r} is not a duration")
     seconds = value.total_seconds()
+    if seconds < 0 and negative_is_zero:
+        return 0.0
     if seconds < 0:
         raise reject(f"{what} {seconds} s is negative")
     return seconds
@@ -305,9 +315,9 @@ def _shift(t: datetime, seconds: float, what: str, reject: _Reject) -> datetime:
         raise reject(f"{what} is outside the representable years 1-9999 ({t.isoformat()} {seconds:+g} s)") from None
 
 
-def _optional_seconds(value: Any, what: str, reject: _Reject) -> float:
+def _optional_seconds(value: Any, what: str, reject: _Reject, negative_is_zero: bool = False) -> float:
     """Return a duration in seconds, 0 when absent."""
-    return 0.0 if value is None else _seconds(value, what, reject)
+    return 0.0 if value is None else _seconds(value, what, reject, negative_is_zero)
 
 
 def _start_after(tolerance: Any) -> Any:

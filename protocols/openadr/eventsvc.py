@@ -77,19 +77,26 @@ class EventService:
         self._on_cancel = on_cancel
         self._on_distribution = on_distribution
         self.vtn_id = ""  # the registered VTN; distributions from another are refused (rule 21)
+        self.expected_vtn_id = ""  # the configured VTN id (openadr.vtn_id): when set, it is the one checked
         self._request_ids: dict[str, str] = {}  # event id -> requestID of its last distribution
         # Events whose stored answer the VTN may not have: the decision could not be stored (answer
         # held), or the answer got no reply. The VEN asks for the events again while any remain.
         self.unanswered: dict[str, Any] = {}  # event id -> modification number
+        self.refused_whole = False  # set when a distribution is answered 452 as a whole
 
     async def distribution(self, payload: dict[str, Any]) -> None:
         """Answer one oadrDistributeEvent: decide every event, then send one oadrCreatedEvent."""
         request_id = _text(payload.get("request_id"))
         sender = _text(payload.get("vtn_id"))
-        if self.vtn_id and sender != self.vtn_id:
-            reason = f"vtnID {sender!r} is not the registered VTN {self.vtn_id!r}"
+        expected = self.expected_vtn_id or self.vtn_id
+        if expected and same_id(sender, expected):
+            sender = expected  # openleadr reads a digit-only id as a number (leading zeros lost)
+        elif expected:
+            which = "configured" if self.expected_vtn_id else "registered"
+            reason = f"vtnID {sender!r} is not the {which} VTN {expected!r}"
             _log.warning("distribution refused", reason=reason)
             await self._audit("event.distribution_refused", {"reason": reason}, "utility")
+            self.refused_whole = True
             await self._created([], {"response_code": INVALID_ID, "response_description": "invalid vtnID",
                                      "request_id": escape(request_id)})  # fmt: skip
             return
@@ -274,6 +281,14 @@ def _code(payload: dict[str, Any]) -> int | None:
     """Return the eiResponse code of a parsed answer."""
     response = payload.get("response")
     return response.get("response_code") if isinstance(response, dict) else None
+
+
+def same_id(received: str, expected: str) -> bool:
+    """Return whether a received id is the expected one; openleadr turns a digit-only id into a number,
+    so "0123" arrives as "123": digit-only ids compare by value."""
+    if received == expected:
+        return True
+    return received.isdigit() and expected.isdigit() and int(received) == int(expected)
 
 
 def _text(value: Any) -> str:

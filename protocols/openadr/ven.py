@@ -4,11 +4,11 @@ openleadr's ``run()`` stops for good when the first registration fails, so the s
 drives the pieces itself: register (exponential backoff; the registration and venID are kept in
 the VEN state so a restart re-registers as the same VEN), offer reports, request the events the
 VTN holds, then poll at the VTN's requested frequency (or ``poll_interval_s``, never faster than
-``min_poll_interval_s``), polling again at once while the VTN has more queued.
+``min_poll_interval_s``): at most one oadrPoll per period, whatever the answer.
 
 The parts: ``client.OadrClient`` owns the request path (guard, TLS, signatures, evidence),
 ``wirelog.WireLog`` records every message, ``eventsvc.EventService`` answers distributions
-(and later opt changes), ``reports.Reporter`` runs the reports. Every state change of the link
+(and later opt changes), ``reporter.Reporter`` runs the reports. Every state change of the link
 is logged and audited once.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -28,7 +27,12 @@ from gateway.logs import get_logger
 from gateway.model import Opt
 from protocols.openadr.client import OadrClient
 from protocols.openadr.eventsvc import EventService, OnCancel, OnDistribution, OnEvent
-from protocols.openadr.reports import History, Reporter, Telemetry
+from protocols.openadr.optsched import OptSchedules
+from protocols.openadr.registration import Registrar
+from protocols.openadr.registration import call as _call
+from protocols.openadr.reporter import Reporter
+from protocols.openadr.reports import History, Telemetry
+from protocols.openadr.vtnreports import VtnReports
 from protocols.openadr.wirelog import EvidenceSink, WireLog
 from protocols.openadr.xmlguard import harden_openleadr_parser
 
@@ -38,9 +42,6 @@ if logging.getLogger().level > logging.DEBUG:
     logging.getLogger("openleadr").setLevel(logging.WARNING)
 
 _log = get_logger("openadr.ven")
-_MAX_POLL_S = 86_400.0  # openleadr's own ceiling
-_MAX_BURST = 8  # polls in a row while the VTN keeps having messages queued
-_KEYS = ("ven_id", "registration_id", "vtn_id")
 _LINK_FAILURES = frozenset({"unreachable", "timeout", "tls", "http", "transport"})
 # openleadr's registration code logs these at ERROR; the supervisor logs state changes instead.
 _NOISE = ("Got error on Create Party Registration", "No registration ID received", "No venID received",
@@ -97,15 +98,19 @@ class Ven:
         self._events = EventService(
             self._client, on_event, self._audit, price_types, on_cancel, on_distribution, clock.now
         )
+        self._events.expected_vtn_id = config.vtn_id or ""
         self._reports = Reporter(self._client, config, clock, self._audit, telemetry, history)
-        self._client.add_hook("after_parse_xml", self._on_parsed)
-        self._last_parsed: tuple[str, dict[str, Any]] | None = None
+        self._vtn_reports = VtnReports(self._client, config, clock, self._audit)
+        self._reg = Registrar(self._client, config, self._events, self._audit, self._get_state, self._set_state)
+        self.opt_schedules = OptSchedules(self._client, audit, self._get_state, self._set_state, clock.now)
+        self._lock = asyncio.Lock()  # one exchange sequence at a time: the supervisor's, or an operator's
+        self._wake = asyncio.Event()  # an operator action ends the supervisor's wait
         self._noise = _QuietOpenleadr()
         self._task: asyncio.Task[None] | None = None
         self._state = "stopped"
-        self._registration_id: str | None = None  # the last one granted (kept across restarts)
         self._poll_s = config.poll_interval_s
         self._poll_failures = 0  # polls in a row that did not reach the VTN (they back off)
+        self._last_poll_at: float | None = None  # monotonic time the last oadrPoll was sent
         self.last_poll_ok: datetime | None = None
 
     # -- what the gateway reads ---------------------------------------------------------------
@@ -122,8 +127,8 @@ class Ven:
 
     @property
     def vtn_id(self) -> str:
-        """Return the registered VTN's id ('' before the first registration)."""
-        return self._events.vtn_id
+        """Return the VTN's id: the configured one, else the registered one ('' before the first registration)."""
+        return self._config.vtn_id or self._events.vtn_id
 
     @property
     def registration_id(self) -> str | None:
@@ -163,7 +168,7 @@ class Ven:
             return
         harden_openleadr_parser()
         logging.getLogger("openleadr").addFilter(self._noise)
-        await self._load_identity()
+        await self._reg.load()
         self._state = "starting"
         self._task = asyncio.create_task(self._supervise(), name="openadr-ven")
 
@@ -188,22 +193,69 @@ class Ven:
             return False
         return await self._events.send_opt(event_id, opt, reason, modification_number)
 
+    async def operator_action(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run an operator's OpenADR report command (management endpoint, ``drgw openadr``); return what happened.
+
+        register-reports: publish the report metadata again (oadrRegisterReport); request-vtn-reports
+        (``every_s``, ``for_s``): ask for the VTN's METADATA report; cancel-vtn-reports: cancel that.
+        """
+        if action not in ("register-reports", "request-vtn-reports", "cancel-vtn-reports"):
+            return {"ok": False, "error": f"unknown OpenADR action {action!r}"}
+        if not self.registered:
+            return {"ok": False, "error": "not registered with the VTN"}
+        async with self._lock:
+            if action == "register-reports":
+                return {"ok": await self._reports.register()}
+            if action == "cancel-vtn-reports":
+                return await self._vtn_reports.cancel_requests()
+            return await self._vtn_reports.request_metadata(float(args.get("every_s", 0.0)), args.get("for_s"))
+
+    # -- the operator's registration commands (certification cases N1_0010/0015/0030/0060/0065) ----
+
+    async def cancel_registration(self, who: str) -> dict[str, Any]:
+        """Cancel the registration (oadrCancelPartyRegistration) on the operator's word; hold it off."""
+        async with self._lock:
+            done, why = await self._reg.cancel()
+            await self._audit("operator.cancel_registration", {"peer": who, "done": done, "error": why}, "operator")
+            if not done:
+                return {"ok": False, "error": why}
+            await self._reports.stop()
+            await self._set_state_link("cancelled", self._reg.held)
+        return {"ok": True, "state": self._state}
+
+    async def register_again(self, who: str, fresh: bool = False) -> dict[str, Any]:
+        """Register on the operator's word: ends a hold; re-registers (our registrationID) or, with
+        ``fresh``, asks for a new registration, also while registered."""
+        async with self._lock:
+            await self._audit("operator.register", {"peer": who, "fresh": fresh, "held": self._reg.held}, "operator")
+            if self._reg.held:
+                await self._reg.release()
+            ok = await self._register(fresh=fresh)
+        self._wake.set()
+        return {"ok": ok, "state": self._state, "registration_id": self.registration_id}
+
+    async def query_registration(self, who: str) -> dict[str, Any]:
+        """Send oadrQueryRegistration on the operator's word; return what the VTN said."""
+        async with self._lock:
+            rtype, payload = await self._reg.query()
+        await self._audit("operator.query_registration", {"peer": who, "answer": rtype}, "operator")
+        freq = payload.get("requested_oadr_poll_freq")
+        return {"ok": rtype == "oadrCreatedPartyRegistration", "answer": rtype,
+                "vtn_id": None if payload.get("vtn_id") is None else str(payload["vtn_id"]),
+                "poll_s": None if freq is None else freq.total_seconds()}  # fmt: skip
+
+    async def request_events(self, who: str) -> dict[str, Any]:
+        """Ask the VTN for every event now (oadrRequestEvent) on the operator's word; answer what comes."""
+        async with self._lock:
+            await self._audit("operator.request_events", {"peer": who}, "operator")
+            if not self.registered:
+                return {"ok": False, "error": "not registered"}
+            rtype, payload = await _call(self._client.request_event())
+            if rtype == "oadrDistributeEvent":
+                await self._events.distribution(payload)
+        return {"ok": rtype is not None, "answer": rtype}
+
     # -- identity -----------------------------------------------------------------------------
-
-    async def _load_identity(self) -> None:
-        """Take venID, registration and VTN id from the VEN state (a configured venID wins)."""
-        saved = {k: await self._get_state(f"openadr.{k}") for k in _KEYS}
-        if self._config.ven_id is None and saved["ven_id"]:
-            self._client.ven_id = saved["ven_id"]
-        if saved["ven_id"] in (None, self._client.ven_id):
-            self._registration_id = saved["registration_id"] or None
-            self._events.vtn_id = saved["vtn_id"] or ""
-
-    async def _save_identity(self) -> None:
-        """Persist venID, registration id and VTN id."""
-        values = {"ven_id": self._client.ven_id, "registration_id": self._registration_id, "vtn_id": self.vtn_id}
-        for key, value in values.items():
-            await self._set_state(f"openadr.{key}", value or "")
 
     async def _get_state(self, key: str) -> str | None:
         """Read one persisted value; a failing store is logged, not fatal."""
@@ -232,21 +284,27 @@ class Ven:
         delay = cfg.registration_retry_initial_s
         while True:
             try:
-                if not self.registered:
-                    if not await self._register():
-                        await self._clock.sleep(delay)
-                        delay = min(delay * 2, cfg.registration_retry_max_s)
-                        continue
-                    delay = cfg.registration_retry_initial_s
-                    await self._reports.register()
-                    rtype, payload = await _call(self._client.request_event())
-                    if rtype == "oadrDistributeEvent":
-                        await self._events.distribution(payload)
-                await self._poll_round()
-                if self._state == "registered" and self._events.unanswered:
-                    await self._answer_again()
-                if self.registered:
-                    await self._clock.sleep(self._poll_wait_s())
+                if self._reg.held:
+                    if self._state == "starting":  # held since before this start: said once, not audited again
+                        self._state = "cancelled"
+                        _log.warning("registration held: not registering until the operator does",
+                                     reason=self._reg.held)  # fmt: skip
+                    await self._set_state_link("cancelled", self._reg.held)
+                    await self._wait_held()
+                    continue
+                async with self._lock:
+                    if not self.registered:
+                        await self._register()
+                    if self.registered:
+                        delay = cfg.registration_retry_initial_s
+                        await self._poll_round()
+                        if self._state == "registered" and self._events.unanswered:
+                            await self._answer_again()
+                if not self.registered and not self._reg.held:
+                    await self._nap(delay)
+                    delay = min(delay * 2, cfg.registration_retry_max_s)
+                elif self.registered:
+                    await self._nap(self._poll_wait_s())
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a bug here must not end the VEN: log it and carry on
@@ -254,74 +312,85 @@ class Ven:
                 await self._clock.sleep(delay)
                 delay = min(delay * 2, cfg.registration_retry_max_s)
 
-    async def _register(self) -> bool:
-        """Query and create the registration (re-using ours); record why it failed; return success."""
-        self._client.registration_id = None
-        self._last_parsed = None
-        rtype, _ = await _call(self._client.query_registration())
-        if rtype is None:
-            await self._set_state_link("unreachable", self._failure("no answer from the VTN"))
+    async def _register(self, fresh: bool = False) -> bool:
+        """Resume the stored registration (a query only) or register; then offer reports and ask for
+        every event before the first poll (A_E1_0020); record why it failed; return success."""
+        resuming = self._reg.resumable and not fresh
+        outcome = await (self._reg.resume() if resuming else self._reg.register(fresh))
+        if not outcome.ok:
+            await self._set_state_link(outcome.state, outcome.reason)
             return False
-        rtype, payload = await _call(
-            self._client.create_party_registration(ven_id=self._client.ven_id, registration_id=self._registration_id)
-        )
-        if not self.registered:
-            await self._set_state_link("refused", self._refusal(rtype, payload))
-            return False
-        self._registration_id = self._client.registration_id
-        self._events.vtn_id = str(payload.get("vtn_id") or self._events.vtn_id)
-        freq = payload.get("requested_oadr_poll_freq")
-        seconds = freq.total_seconds() if freq is not None else self._config.poll_interval_s
-        self._poll_s = min(max(seconds, self._config.min_poll_interval_s), _MAX_POLL_S)
-        await self._save_identity()
+        self._poll_s = outcome.poll_s or self._poll_s
         await self._set_state_link("registered", "")
+        await self._reports.register()
+        rtype, payload = await _call(self._client.request_event())
+        if rtype == "oadrDistributeEvent":
+            await self._events.distribution(payload)
         return True
 
-    def _failure(self, default: str) -> str:
-        """Return the reason of the last failed request."""
-        failure = self._client.last_failure
-        return failure.reason if failure is not None else default
+    async def _nap(self, seconds: float) -> None:
+        """Sleep on the VEN's clock; an operator action wakes it early."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            self._wake.clear()
 
-    def _refusal(self, rtype: str | None, payload: dict[str, Any]) -> str:
-        """Describe why the last registration attempt got no registration id."""
-        if rtype is None and self._last_parsed is not None:
-            rtype, payload = self._last_parsed
-        if rtype != "oadrCreatedPartyRegistration":
-            return self._failure("no answer to oadrCreatePartyRegistration")
-        resp = payload.get("response") or {}
-        code = resp.get("response_code")
-        if code not in (None, 200):
-            return f"VTN answered {code} {resp.get('response_description', '')}".strip()
-        return "VTN returned no registrationID"
+    async def _wait_held(self) -> None:
+        """Wait while the registration is held: until the operator acts, or ``reregister_after_cancel_s``."""
+        after_s = self._config.reregister_after_cancel_s
+        if after_s is None:
+            await self._wake.wait()
+            self._wake.clear()
+            return
+        await self._nap(after_s)
+        if self._reg.held:
+            await self._reg.release()
+            await self._audit("ven.hold_ended", {"reason": f"reregister_after_cancel_s {after_s:g} s elapsed"})
 
     async def _poll_round(self) -> None:
-        """Poll, handle what comes back, and poll again at once while messages keep coming."""
-        for _ in range(_MAX_BURST):
-            rtype, payload = await _call(self._client.poll())
-            if rtype is None:
-                # A refused body was audited on its own (xml.rejected); only transport failures
-                # mean the link is down. last_poll_ok stays old either way.
-                failure = self._client.last_failure
-                if failure is not None and failure.kind in _LINK_FAILURES:
-                    self._poll_failures += 1
-                    if self._state == "registered":
-                        await self._set_state_link("link_lost", failure.reason)
-                return
-            self.last_poll_ok = self._clock.now()
-            self._poll_failures = 0
-            if self._state == "link_lost":
-                await self._set_state_link("registered", "")
-                await self._resync()
-            if rtype == "oadrResponse" or not await self._dispatch(rtype, payload):
-                return
+        """Poll once and handle what comes back (2.0b: at most one oadrPoll per oadrPollFreq, and a VTN
+        has no way to say it holds more, so a non-empty answer does not make the VEN poll again early)."""
+        self._last_poll_at = self._clock.monotonic()
+        rtype, payload = await _call(self._client.poll())
+        if rtype is None:
+            # A refused body was audited on its own (xml.rejected); only transport failures
+            # mean the link is down. last_poll_ok stays old either way.
+            failure = self._client.last_failure
+            if failure is not None and failure.kind in _LINK_FAILURES:
+                self._poll_failures += 1
+                if self._state == "registered":
+                    await self._set_state_link("link_lost", failure.reason)
+            return
+        self.last_poll_ok = self._clock.now()
+        self._poll_failures = 0
+        restored = self._state == "link_lost"
+        if restored:
+            await self._set_state_link("registered", "")
+        # The polled message first: an oadrCreatedEvent the VTN waits for must not queue behind
+        # the resync's round trip. Then ask for every event (what a dead connection swallowed),
+        # unless the polled distribution was refused whole (452): its events stay unanswered by
+        # design and a request would make the VTN count them as missed (E1_1080).
+        self._events.refused_whole = False
+        if rtype != "oadrResponse":
+            await self._dispatch(rtype, payload)
+        if restored and self.registered and not self._events.refused_whole:
+            await self._resync()
 
     def _poll_wait_s(self) -> float:
-        """Return the wait before the next poll (s): the poll interval, doubled for every poll in a row
-        that did not reach the VTN, up to ``registration_retry_max_s`` (never below the interval)."""
-        if self._poll_failures == 0:
-            return self._poll_s
-        ceiling = max(self._poll_s, self._config.registration_retry_max_s)
-        return min(self._poll_s * 2.0 ** min(self._poll_failures, 32), ceiling)
+        """Return the wait before the next poll (s): the poll interval from the start of the last poll
+        (time spent handling its answer counts), doubled for every poll in a row that did not reach
+        the VTN, up to ``registration_retry_max_s`` (never below the interval)."""
+        period = self._poll_s
+        if self._poll_failures:
+            ceiling = max(self._poll_s, self._config.registration_retry_max_s)
+            period = min(self._poll_s * 2.0 ** min(self._poll_failures, 32), ceiling)
+        if self._last_poll_at is None:
+            return period
+        return max(0.0, self._last_poll_at + period - self._clock.monotonic())
 
     async def _resync(self) -> None:
         """Ask the VTN for every event it holds: what it sent while the link was down may never have
@@ -340,59 +409,41 @@ class Ven:
         elif rtype is not None:  # the VTN holds no events any more: nothing is left to answer
             self._events.unanswered.clear()
 
-    async def _dispatch(self, rtype: str, payload: dict[str, Any]) -> bool:
-        """Handle one message from a poll; return whether to poll again at once."""
+    async def _dispatch(self, rtype: str, payload: dict[str, Any]) -> None:
+        """Handle one message from a poll."""
         if rtype == "oadrDistributeEvent":
             await self._events.distribution(payload)
-            return True
+            return
         if rtype == "oadrCreateReport":
             await self._reports.create(payload)
-            return True
+            return
         if rtype == "oadrCancelReport":
             await self._reports.cancel(payload)
-            return True
-        if rtype == "oadrRegisterReport":  # the VTN offers reports: this VEN requests none
-            message = self._client._create_message(
-                "oadrRegisteredReport",
-                report_requests=[],
-                ven_id=self._client.ven_id,
-                response={"response_code": 200, "response_description": "OK", "request_id": payload.get("request_id")},
-            )
-            await _call(self._client._perform_request("EiReport", message))
-            return True
+            return
+        if rtype == "oadrRegisterReport":  # the VTN publishes its reports
+            await self._vtn_reports.registered(payload)
+            return
         if rtype == "oadrRequestReregistration":
             await _call(self._client.send_response(service="EiRegisterParty"))
             await self._drop_registration("VTN requested re-registration")
-            return False
+            return
         if rtype == "oadrCancelPartyRegistration":
             await self._answer_cancel_registration(payload)
-            return False
+            return
         _log.warning("openadr message not handled", message=rtype)
         await self._audit("ven.message_ignored", {"message": rtype}, "utility")
-        return True
 
     async def _answer_cancel_registration(self, payload: dict[str, Any]) -> None:
-        """Confirm the VTN's cancellation of our registration (452 when it names another)."""
-        theirs = payload.get("registration_id")
-        ours = self._client.registration_id
-        code = 200 if theirs in (None, ours) else 452
-        message = self._client._create_message(
-            "oadrCanceledPartyRegistration",
-            response={"response_code": code, "response_description": "OK" if code == 200 else "ERROR",
-                      "request_id": payload.get("request_id")},
-            ven_id=self._client.ven_id,
-            registration_id=ours,
-        )  # fmt: skip
-        await _call(self._client._perform_request("EiRegisterParty", message))
-        if code == 200:
-            self._registration_id = None
-            await self._drop_registration("VTN cancelled the registration")
+        """Confirm the VTN's cancellation of our registration (452 when it names another); then hold."""
+        if await self._reg.answer_cancel(payload):
+            await self._reports.stop()
+            await self._set_state_link("cancelled", self._reg.held)
 
     async def _drop_registration(self, reason: str) -> None:
         """Forget the registration (reports stop; events stay with the gateway) and re-register."""
         self._client.registration_id = None
         await self._reports.stop()
-        await self._save_identity()
+        await self._reg.save()
         await self._set_state_link("unregistered", reason)
 
     async def _set_state_link(self, state: str, reason: str) -> None:
@@ -417,16 +468,17 @@ class Ven:
         elif state == "unregistered":
             _log.warning("registration dropped", vtn_url=url, reason=reason)
             await self._audit("ven.unregistered", {"vtn_url": url, "reason": reason}, "utility")
+        elif state == "cancelled":
+            _log.warning("registration cancelled: not registering again until the operator does", vtn_url=url,
+                         reason=reason)  # fmt: skip
+            await self._audit("ven.registration_cancelled", {"vtn_url": url, "reason": reason},
+                              "operator" if "operator" in reason else "utility")  # fmt: skip
         elif state == "refused":
             _log.warning("vtn refused registration, retrying", vtn_url=url, reason=reason)
             await self._audit("ven.registration_refused", {"vtn_url": url, "reason": reason})
         else:  # unreachable (never registered since the last attempt) or link_lost (polls fail)
             _log.warning("vtn unreachable, retrying", vtn_url=url, reason=reason, state=state)
             await self._audit("ven.link_lost", {"vtn_url": url, "reason": reason, "state": state})
-
-    async def _on_parsed(self, message_type: str, payload: dict[str, Any]) -> None:
-        """Remember the last parsed message (for refusal reasons)."""
-        self._last_parsed = (message_type, payload)
 
     async def _audit(
         self, kind: str, data: dict[str, Any], actor: str = "gateway", event_id: str | None = None
@@ -436,21 +488,6 @@ class Ven:
             await self._audit_sink.append(kind, data, actor=actor, event_id=event_id)
         except Exception as err:
             _log.error("audit append failed", kind=kind, error=repr(err))
-
-
-async def _call(coro: Awaitable[Any]) -> tuple[str | None, dict[str, Any]]:
-    """Await an openleadr request; return (None, {}) for any failure, including a bare None."""
-    try:
-        result = await coro
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:
-        _log.debug("openadr request failed", error=repr(err))
-        return None, {}
-    if not isinstance(result, tuple) or len(result) != 2:
-        return None, {}
-    rtype, payload = result
-    return rtype, payload if isinstance(payload, dict) else {}
 
 
 __all__ = ["StateStore", "Ven"]

@@ -27,10 +27,10 @@ from typing import Any, cast
 
 from aiohttp import web
 from openleadr import OpenADRServer, objects, utils
-from openleadr.service import VTNService, handler, service
 
 from gateway.logs import get_logger
 from gateway.model import Opt
+from protocols.openadr.vtnparts import OptService, add_cancellation_handlers
 from protocols.openadr.xmlguard import harden_openleadr_parser
 
 _log = get_logger("openadr.sim_vtn")
@@ -39,21 +39,6 @@ _POLL_ANSWER: ContextVar[tuple[str, list[tuple[str, int]]] | None] = ContextVar(
 PollObserver = Callable[[str, list[tuple[str, int]], float], None]
 _DEFAULT_TYPES = {"SIMPLE": "level", "LOAD_DISPATCH": "delta", "LOAD_CONTROL": "x-loadControlCapacity",
                   "ELECTRICITY_PRICE": "price", "ENERGY_PRICE": "price"}  # fmt: skip
-
-
-@service("EiOpt")
-class _OptService(VTNService):
-    """The EiOpt service openleadr's server does not register: records oadrCreateOpt."""
-
-    def __init__(self, vtn_id: str, record: Callable[[dict[str, Any]], Any]) -> None:
-        super().__init__(vtn_id)
-        self._record = record
-
-    @handler("oadrCreateOpt")
-    async def create_opt(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Record the opt and acknowledge it with oadrCreatedOpt."""
-        await self._record(payload)
-        return "oadrCreatedOpt", {"opt_id": payload.get("opt_id")}
 
 
 class SimVtn:
@@ -79,6 +64,9 @@ class SimVtn:
         self.responses: list[tuple[str, int, Opt]] = []
         self.event_responses: list[dict[str, Any]] = []  # every eventResponse, with its code
         self.opts: list[dict[str, Any]] = []  # every oadrCreateOpt received
+        self.opt_cancels: list[dict[str, Any]] = []  # every oadrCancelOpt received
+        self.ven_cancels: list[dict[str, Any]] = []  # every oadrCancelPartyRegistration from a VEN
+        self.canceled: list[dict[str, Any]] = []  # every oadrCanceledPartyRegistration (answers to ours)
         self.registered: dict[str, str] = {}  # ven_name -> ven_id
         self.registrations: list[dict[str, Any]] = []  # every oadrCreatePartyRegistration payload
         self.offered_reports: list[dict[str, Any]] = []  # oadrRegisterReport payloads
@@ -110,7 +98,7 @@ class SimVtn:
                 show_fingerprint=False,
             )
         if opt_service:
-            opts = _OptService(vtn_id, self._on_opt)
+            opts = OptService(vtn_id, self._on_opt, self._on_cancel_opt)
             self.server.services["opt_service"] = opts
             self.server.app.router.add_post(f"{self.server.http_path_prefix}/EiOpt", opts.handler)
         self.server.app.on_response_prepare.append(self._on_response_prepare)
@@ -119,6 +107,7 @@ class SimVtn:
         for svc in self.server.services.values():
             svc.ven_lookup = self._ven_lookup
         self.server.add_handler("on_create_party_registration", self._on_register)
+        add_cancellation_handlers(self.server.services["registration_service"], self._on_ven_cancel, self._on_canceled)
         events = self.server.services["event_service"]
         self._created_event = events.handlers["oadrCreatedEvent"]
         events.handlers["oadrCreatedEvent"] = self._on_created_event
@@ -295,6 +284,12 @@ class SimVtn:
         """Ask the VEN to register again at its next poll."""
         self.queue(ven_id, "oadrRequestReregistration", {"ven_id": ven_id})
 
+    def cancel_registration(self, ven_id: str, registration_id: str | None = None) -> None:
+        """Cancel the VEN's registration at its next poll (another ``registration_id`` tests the 452)."""
+        reg = registration_id or self._regs.get(ven_id, "")
+        self.queue(ven_id, "oadrCancelPartyRegistration", {"registration_id": reg, "ven_id": ven_id,
+                                                           "request_id": uuid.uuid4().hex[:10]})  # fmt: skip
+
     def request_report(
         self,
         ven_id: str,
@@ -415,6 +410,24 @@ class SimVtn:
     async def _on_opt(self, payload: dict[str, Any]) -> None:
         """Record an oadrCreateOpt."""
         self.opts.append(dict(payload))
+        await self._notify()
+
+    async def _on_cancel_opt(self, payload: dict[str, Any]) -> None:
+        """Record an oadrCancelOpt."""
+        self.opt_cancels.append(dict(payload))
+        await self._notify()
+
+    async def _on_ven_cancel(self, payload: dict[str, Any]) -> None:
+        """Record a VEN's oadrCancelPartyRegistration and forget its registration."""
+        self.ven_cancels.append(dict(payload))
+        self._regs.pop(str(payload.get("ven_id")), None)
+        await self._notify()
+
+    async def _on_canceled(self, payload: dict[str, Any]) -> None:
+        """Record a VEN's oadrCanceledPartyRegistration; a 200 ends its registration here too."""
+        self.canceled.append(dict(payload))
+        if (payload.get("response") or {}).get("response_code") == 200:
+            self._regs.pop(str(payload.get("ven_id")), None)
         await self._notify()
 
     async def _on_register_report(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:

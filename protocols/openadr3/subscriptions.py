@@ -78,7 +78,7 @@ class Push:
         """Start the callback server and create this VEN's subscription."""
         if self.webhook is None:
             assert self._secret is not None
-            server = WebhookServer(self._v3, self._secret, self._wire, self._deliver, _server_ssl(self._cfg))
+            server = WebhookServer(self._v3, self._secret, self._wire, self._deliver, server_ssl(self._cfg))
             await server.start()
             self.webhook = server
         await self._delete_ours()
@@ -138,7 +138,7 @@ class Push:
         self.ready = False
 
 
-def _server_ssl(cfg: OpenAdrConfig) -> ssl.SSLContext | None:
+def server_ssl(cfg: OpenAdrConfig) -> ssl.SSLContext | None:
     """Return the callback server's TLS context (None: plain HTTP, only with allow_insecure)."""
     if cfg.v3.webhook_cert is None or cfg.v3.webhook_key is None:
         return None

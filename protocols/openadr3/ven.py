@@ -58,7 +58,7 @@ class Ven3:
         self._state_store = state
         self._wire = WireLog(self._audit, evidence, clock, config.max_clock_skew_s)
         self._tokens: TokenSource | None = None
-        self._client = Oadr3Client(config, self._wire, None, _client_ssl(config))
+        self._client = Oadr3Client(config, self._wire, None, client_ssl(config))
         self._reports = Reporter(self._client, clock, self._audit, telemetry, history, config.ven_name,
                                  self._v3.resource_names[0], config.report_min_period_s)  # fmt: skip
         self._events = EventFollower(config, clock, self._audit, self._wire, self._reports, on_event, on_cancel,
@@ -113,6 +113,16 @@ class Ven3:
     def clock_skew_s(self) -> float | None:
         """Return the last measured VTN clock minus local clock (s), from the HTTP Date header."""
         return self._wire.last_skew_s
+
+    @property
+    def clock_skewed(self) -> bool:
+        """Return whether the VTN's clock is now too far from ours (beyond ``max_clock_skew_s``)."""
+        return self._wire.skewed
+
+    @property
+    def max_clock_skew_s(self) -> float:
+        """Return the clock difference (s) beyond which the VTN's clock counts as skewed."""
+        return self._wire.max_skew_s
 
     @property
     def push(self) -> Push:
@@ -400,7 +410,7 @@ class Ven3:
             _log.error("audit append failed", kind=kind, error=repr(err))
 
 
-def _client_ssl(cfg: OpenAdrConfig) -> ssl.SSLContext | None:
+def client_ssl(cfg: OpenAdrConfig) -> ssl.SSLContext | None:
     """Return the client TLS context (TLS 1.2 or later, as 3.1 requires), or None for plain HTTP."""
     if not cfg.v3.base_url.startswith("https://"):
         return None

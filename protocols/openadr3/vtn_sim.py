@@ -17,6 +17,7 @@ the field did so after a couple of hundred).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -80,6 +81,7 @@ class SimVtn3:
         self.tokens_issued = 0
         self.dropped = 0
         self._per_conn: dict[Any, int] = {}
+        self._notifying: set[asyncio.Task[None]] = set()
         self._seq = 0
         self._last_mod = datetime.now(UTC)
         self._runner: web.AppRunner | None = None
@@ -155,10 +157,27 @@ class SimVtn3:
         """Notify subscribers of any object, unchecked (a notification for an object the VEN cannot read)."""
         await self._notify(kind, operation, obj, raw=True)
 
+    def add_event_nowait(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create an event at once (validated) and notify subscribers in a task: for callers that cannot await."""
+        schema.validate("eventRequest", body)
+        obj = self._store("EVENT", body)
+        task = asyncio.get_running_loop().create_task(self._notify("EVENT", "CREATE", obj))
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+        return obj
+
     async def _create(
         self, kind: str, body: dict[str, Any], *, raw: bool = False, client: str | None = None
     ) -> dict[str, Any]:
         """Store a new object with its metadata and notify subscribers."""
+        obj = self._store(kind, body, raw=raw, client=client)
+        await self._notify(kind, "CREATE", obj)
+        return obj
+
+    def _store(
+        self, kind: str, body: dict[str, Any], *, raw: bool = False, client: str | None = None
+    ) -> dict[str, Any]:
+        """Store a new object with its metadata."""
         self._seq += 1
         stamp = self._stamp()
         obj = {"id": f"{kind.lower()}-{self._seq}", "createdDateTime": stamp, "modificationDateTime": stamp,
@@ -168,7 +187,6 @@ class SimVtn3:
         self.objects[kind][obj["id"]] = obj
         if raw:
             self.raw_ids.add(obj["id"])
-        await self._notify(kind, "CREATE", obj)
         return obj
 
     def _stamp(self) -> str:

@@ -61,7 +61,7 @@ class WireLog:
         self._audit = audit
         self._evidence = evidence
         self._clock = clock
-        self._max_skew_s = max(max_skew_s, 2.0)  # HTTP Date has 1 s resolution, plus the round trip
+        self.max_skew_s = max(max_skew_s, 2.0)  # HTTP Date has 1 s resolution, plus the round trip
         self.skewed = False
         self.last_skew_s: float | None = None
 
@@ -124,9 +124,9 @@ class WireLog:
             return
         skew = (theirs - self._clock.now()).total_seconds()
         self.last_skew_s = skew
-        off = abs(skew) > self._max_skew_s
+        off = abs(skew) > self.max_skew_s
         if off == self.skewed:
             return
         self.skewed = off
-        data = {"skew_s": round(skew, 1), "vtn_date": vtn_date, "max_skew_s": self._max_skew_s}
+        data = {"skew_s": round(skew, 1), "vtn_date": vtn_date, "max_skew_s": self.max_skew_s}
         await self._audit("ven.clock_skew" if off else "ven.clock_ok", data, "gateway")

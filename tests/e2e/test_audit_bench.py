@@ -27,3 +27,25 @@ def test_bench_audit_reports_the_three_figures(backend: str, capsys: pytest.Capt
     for key in ("appends_per_s", "verify_rows_per_s", "dossier_ms"):
         assert res[key] > 0, key
     assert main(["bench", "audit", "--rows", "10"]) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_bench_audit_reports_its_floors_from_the_same_run(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "audit", "--rows", "2000", "--reps", "2", "--json"]
+    if backend == "postgresql":
+        url = os.environ.get(PG_ENV)
+        if not url:
+            pytest.skip(f"PostgreSQL bench needs {PG_ENV}")
+        argv += ["--db-url", url]
+    capsys.readouterr()
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["backend"] == backend and res["reps"] == 2 and len(res["per_rep"]) == 2
+    for key in ("raw_appends_per_s", "floor_verify_rows_per_s", "append_ratio", "verify_ratio"):
+        assert res[key] > 0, key
+        lo, mid, hi = res["spread"][key]
+        assert lo <= mid <= hi, key
+    for rep in res["per_rep"]:  # the verify floor is the slower of a plain SELECT and hashing alone
+        assert rep["floor_verify_rows_per_s"] == min(rep["floor_select_rows_per_s"], rep["floor_hash_rows_per_s"])
+    assert len(res["loadavg_start"]) == 3 and len(res["loadavg_end"]) == 3
+    assert main(["bench", "audit", "--rows", "2000", "--reps", "0"]) == 2

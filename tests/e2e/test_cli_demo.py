@@ -13,7 +13,7 @@ DRGW = str(Path(sys.executable).parent / "drgw")
 def test_demo_prints_summary_and_its_audit_log_verifies(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
     proc = subprocess.run(
-        [DRGW, "demo", "--speed", "300", "--duration-min", "10", "--db", str(db)],
+        [DRGW, "demo", "--speed", "120", "--duration-min", "10", "--db", str(db)],  # x300 was 4.8 % off under load
         capture_output=True,
         text=True,
         timeout=180,

@@ -17,57 +17,18 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
 from gateway.errors import DeviceUnavailable
+from gateway.estimate import ModelMeter
 from gateway.events import EventBook
-from gateway.model import BatteryState, DemandEvent, Interval, Opt, Signal, SignalName
+from gateway.feasibility import site_feasibility
+from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.simulation.gpus import SimGpuFleet
-from gateway.simulation.site import ModelMeter
-from tests.e2e.memory import Audit, Store
+from gateway.status import StatusBoard
+from tests.doubles import MemoryBattery as Battery
+from tests.doubles import MemoryStore as Store
+from tests.doubles import RecordingAudit as Audit
 
 T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 TICK_S = 5.0
-
-
-class Battery:
-    """A battery whose output follows its setpoint, reverts by itself, and can stop answering."""
-
-    device_id = "bess1"
-
-    def __init__(self, clock: ManualClock, max_w: float = 8000.0, capacity_wh: float = 40_000.0) -> None:
-        self.clock = clock
-        self.max_w, self.capacity_wh = max_w, capacity_wh
-        self.soc_pct = 80.0
-        self.setpoint_w = 0.0
-        self.revert_at = 0.0
-        self.offline = False
-        self._t = clock.monotonic()
-
-    def power_w(self) -> float:
-        """Return the output now (W): the setpoint until its revert timer lapses."""
-        now = self.clock.monotonic()
-        self.soc_pct -= self.setpoint_w * (now - self._t) / 3600.0 / self.capacity_wh * 100.0
-        self._t = now
-        if now >= self.revert_at:
-            self.setpoint_w = 0.0
-        return self.setpoint_w
-
-    async def read(self) -> BatteryState:
-        if self.offline:
-            raise DeviceUnavailable("bess1", "no answer")
-        p = self.power_w()
-        return BatteryState("bess1", self.soc_pct, p, self.setpoint_w, self.max_w, self.max_w, self.capacity_wh)
-
-    async def set_discharge_w(self, power_w: float, lease_s: float) -> float:
-        if self.offline:
-            raise DeviceUnavailable("bess1", "no answer")
-        self.power_w()
-        self.setpoint_w = min(max(power_w, -self.max_w), self.max_w)
-        self.revert_at = self.clock.monotonic() + lease_s
-        return self.setpoint_w
-
-    async def release(self) -> None:
-        if self.offline:
-            raise DeviceUnavailable("bess1", "no answer")
-        self.setpoint_w = 0.0
 
 
 def _config(**control: float) -> GatewayConfig:
@@ -104,12 +65,13 @@ class Site:
             return self.battery.power_w()
 
         self.meter = ModelMeter(gpu_w, batt_w, cfg.site.non_gpu_it_w, cfg.site.cooling_overhead, self.clock, 4.0, 600.0)
-        self.book = EventBook(cfg.openadr, Store(), self.audit, clock=self.clock)
+        board = StatusBoard()  # the loop publishes the site view the book's feasibility estimate reads
+        feasibility = site_feasibility(cfg, board.latest_site)
+        self.book = EventBook(cfg.openadr, Store(), self.audit, feasibility, clock=self.clock)
         self.dispatcher = Dispatcher(self.battery, self.fleet, self.audit, self.clock, cfg.control.lease_s)
         self.loop = ControlLoop(
-            cfg, self.book, self.meter, self.battery, self.fleet, self.dispatcher, self.audit, self.clock
+            cfg, self.book, self.meter, self.battery, self.fleet, self.dispatcher, self.audit, self.clock, status=board
         )
-        self.book._feasibility = self.loop.feasibility
 
     async def run_until(self, t: datetime) -> list[tuple[datetime, float, float | None, str]]:
         """Tick until ``t``; return (time, meter W, target W, phase) per tick."""
@@ -129,7 +91,7 @@ def _event(shed_w: float, minutes: float, ramp_up_s: float = 0.0, recovery_s: fl
 async def test_meter_reaches_and_holds_the_target_through_a_load_step() -> None:
     site = Site(_config())
     await site.run_until(T0 - timedelta(minutes=1))
-    assert await site.book.on_event(_event(12_000.0, 30.0)) is Opt.IN
+    assert (await site.book.answer(_event(12_000.0, 30.0))).opt is Opt.IN
     trace = await site.run_until(T0 + timedelta(minutes=15))
     # The non-GPU load steps up 8 % halfway through the event, on top of its 4 % swing.
     site.meter.non_gpu_it_w *= 1.08
@@ -169,7 +131,7 @@ async def test_loop_keeps_tracking_when_the_battery_drops_out() -> None:
     site = Site(_config())
     await site.run_until(T0 - timedelta(minutes=1))
     # 4 kW: the battery covers it alone, and the GPUs alone (about 5.4 kW within tiers) can too.
-    await site.book.on_event(_event(4_000.0, 30.0))
+    await site.book.answer(_event(4_000.0, 30.0))
     await site.run_until(T0 + timedelta(minutes=5))
     assert site.battery.setpoint_w > 3000.0 and not site.dispatcher.caps_w
     site.battery.offline = True  # stops answering; its revert timer (lease 60 s) then drops its output
@@ -189,7 +151,7 @@ async def test_loop_keeps_tracking_when_the_battery_drops_out() -> None:
 async def test_event_ramps_in_and_recovers_without_a_cliff() -> None:
     site = Site(_config())
     await site.run_until(T0 - timedelta(minutes=10))
-    await site.book.on_event(_event(12_000.0, 20.0, ramp_up_s=300.0, recovery_s=300.0))
+    await site.book.answer(_event(12_000.0, 20.0, ramp_up_s=300.0, recovery_s=300.0))
     trace = await site.run_until(T0 + timedelta(minutes=30))
     base = site.audit.last("event.start")["baseline_w"]
     by_t = {t: (f, lim, ph) for t, f, lim, ph in trace}
@@ -212,7 +174,7 @@ async def test_event_ramps_in_and_recovers_without_a_cliff() -> None:
 async def test_config_ramp_applies_when_the_event_names_none_and_budget_lets_jobs_catch_up() -> None:
     site = Site(_config(ramp_up_s=600.0, recovery_s=120.0), battery_w=2000.0)
     await site.run_until(T0 - timedelta(minutes=15))
-    await site.book.on_event(_event(9_000.0, 20.0))
+    await site.book.answer(_event(9_000.0, 20.0))
     trace = await site.run_until(T0 + timedelta(minutes=25))
     phases = [ph for _, _, _, ph in trace]
     assert "ramp_up" in phases and "recovery" in phases
@@ -225,7 +187,7 @@ async def test_config_ramp_applies_when_the_event_names_none_and_budget_lets_job
     # and still ended within its 10 % average.
     assert flex1["throughput_lost_fraction"] <= 0.10
     assert flex1["budget_used_fraction"] > 0.5
-    ticks = [d for k, d, _ in site.audit.rows if k == "control.tick" and d["phase"] == "active"]
+    ticks = [d for d in site.audit.data_of("control.tick") if d["phase"] == "active"]
     assert ticks
 
 
@@ -254,9 +216,9 @@ class _DeadFleet:
 async def test_loop_keeps_tracking_when_the_gpu_fleet_drops_out() -> None:
     site = Site(_config())
     dead = _DeadFleet(site.fleet)
-    site.loop.fleet = site.dispatcher.fleet = dead
+    site.loop.site.fleet = site.dispatcher.fleet = dead
     await site.run_until(T0 - timedelta(minutes=1))
-    await site.book.on_event(_event(11_000.0, 30.0))  # battery 8 kW + about 3 kW of GPU caps
+    await site.book.answer(_event(11_000.0, 30.0))  # battery 8 kW + about 3 kW of GPU caps
     await site.run_until(T0 + timedelta(minutes=5))
     assert site.dispatcher.caps_w
     dead.dead = True  # caps hold until their lease (60 s) lapses; the battery then carries what it can
@@ -277,7 +239,7 @@ async def test_scarce_battery_energy_is_kept_for_the_deeper_interval() -> None:
     await site.run_until(T0 - timedelta(minutes=1))
     ivs = (Interval(T0, 1200.0, 3_000.0), Interval(T0 + timedelta(minutes=20), 1200.0, 9_000.0))
     ev = DemandEvent("E2", 0, "far", T0, 2400.0, (Signal(SignalName.LOAD_DISPATCH, "delta", ivs),))
-    assert await site.book.on_event(ev) is Opt.IN
+    assert (await site.book.answer(ev)).opt is Opt.IN
     first = await site.run_until(T0 + timedelta(minutes=20))
     soc_mid = site.battery.soc_pct
     second = await site.run_until(T0 + timedelta(minutes=40))

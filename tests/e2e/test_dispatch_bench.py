@@ -34,6 +34,12 @@ def test_bench_dispatch_reports_its_figures_and_sample_counts(capsys: pytest.Cap
     assert res["ven_p50_ms"] < res["p99_ms"] and res["gateway_p50_ms"] < res["p99_ms"]
     assert res["start_to_first_p50_ms"] <= res["start_to_last_p50_ms"]
     assert res["recorded_p99_ms"] >= res["p50_ms"]  # the audit rows follow the read-backs
+    # The floor, measured in the same run: one sample before every event (warm-up and scheduled too,
+    # and each event fetched too late to time, which is run again).
+    assert res["floor_samples"] == 1 + EVENTS + SCHEDULED + res["missed"]
+    for key in ("floor_p50_ms", "floor_p99_ms", "floor_http_p99_ms", "floor_modbus_p99_ms"):
+        assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
+    assert res["floor_p99_ms"] >= max(res["floor_http_p50_ms"], res["floor_modbus_p50_ms"])
 
 
 def test_bench_dispatch_refuses_bad_counts(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,12 +22,16 @@ from gateway.clock import ManualClock
 from gateway.config import GatewayConfig, parse_config
 from gateway.control import ControlLoop
 from gateway.dispatcher import Dispatcher
+from gateway.estimate import ModelMeter
 from gateway.events import EventBook
+from gateway.feasibility import site_feasibility
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.simulation.gpus import SimGpuFleet
-from gateway.simulation.site import ModelMeter
+from gateway.status import StatusBoard
 from protocols.modbus import BatterySimulator, ModbusBattery, ModbusMeter, PointServer
-from tests.e2e.memory import Audit, Store
+from protocols.modbus.endpoint import ModbusEndpoint
+from tests.doubles import MemoryStore as Store
+from tests.doubles import RecordingAudit as Audit
 
 T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 TICK_S = 2.0
@@ -76,12 +80,13 @@ class ModbusSite:
 
         bsim.server.on_write = on_write
         self.meter = ModelMeter(gpu_w, batt_w, self.cfg.site.non_gpu_it_w, self.cfg.site.cooling_overhead, clock)
-        self.book = EventBook(self.cfg.openadr, Store(), self.audit, clock=clock)
+        board = StatusBoard()  # the loop publishes the site view the book's feasibility estimate reads
+        feasibility = site_feasibility(self.cfg, board.latest_site)
+        self.book = EventBook(self.cfg.openadr, Store(), self.audit, feasibility, clock=clock)
         self.dispatcher = Dispatcher(battery, self.fleet, self.audit, clock, self.cfg.control.lease_s)
         self.loop = ControlLoop(
-            self.cfg, self.book, self.meter, battery, self.fleet, self.dispatcher, self.audit, clock
+            self.cfg, self.book, self.meter, battery, self.fleet, self.dispatcher, self.audit, clock, status=board
         )
-        self.book._feasibility = self.loop.feasibility
 
     async def run_until(self, t: datetime) -> list[tuple[datetime, float, float | None]]:
         """Tick until ``t`` (the battery's physics stepped around each tick); return (time, meter W, limit W)."""
@@ -110,7 +115,7 @@ async def make_site() -> AsyncIterator[Any]:
         kw: dict[str, Any] = {"capacity_wh": 40_000.0, "max_discharge_w": BATTERY_W, "max_charge_w": BATTERY_W}
         bsim = BatterySimulator("bess_generic", clock=clock, **{**kw, **battery})
         port = await bsim.server.start()  # the physics is stepped by the test, around each tick
-        drv = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic", timeout_s=2.0, revert_s=60.0, clock=clock)
+        drv = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=2.0), "bess_generic", 60.0, clock)
         await drv.connect()
         started.append((bsim, drv))
         return ModbusSite(bsim, drv, clock)
@@ -127,13 +132,13 @@ async def test_a_battery_whose_soc_register_lies_is_never_discharged(make_site: 
     site: ModbusSite = await make_site(soc_pct=15.0)  # under the 20 % floor
     site.bsim.report_soc_raw(raw)
     await site.run_until(T0 - timedelta(minutes=1))
-    assert await site.book.on_event(_event(3_000.0, 30.0)) is Opt.IN  # the GPUs alone can shed 3 kW
+    assert (await site.book.answer(_event(3_000.0, 30.0))).opt is Opt.IN  # the GPUs alone can shed 3 kW
     trace = await site.run_until(T0 + timedelta(minutes=5))
     assert site.setpoints == [] and site.bsim.power_w == 0.0, "a battery under its floor was discharged"
     faults = site.audit.of("fault.device", "bess1")
     assert len(faults) == 1, faults  # once per transition, not once per tick
     assert "soc_pct" in faults[0]["error"] and ("not available" in faults[0]["error"] or "bounds" in faults[0]["error"])
-    ticks = [d for k, d, _ in site.audit.rows if k == "control.tick"]
+    ticks = site.audit.data_of("control.tick")
     assert ticks and all(d["battery_w"] is None for d in ticks) and all(d["faults"] for d in ticks)
     # The GPUs carry the event without it.
     settled = [abs(f - lim) for t, f, lim in trace if t >= T0 + timedelta(minutes=2) and lim is not None]
@@ -154,7 +159,7 @@ async def test_a_battery_that_starts_lying_mid_discharge_is_released_at_once(mak
     """A discharging battery whose SoC register turns to 0xFFFF is released on that tick, not left to its lease."""
     site: ModbusSite = await make_site(soc_pct=60.0)
     await site.run_until(T0 - timedelta(minutes=1))
-    assert await site.book.on_event(_event(4_000.0, 30.0)) is Opt.IN
+    assert (await site.book.answer(_event(4_000.0, 30.0))).opt is Opt.IN
     await site.run_until(T0 + timedelta(minutes=3))
     assert site.bsim.power_w == BATTERY_W
     site.bsim.report_soc_raw(0xFFFF)
@@ -173,7 +178,7 @@ async def test_a_battery_that_delivers_half_is_made_up_by_the_gpus(make_site: An
     """A battery applying half of each setpoint: the GPUs carry the rest and the meter lands on the target."""
     site: ModbusSite = await make_site(soc_pct=80.0, delivery_fraction=0.5)
     await site.run_until(T0 - timedelta(minutes=1))
-    assert await site.book.on_event(_event(5_000.0, 30.0)) is Opt.IN
+    assert (await site.book.answer(_event(5_000.0, 30.0))).opt is Opt.IN
     trace = await site.run_until(T0 + timedelta(minutes=10))
     # The battery is asked for all it has and gives half of it, honestly reported.
     assert site.bsim.setpoint_w == BATTERY_W and site.bsim.power_w == BATTERY_W / 2
@@ -190,7 +195,7 @@ async def test_an_impossible_facility_reading_is_a_fault_not_a_value() -> None:
     server = PointServer("meter_facility")
     port = await server.start()
     clock = ManualClock(T0)
-    meter = ModbusMeter("meter1", "127.0.0.1", port, 1, "meter_facility", timeout_s=2.0, clock=clock)
+    meter = ModbusMeter("meter1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=2.0), "meter_facility", clock)
     await meter.connect()
     audit = Audit()
     book = EventBook(cfg.openadr, Store(), audit, clock=clock)

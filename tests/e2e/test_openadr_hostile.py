@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.audit import verify
+from gateway.audit.verify import verify
 from gateway.model import Opt
 from protocols.openadr import SimVtn
 

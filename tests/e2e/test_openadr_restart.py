@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import verify
+from gateway.audit.verify import verify
 from gateway.clock import SystemClock
 from gateway.model import Opt
 from protocols.modbus import BatterySimulator

@@ -21,10 +21,11 @@ from gateway.audit import AuditLog
 from gateway.audit.schema import audit_log
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, parse_config
+from gateway.estimate import ModelMeter
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.simulation.gpus import SimGpuFleet
-from gateway.simulation.site import ModelMeter
 from protocols.modbus import BatterySimulator, ModbusBattery
+from protocols.modbus.endpoint import ModbusEndpoint
 from tests.gwproc import until
 
 BATTERY_W = 3000.0
@@ -93,7 +94,13 @@ async def test_a_restart_mid_event_keeps_what_the_devices_hold(tmp_path: Path) -
 
     async def start() -> Gateway:
         audit = await AuditLog.open(cfg.audit.db_url, clock)
-        battery = ModbusBattery("bess1", "127.0.0.1", bsim.port, 1, "bess_generic", 1.0, cfg.battery.revert_s, clock)
+        battery = ModbusBattery(
+            "bess1",
+            ModbusEndpoint("127.0.0.1", bsim.port, 1, timeout_s=1.0),
+            "bess_generic",
+            cfg.battery.revert_s,
+            clock,
+        )
         gw = Gateway(cfg, clock, audit, meter, battery, fleet)  # type: ignore[arg-type]
         started.append((gw, audit, battery))
         await gw.start(with_ven=False, with_mgmt=False)
@@ -109,7 +116,7 @@ async def test_a_restart_mid_event_keeps_what_the_devices_hold(tmp_path: Path) -
         # A 2 s ramp into the event: a restart that ramped again from nothing would dip the battery.
         ev = DemandEvent("E-restart", 0, "far", now + timedelta(seconds=2), 600.0, (sig,), ramp_up_s=2.0)
         assert (await first.book.answer(ev)).opt is Opt.IN
-        await until(lambda: first.loop.active_event_id and first.loop._phase == "active", 10.0, "the event active")
+        await until(lambda: first.loop.active_event_id and first.loop.phase == "active", 10.0, "the event active")
         await until(lambda: bsim.setpoint_w == BATTERY_W and len(capped()) == 8, 10.0, "battery and caps in force")
         await until(lambda: len(first.loop.records) > 60, 10.0, "the accounting kept in the store")
         caps_before = capped()

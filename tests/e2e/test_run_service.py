@@ -13,7 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.audit import event_rows, verify
+from gateway.audit import event_rows
+from gateway.audit.verify import verify
 from gateway.clock import SystemClock
 from gateway.model import Opt
 from protocols.modbus import BatterySimulator

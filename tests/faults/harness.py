@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.audit import verify
+from gateway.audit.verify import verify
 from gateway.clock import SystemClock
 from protocols.modbus import BatterySimulator
 from protocols.openadr import SimVtn

@@ -142,7 +142,7 @@ class FaultProxy:
         try:
             while data := await src.read(_CHUNK):
                 if self.mode == "slow":
-                    await asyncio.sleep(self.delay_s)
+                    await asyncio.sleep(self.delay_s)  # the injected fault: a slow link is the behaviour under test
                 if self.mode != "pass" and self.mode != "slow":
                     continue  # black-holed (reset/refuse connections were already cut)
                 dst.write(data)

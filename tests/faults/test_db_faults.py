@@ -22,17 +22,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit import verify
+from gateway.audit.verify import verify
 from gateway.clock import SystemClock
 from gateway.config import GpuGroupConfig, GpusConfig
 from gateway.dispatcher import Dispatcher
-from gateway.errors import AuditError
 from gateway.health import AuditHealth
 from gateway.model import Opt
 from gateway.simulation.gpus import SimGpuFleet
 from protocols.modbus import BatterySimulator
 from protocols.modbus.battery import ModbusBattery
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.openadr import SimVtn
+from tests.doubles import RecordingAudit
 from tests.gwproc import DRGW, free_port, gateway_config, until
 
 from .db_faults import DbFault, chain_rows, kinds_after, make_fault
@@ -157,6 +158,8 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
             m = await api.metrics()
             assert m["drgw_audit_failures_total"] > 0
             # Held in the safe state while the fault lasts: no actuation without a record of it.
+            # Watched over 2 s of real time: drgw_control_last_tick_timestamp_seconds stands still while the
+            # fault lasts (tried: no tick to count across the process boundary), so this stays a timed watch.
             for _ in range(20):
                 await asyncio.sleep(0.1)
                 assert bsim.setpoint_w == 0
@@ -216,22 +219,15 @@ async def test_database_fault_releases_to_safe_state_and_recovers(
     assert gap and gap[0]["failed_appends"] > 0, [k for _, k, _ in tail][:20]
 
 
-class _RefusingLog:
-    """An audit sink whose database refuses every write (what AuditLog raises on a full disk)."""
-
-    async def append(self, kind: str, data: Any, **_: Any) -> int:
-        raise AuditError(f"audit commit of {kind} failed: (sqlite3.OperationalError) database or disk is full")
-
-
 async def test_release_reaches_every_device_when_the_audit_log_refuses_it() -> None:
     """Releasing is the safe direction: a refused audit record must not stop the GPUs' release."""
     clock = SystemClock()
     bsim = BatterySimulator("bess_generic", clock=clock, soc_pct=80.0)
     port = await bsim.start()
-    battery = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic", 1.0, 30.0, clock)
+    battery = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=1.0), "bess_generic", 30.0, clock)
     await battery.connect()
     fleet = SimGpuFleet(GpusConfig(groups=[GpuGroupConfig(count=2)]), clock, settle_s=0.0)
-    health = AuditHealth(_RefusingLog(), clock)
+    health = AuditHealth(RecordingAudit(broken=True), clock)  # refuses every write, as on a full disk
     dispatcher = Dispatcher(battery, fleet, health, clock, lease_s=30.0)
     try:
         assert await battery.set_discharge_w(2000.0, 30.0) == 2000.0

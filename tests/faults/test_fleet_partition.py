@@ -29,13 +29,15 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import AuditLog, verify
+from drgw_tools.servers.nats import NatsServer
+from gateway.audit import AuditLog
 from gateway.audit.migrate import open_existing
 from gateway.audit.schema import audit_log
+from gateway.audit.verify import verify
 from gateway.clock import SystemClock
 from gateway.dispatcher import Dispatcher
 from gateway.health import AuditHealth
-from protocols.fleet import NatsFleet, NatsServer, NodeAgent
+from protocols.fleet import NatsFleet, NodeAgent
 from protocols.nvml import FakeGpu, FakeNvml, NvmlFleet
 
 from .proxy import FaultProxy
@@ -147,10 +149,13 @@ async def test_partitioned_agent_restores_default_and_gateway_reapplies(
         want = dict.fromkeys(ids, CAP_W)
         defaults = dict.fromkeys(ids, DEFAULT_MW / 1000)
 
+        applied = [0]  # apply() calls finished, so that the test can wait for ticks instead of time
+
         async def tick() -> None:  # the control loop holding an event's caps
             while not stop.is_set():
                 await dispatcher.apply(None, want, "ev1", defaults)
-                await asyncio.sleep(TICK_S)
+                applied[0] += 1
+                await asyncio.sleep(TICK_S)  # the loop's own period (the behaviour under test), not a wait
 
         ticker = asyncio.create_task(tick())
         await _until(lambda: all(g.enforced_mw() == CAP_W * 1000 for g in gpus), 10.0, "caps applied")
@@ -162,7 +167,10 @@ async def test_partitioned_agent_restores_default_and_gateway_reapplies(
         restored_s = time.monotonic() - cut_at
         assert agent.lease_lapsed_at is not None and agent.lapsed_gpus == sorted(g.uuid for g in gpus)
         await _until(lambda: "n0" in fleet.last_failed_nodes or not fleet.rpc.connected, 10.0, "gateway sees the cut")
-        await asyncio.sleep(LEASE_S)  # held at the default while the cut lasts
+        # Held at the default while the cut lasts: the gateway keeps trying to apply its caps (two more
+        # ticks) and the agent's lease check keeps running; neither brings the caps back.
+        tried = applied[0]
+        await _until(lambda: applied[0] >= tried + 2, 10.0, "two more ticks during the cut")
         assert all(g.enforced_mw() == DEFAULT_MW for g in gpus)
 
         await part.heal()

@@ -9,8 +9,8 @@ from gateway.clock import SystemClock
 from gateway.config import OpenAdr3Config, OpenAdrConfig
 from gateway.events import Answer, Outcome
 from gateway.model import DemandEvent, Opt, TelemetrySample
-from protocols.openadr.testing import MemoryEvidence, MemoryState, RecordingAudit
 from protocols.openadr3 import Ven3
+from tests.doubles import MemoryEvidence, MemoryState, RecordingAudit
 
 VEN_NAME = "drgw-ven"
 CLIENT = "drgw-ven"

@@ -36,6 +36,22 @@ class History:
                 self.overlaps.append(acting)
             await asyncio.sleep(0.005)
 
+    async def caught_up(self, timeout_s: float = 5.0) -> None:
+        """Wait until every manager's callbacks have delivered its current role to this history.
+
+        A manager hands role changes to its callbacks from a queue, so ``acting`` and the role's
+        event can turn before the change is recorded here.
+        """
+
+        def delivered() -> bool:
+            for m in self.managers:
+                mine = [c for c in self.changes if c.node == m.node]
+                if (mine[-1].role if mine else Role.STANDBY) is not m.role:
+                    return False
+            return True
+
+        await until(delivered, timeout_s, "every role change reaches the history")
+
     def of(self, node: str, role: Role) -> list[RoleChange]:
         """Return the changes of ``node`` into ``role``, oldest first."""
         return [c for c in self.changes if c.node == node and c.role is role]

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.audit import (
-    AuditLog,
-    compute_row_hash,
-    event_rows,
-    guards_present,
-    make_engine,
-    upgrade,
-    verify,
-)
-from gateway.audit.cli import cmd_event, cmd_verify
+from gateway.audit import AuditLog, compute_row_hash, event_rows, guards_present, make_engine, upgrade
 from gateway.audit.migrate import current_revision, head_revision
+from gateway.audit.verify import verify
+from gateway.cli.audit import cmd_event, cmd_verify
 from gateway.clock import ManualClock
 from gateway.errors import AuditError
 from gateway.eventstore import EventStore
@@ -256,9 +249,9 @@ def test_cli_verify_and_event(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     url = f"sqlite:///{tmp_path}/cli.db"
     asyncio.run(_close(fill(url, 12)))
     parser = argparse.ArgumentParser()
-    from gateway.audit import add_audit_commands
+    from gateway.cli import audit as audit_cli
 
-    add_audit_commands(parser.add_subparsers(dest="command"))
+    audit_cli.add_commands(parser.add_subparsers(dest="command"))
     capsys.readouterr()  # drop the log lines of the setup
     args = parser.parse_args(["audit", "verify", "--db", url])
     assert args.func is cmd_verify and args.func(args) == 0

@@ -13,11 +13,12 @@ import sqlalchemy as sa
 from alembic import command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.audit import AuditLog, compute_row_hash, make_engine, upgrade, verify
+from gateway.audit import AuditLog, compute_row_hash, make_engine, upgrade
 from gateway.audit.measurements import Measurement, batch_digest
 from gateway.audit.migrate import alembic_config, current_revision, head_revision
 from gateway.audit.schema import missing_guards
 from gateway.audit.signing import Signer, TrustedKeys, latest_exported
+from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 from gateway.errors import AuditError
 from tests.pgdb import fetch, fresh_pg_database, raw

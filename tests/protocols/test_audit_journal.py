@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, verify
+from gateway.audit import AuditLog
 from gateway.audit.journal import _line, default_journal_path, journal_path
 from gateway.audit.measurements import encode_row, to_measurement
+from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 from gateway.config import AuditConfig
 from gateway.errors import AuditError

@@ -20,8 +20,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import gateway.audit.log as audit_log_module
-from gateway.audit import AuditLog, verify
+from gateway.audit import AuditLog
 from gateway.audit.signing import Signer, TrustedKeys, latest_exported
+from gateway.audit.verify import verify
 from gateway.audit.witness import default_marker_path, marker_path
 from gateway.cli import main
 from gateway.clock import ManualClock

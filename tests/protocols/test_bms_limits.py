@@ -17,10 +17,12 @@ from pymodbus.client import AsyncModbusTcpClient
 from gateway.app import Gateway
 from gateway.audit import AuditLog
 from gateway.audit.schema import audit_log
+from gateway.bms import MAP_VERSION
 from gateway.clock import SystemClock
+from gateway.compose import build_bms as build_bms_for
+from gateway.compose import configured_site_max_w
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from protocols.modbus.build import build_bms_for, configured_site_max_w
 
 from .test_bms_server import FakeAudit, start_face
 
@@ -86,7 +88,7 @@ async def test_idle_connections_are_closed_and_a_full_face_lets_the_bms_in() -> 
         client = AsyncModbusTcpClient("127.0.0.1", port=f.server.port, timeout=2)
         await client.connect()
         rr = await client.read_holding_registers(0, count=1, device_id=1)
-        assert not rr.isError() and rr.registers == [1]
+        assert not rr.isError() and rr.registers == [MAP_VERSION]
         client.close()
         async with asyncio.timeout(5):  # every silent connection ends: given way, or timed out
             for reader, _ in held:
@@ -111,7 +113,7 @@ async def test_refused_writes_from_reconnecting_clients_are_summed_per_address()
         assert rr.isError() and rr.exception_code == 2
         client.close()
     await f.server.stop()
-    rows = [d for kind, d, _, _ in audit.rows if kind == "bms.write_refused"]
+    rows = audit.data_of("bms.write_refused")
     assert [(d["peer"], d["count"]) for d in rows] == [("127.0.0.1", 1), ("127.0.0.1", 29)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,34 +18,18 @@ from gateway.audit.query import event_rows
 from gateway.bms import REGISTERS, Alarm, BmsInputs, BmsSnapshot, EventState, render_markdown, snapshot_of
 from gateway.clock import ManualClock
 from gateway.config import BmsConfig, parse_config
-from gateway.errors import AuditError, ConfigError, InputRejected
-from gateway.model import BatteryState, DemandEvent, GpuState, Opt, Snapshot
+from gateway.errors import ConfigError, InputRejected
+from gateway.model import BatteryState, DemandEvent, DeviceFault, GpuState, Opt, Role, Snapshot
+from gateway.status import ControlStatus, SiteView
 from protocols.modbus import codec
 from protocols.modbus.bms_server import AUDIT_INTERVAL_S, POINTS, BmsServer
+from tests.doubles import RecordingAudit
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class FakeAudit:
-    """An audit sink that keeps rows in memory, and can be made to fail."""
-
-    rows: list[tuple[str, dict[str, Any], str, str | None]] = field(default_factory=list)
-    broken: bool = False
-
-    async def append(
-        self, kind: str, data: Any, *, actor: str = "gateway", event_id: str | None = None, device_id: str | None = None
-    ) -> int:
-        """Keep one row, or raise AuditError when broken."""
-        if self.broken:
-            raise AuditError("disk full")
-        self.rows.append((kind, dict(data), actor, event_id))
-        return len(self.rows)
-
-    def kinds(self) -> list[str]:
-        """Return the kinds appended, in order."""
-        return [r[0] for r in self.rows]
+FakeAudit = RecordingAudit  # the shared in-memory audit sink (tests.doubles)
 
 
 async def until(cond: Callable[[], bool], timeout_s: float = 3.0) -> None:
@@ -68,6 +52,7 @@ SNAP = BmsSnapshot(
     battery_power_w=-12_000.0,
     gpu_cap_pct=None,
     alarms=Alarm.SHORTFALL | Alarm.METER_LOST,
+    events_active=2,
 )
 
 
@@ -114,7 +99,7 @@ async def read(face: Face) -> dict[str, Any]:
 async def test_serves_the_documented_map(face: Face) -> None:
     """Serve every register at its documented address, in its type and scale; unknown values as sentinels."""
     v = await read(face)
-    assert v["map_version"] == 1
+    assert v["map_version"] == 2
     assert v["heartbeat"] == int(SNAP.t.timestamp()) % 65536  # type: ignore[union-attr]
     assert v["snapshot_age_s"] == 3
     assert v["alarms"] == int(Alarm.SHORTFALL | Alarm.METER_LOST)
@@ -124,6 +109,7 @@ async def test_serves_the_documented_map(face: Face) -> None:
     assert v["battery_soc_pct"] == pytest.approx(55.5)
     assert v["gpu_cap_pct"] == pytest.approx(6553.5)  # 0xFFFF: no GPUs capped
     assert (v["bms_opt_out"], v["bms_available_flex_w"], v["bms_opt_out_remaining_s"]) == (0, 0, 0)
+    assert v["events_active"] == 2  # the event active indicator (certification observation cases)
     face.state["snap"] = BmsSnapshot()  # before the first tick
     v = await read(face)
     assert (v["heartbeat"], v["snapshot_age_s"], v["event_state"], v["event_id"]) == (0, 65535, 0, None)
@@ -140,7 +126,8 @@ async def test_writing_a_read_only_or_reserved_register_is_illegal_address(face:
     assert rr.isError() and rr.exception_code == 2
     assert not face.server.opt_out_requested()
     assert face.audit.kinds() == ["bms.write_refused"]  # audited once; the second inside the quiet window
-    kind, data, actor, _ = face.audit.rows[0]
+    row = face.audit.rows[0]
+    data, actor = row["data"], row["actor"]
     assert (actor, data["exception_code"], data["address"]) == ("bms", 2, address)
     assert data["peer"] == "127.0.0.1" and data["connection"].startswith("127.0.0.1:")
 
@@ -284,15 +271,12 @@ def test_inputs_are_validated() -> None:
     assert inputs.available_flex_w() == 1_000.0
 
 
-@dataclass
-class _Rec:
-    event_id: str | None
-    limit_w: float | None
-
-
-class _Loop:
-    def __init__(self, last: Snapshot | None, records: list[_Rec], baseline_w: float | None) -> None:
-        self.last, self.records, self.baseline_w = last, records, baseline_w
+def _status(
+    snap: Snapshot | None, event_id: str | None, limit_w: float | None, baseline_w: float | None
+) -> ControlStatus:
+    """Return a control status as the loop publishes it."""
+    site = None if snap is None else SiteView(snap, baseline_w, {}, {})
+    return ControlStatus(1, site, None, event_id, "", limit_w, frozenset(Role), (), None)
 
 
 class _Book:
@@ -302,30 +286,34 @@ class _Book:
     def events(self) -> list[tuple[DemandEvent, Opt]]:
         return self._events
 
+    def active_event_ids(self, t: datetime) -> list[str]:
+        return [ev.event_id for ev, opt in self._events if opt is Opt.IN and ev.start <= t < ev.end]
+
 
 def _event(event_id: str, start: datetime, status: str = "far") -> DemandEvent:
     return DemandEvent(event_id, 0, status, start, 3600.0, ())
 
 
 def test_snapshot_of_a_running_gateway() -> None:
-    """Derive the BMS view from the control loop's last snapshot and record, and the event book."""
+    """Derive the BMS view from the control loop's typed status (snapshot, typed faults) and the event book."""
     gpu = GpuState("g0", 500.0, 560.0, 200.0, 700.0, 700.0)
     batt = BatteryState("b", 61.0, 8_000.0, 8_000.0, 10_000.0, 10_000.0, 40_000.0)
-    snap = Snapshot(t=T0, facility_w=90_000.0, battery=batt, gpus=(gpu,), faults=("gpus: gone",))
-    loop = _Loop(snap, [_Rec("ev-1", 80_000.0)], baseline_w=100_000.0)
-    view = snapshot_of(loop, _Book([]), T0 + timedelta(seconds=1), stale_after_s=5.0)
+    faults = (DeviceFault(Role.GPUS, "gpus", "gone"),)
+    snap = Snapshot(t=T0, facility_w=90_000.0, battery=batt, gpus=(gpu,), faults=faults)
+    view = snapshot_of(_status(snap, "ev-1", 80_000.0, 100_000.0), _Book([]), T0 + timedelta(seconds=1), 5.0)
     assert (view.event_state, view.event_id, view.target_facility_w) == (EventState.ACTIVE, "ev-1", 80_000.0)
     assert (view.measured_facility_w, view.shed_achieved_w) == (90_000.0, 10_000.0)
     assert (view.battery_soc_pct, view.battery_power_w, view.gpu_cap_pct) == (61.0, 8_000.0, pytest.approx(80.0))
     assert view.alarms == Alarm.GPUS_LOST | Alarm.SHORTFALL
-    idle = _Loop(snap, [_Rec(None, None)], baseline_w=None)
+    idle = _status(snap, None, None, None)
     later = _event("ev-2", T0 + timedelta(hours=1))
     assert snapshot_of(idle, _Book([(later, Opt.IN)]), T0, 5.0).event_state == EventState.PENDING
     out = snapshot_of(idle, _Book([(later, Opt.OUT)]), T0, 5.0)
     assert (out.event_state, out.event_id) == (EventState.OPTED_OUT, "ev-2")
     stale = snapshot_of(idle, _Book([]), T0 + timedelta(seconds=30), 5.0)
     assert (stale.event_state, Alarm.STALE in stale.alarms) == (EventState.IDLE, True)
-    assert snapshot_of(_Loop(None, [], None), _Book([]), T0, 5.0) == replace(BmsSnapshot())
+    assert snapshot_of(_status(None, None, None, None), _Book([]), T0, 5.0) == replace(BmsSnapshot())
+    assert snapshot_of(None, _Book([]), T0, 5.0) == BmsSnapshot()
 
 
 async def test_an_opt_out_is_handed_to_the_event_book() -> None:

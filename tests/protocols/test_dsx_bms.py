@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -79,6 +78,14 @@ async def _reads(meter: DsxBmsMeter, watts: float) -> bool:
         return False
 
 
+async def _stale(meter: DsxBmsMeter) -> bool:
+    try:
+        await meter.read_facility_w()
+    except DeviceUnavailable as err:
+        return "stale" in str(err)
+    return False
+
+
 async def test_meter_reads_the_configured_powermeter_in_watts(broker: Broker) -> None:
     """Units come from the metadata's engUnit (kW here); a change is published and read at once."""
     async with bms_site(broker) as site:
@@ -99,7 +106,7 @@ async def test_a_meter_whose_unit_is_not_power_is_refused(broker: Broker) -> Non
         await until(lambda: site.meter.refused >= 1, what="metadata refused")
         with pytest.raises(DeviceUnavailable, match="no PowerMeter/ActivePower metadata"):
             await site.meter.read_facility_w()
-        rows = site.audit.kinds("security.dsx_refused")
+        rows = site.audit.data_of("security.dsx_refused")
         assert "degC" in rows[0]["detail"]
 
 
@@ -129,8 +136,9 @@ async def test_a_value_older_than_stale_s_is_unavailable(broker: Broker) -> None
     """Values come on change and every 100 s; one older than stale_s (0.6 s here) is not believed."""
     async with bms_site(broker, stale_s=0.6) as site:
         await until(lambda: _reads(site.meter, 1_234_500.0), what="first reading")
+        # The value does not change and the sim republishes only every 60 s: wait until the meter calls it stale.
+        await until(lambda: _stale(site.meter), what="the reading turns stale")
         with pytest.raises(DeviceUnavailable, match="stale"):
-            await asyncio.sleep(0.7)  # the value does not change; the sim republishes only every 60 s
             await site.meter.read_facility_w()
         site.reading["value"] = 1500.0
         await until(lambda: _reads(site.meter, 1_500_000.0), what="fresh again")

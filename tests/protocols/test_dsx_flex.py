@@ -70,7 +70,9 @@ async def test_target_cycle_signed_and_read_back(broker: Broker) -> None:
             reading = site.client.read()[FEED]
             assert reading.acked and reading.link_up and reading.compliant and not reading.in_flight
             assert reading.constraint_w == 50_000.0 and reading.load_w == pytest.approx(50_000.0, abs=2.0)
-            assert _events(site, cid)[:3] == ["target_set", "start_ramp_down", "end_ramp_down"]
+            events = _events(site, cid)  # a renewal (a new target_set) may land mid-ramp on a loaded machine
+            assert events[0] == "target_set"
+            assert [e for e in events if e != "target_set"][:2] == ["start_ramp_down", "end_ramp_down"]
             timing = site.client.timing(cid)
             assert timing is not None and timing.target_set_s is not None and timing.end_ramp_down_s is not None
             assert 0 < timing.target_set_s <= timing.end_ramp_down_s
@@ -102,11 +104,11 @@ async def test_target_cycle_signed_and_read_back(broker: Broker) -> None:
             assert "start_ramp_up" in _events(site, rel)
         finally:
             await sniffer.close()
-        commands = site.audit.kinds("command.dsxflex")
+        commands = site.audit.data_of("command.dsxflex")
         assert commands[0]["correlation_id"] == cid and commands[0]["outcome"] == "sent"
         assert any(r["renewal"] for r in commands) and commands[-1]["constraints_w"] == {FEED: None}
         assert next(r for r in site.audit.rows if r["kind"] == "command.dsxflex")["event_id"] == "evt-1"
-        statuses = site.audit.kinds("dsxflex.status")
+        statuses = site.audit.data_of("dsxflex.status")
         assert any(s["feeds"].get(FEED, {}).get("event") == "target_set" for s in statuses)
         assert site.client.refused == {} and site.sim.refused == {}
 
@@ -133,7 +135,7 @@ async def test_forged_and_unsigned_statuses_are_ignored_and_audited(broker: Brok
         sniffer = await _sniff(broker, topic, captured)
         await until(lambda: captured, what="a genuine status captured")
         site.sim.silent = True
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a settle for statuses already on the broker (kept: no hook to await)
         before = site.client.read()[FEED]
         clock = SystemClock()
         lie = {"snapshot_time": m.iso(clock.now()), "feeds": {FEED: _state(load_w=1.0)}}
@@ -167,7 +169,7 @@ async def test_forged_and_unsigned_statuses_are_ignored_and_audited(broker: Brok
         after = site.client.read()[FEED]
         assert after.load_w == before.load_w == pytest.approx(50_000.0, abs=2.0)
         assert after.event == before.event and site.client.statuses > 0
-        rows = site.audit.kinds("security.dsx_refused")
+        rows = site.audit.data_of("security.dsx_refused")
         assert sorted(r["reason"] for r in rows) == sorted(expected)
         assert all(r["topic"] == topic for r in rows)
 
@@ -201,9 +203,9 @@ async def test_breach_alert_and_enforcement(broker: Broker) -> None:
         await site.client.set_constraints({FEED: 30_000.0}, hold_s=30.0)
         await until(lambda: FEED not in site.client.breaches, what="breach resolved")
         assert [b.status for b in site.breaches] == ["active", "resolved"]
-        rows = site.audit.kinds("dsxflex.breach")
+        rows = site.audit.data_of("dsxflex.breach")
         assert [r["status"] for r in rows] == ["active", "resolved"] and rows[0]["severity"] == "critical"
-        await until(lambda: len(site.audit.kinds("dsxflex.enforcement")) == 2, what="enforcement audited")
+        await until(lambda: len(site.audit.data_of("dsxflex.enforcement")) == 2, what="enforcement audited")
 
 
 async def test_heartbeat_loss_marks_the_link_down_and_recovery_up(broker: Broker) -> None:
@@ -221,7 +223,7 @@ async def test_heartbeat_loss_marks_the_link_down_and_recovery_up(broker: Broker
         assert links == [False, True]
         kinds = [r["kind"] for r in site.audit.rows if r["kind"].startswith("link.")]
         assert kinds == ["link.restored", "link.lost", "link.restored"]
-        lost = site.audit.kinds("link.lost")[0]
+        lost = site.audit.data_of("link.lost")[0]
         assert "no verified status" in lost["reason"]
         assert all(
             r["device_id"] == f"dsxflex:{site.agent_id}" for r in site.audit.rows if r["kind"].startswith("link.")
@@ -237,8 +239,10 @@ async def test_publish_without_broker_raises_and_is_sent_once_back(broker: Broke
             await site.client.set_constraints({FEED: 40_000.0}, hold_s=30.0)
         await site.client.session.start()
         await until(lambda: site.sim.constraint_w(FEED) == 40_000.0, what="unsent command delivered")
-        outcomes = [r["outcome"] for r in site.audit.kinds("command.dsxflex")]
-        assert outcomes[0] == "not_sent" and "sent" in outcomes
+        outcomes = lambda: [r["outcome"] for r in site.audit.data_of("command.dsxflex")]  # noqa: E731
+        # audited once the publish is confirmed, which may come after the simulator has the target
+        await until(lambda: "sent" in outcomes(), what="the delivered command audited as sent")
+        assert outcomes()[0] == "not_sent"
 
 
 @pytest.fixture(params=BROKERS)
@@ -266,7 +270,7 @@ async def test_broker_restart_mid_cycle(own_broker: Broker) -> None:
         resent = site.sim.received[received]
         assert resent.envelope.correlationid == cid
         assert site.sim.constraint_w(FEED) == 50_000.0 and "start_ramp_up" not in _events(site, cid)
-        reasons = [r["reason"] for r in site.audit.kinds("command.dsxflex")]
+        reasons = [r["reason"] for r in site.audit.data_of("command.dsxflex")]
         assert "resend" in reasons
         assert site.client.read()[FEED].acked
 

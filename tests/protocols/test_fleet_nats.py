@@ -16,11 +16,12 @@ from pathlib import Path
 import nats
 import pytest
 
+from drgw_tools.servers.nats import NatsServer
 from gateway.clock import SystemClock
 from gateway.config import GpuGroupConfig, GpusConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.simulation.gpus import SimGpuFleet
-from protocols.fleet import GpuLabels, NatsFleet, NatsServer, NodeAgent, messages, subjects
+from protocols.fleet import GpuLabels, NatsFleet, NodeAgent, messages, subjects
 from protocols.nvml import FakeGpu, FakeNvml, NvmlFleet
 
 SITE = "s1"
@@ -57,6 +58,26 @@ async def _until(predicate: object, timeout_s: float = 3.0) -> None:
     while not predicate():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+async def _until_heard(url: str, subject: str, timeout_s: float = 10.0) -> None:
+    """Wait until the server routes ``subject`` to a subscriber: a probe request times out, not "no responders"."""
+    probe = await nats.connect(url)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await probe.request(subject, b"", timeout=0.1)
+            except nats.errors.NoRespondersError:
+                assert loop.time() < deadline, f"no subscriber for {subject} within {timeout_s} s"
+                await asyncio.sleep(0.02)
+                continue
+            except nats.errors.TimeoutError:
+                return
+            raise AssertionError(f"the silent subscriber on {subject} answered")
+    finally:
+        await probe.close()
 
 
 @contextlib.asynccontextmanager
@@ -249,6 +270,7 @@ async def test_node_that_does_not_answer_is_reported_and_others_applied(nats_url
             if silent:
                 await nc.subscribe(dead.subject)  # hears the command, never answers
                 await nc.flush()
+                await _until_heard(nats_url, dead.subject)
             enforced = await fleet.set_caps(caps, lease_s=30)
         finally:
             await nc.close()
@@ -284,7 +306,7 @@ async def test_command_sent_during_an_outage_is_delivered_after_reconnect(nats_u
             server.stop()
             await _until(lambda: not fleet.rpc.connected)
             pending = asyncio.create_task(fleet.set_caps({"n0/gpu-000": 333.0}, lease_s=30))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a settle so the command goes out during the outage (kept: no hook to await)
             server.start()
             assert await asyncio.wait_for(pending, 5.0) == {"n0/gpu-000": 333.0}
             assert _caps(agents["n0"].fleet)[0] == 333.0  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from gateway.config import parse_config
 from gateway.model import DemandEvent, Interval, Signal, SignalName
 from gateway.simulation.gpus import SimGpuFleet
 from protocols.modbus.battery import ModbusBattery
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.simulator import BatterySimulator
 from tests.monitoring import sample
 
@@ -25,7 +26,7 @@ async def test_commands_by_result_and_links_with_since(tmp_path: Path) -> None:
     clock = ManualClock(T0)
     sim = BatterySimulator("bess_generic", clock=clock)  # stores at most 250 kW
     port = await sim.start()
-    battery = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic", 0.5, 60.0, clock)
+    battery = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.5), "bess_generic", 60.0, clock)
     await battery.connect()
     db = str(tmp_path / "audit.db")
     cfg = parse_config({"audit": {"db_url": db}, "battery": {"port": port}, "gpus": {"backend": "sim"}})

@@ -21,7 +21,7 @@ import pytest
 from gateway.cli import main
 from gateway.errors import ConfigError
 from gateway.model import Opt
-from protocols.openadr.testing import make_pki
+from tests.doubles import make_pki
 
 from .test_mgmt_hostile import AUTH, EVENT, TOKEN, Site, post, running_site, token_file
 

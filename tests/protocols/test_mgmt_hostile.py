@@ -27,6 +27,7 @@ from gateway.audit.schema import audit_log
 from gateway.clock import SystemClock
 from gateway.config import parse_config
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
+from tests.doubles import until
 
 MAX_BODY = 2048
 EVENT = "ev-1"
@@ -305,7 +306,7 @@ async def test_slow_partial_requests_do_not_stop_others_being_answered(site: Sit
             for _, writer, kind in held:
                 writer.write(drips[kind])  # a valid piece now and then, as slowloris does
                 await writer.drain()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the attacker's pace: the drip is the behaviour under test, not a wait
         assert site.opt() is Opt.IN and await site.acted() == []
         assert not any(reader.at_eof() or reader._buffer for reader, _, _ in held)  # none answered, none dropped
     finally:
@@ -361,13 +362,16 @@ async def test_slow_heads_are_closed_at_the_deadline_and_give_way_at_the_cap(tmp
     closes the rest (dripping valid header lines does not keep one open) so that /healthz is
     answered; a keep-alive client is not cut mid-use."""
     async with running_site(tmp_path, head_timeout_s=0.5, max_connections=8) as site:
+        assert site.gw.mgmt is not None and site.gw.mgmt.guard is not None
+        guard = site.gw.mgmt.guard
         held = []
         for i in range(8):
             reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
             await writer.drain()
             held.append((reader, writer))
-            await asyncio.sleep(0.01)  # so that the first is the longest waiting
+            # the server took this one before the next arrives, so that the first is the longest waiting
+            await until(lambda n=i + 1: len(guard.open) == n)
         reader9, writer9 = await asyncio.open_connection("127.0.0.1", site.port)
         assert await _closed_unanswered(held[0][0]), "the longest waiting gave way, unanswered"
         held[0][1].close()
@@ -377,13 +381,11 @@ async def test_slow_heads_are_closed_at_the_deadline_and_give_way_at_the_cap(tmp
             for i, (_, writer) in enumerate(held):
                 with contextlib.suppress(ConnectionError):
                     writer.write(b"X-Slow: 1\r\n" if i % 2 else b"")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the drip's pace is the behaviour under test, not a wait
         for reader, writer in held:
             assert await _closed_unanswered(reader), "closed at the deadline, never answered"
             writer.close()
         assert asyncio.get_running_loop().time() - t0 < 2.0
-        assert site.gw.mgmt is not None and site.gw.mgmt.guard is not None
-        guard = site.gw.mgmt.guard
         assert (guard.evicted, guard.expired, guard.refused) == (1, 8, 0)
         assert await healthy(site)
         # A client that keeps one connection and asks again within the deadline keeps being served.
@@ -392,7 +394,7 @@ async def test_slow_heads_are_closed_at_the_deadline_and_give_way_at_the_cap(tmp
             for _ in range(5):
                 async with http.get(f"{site.url}/healthz") as r:
                     assert r.status == 200
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # a client asking again within the deadline: the pace under test
         assert guard.expired == 8
         assert site.opt() is Opt.IN and await site.acted() == []
 

@@ -18,6 +18,7 @@ from gateway.clock import Clock, ManualClock, ScaledClock
 from gateway.errors import ConfigError, DeviceRejected, DeviceUnavailable, InputRejected, ReadbackMismatch
 from gateway.interfaces import Battery
 from protocols.modbus.battery import ModbusBattery
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import load_mapping, parse_mapping
 from protocols.modbus.simulator import BatterySimulator, PointServer
 from protocols.modbus.transport import ModbusDeviceRejected, ModbusTransport
@@ -48,7 +49,9 @@ async def make_site(clock: Clock, *, revert_s: float = 60.0, timeout_s: float = 
     """Start a simulator and a connected battery driver sharing ``clock``."""
     sim = BatterySimulator("bess_generic", clock=clock, **sim_kw)
     port = await sim.start()
-    bat = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic", timeout_s, revert_s, clock)
+    bat = ModbusBattery(
+        "bess1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=timeout_s), "bess_generic", revert_s, clock
+    )
     await bat.connect()
     return sim, bat
 
@@ -163,7 +166,9 @@ async def test_keepalive_holds_the_setpoint_and_stopping_it_lets_it_revert(fast_
     sim, bat = fast_site
     bat.start_keepalive()
     await bat.set_discharge_w(40_000, lease_s=300)
-    await asyncio.sleep(0.8)  # 8 s of clock time: four revert periods
+    beat = sim.heartbeat
+    # Eight refreshes at half the 2 s revert period: 8 s of clock time, four revert periods held.
+    await until(lambda: sim.heartbeat >= beat + 8, 10.0)
     assert not sim.watchdog_expired
     assert (sim.setpoint_w, sim.control_mode) == (40_000, 1)
     assert sim.heartbeat >= 4
@@ -188,7 +193,7 @@ async def test_manual_refresh_rearms_and_can_extend_the_lease(fast_site: Site) -
     beat = sim.heartbeat
     for _ in range(8):  # 8 x 0.05 s real = 4 s of clock time, twice the lease and the revert timer
         assert await bat.refresh(lease_s=2.0)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # refreshes spaced in clock time: the pace under test, not a wait
     assert sim.heartbeat == beat + 8
     assert not sim.watchdog_expired
     assert bat.dispatched
@@ -213,7 +218,7 @@ async def test_invalid_requests_change_nothing(site: Site) -> None:
         await bat.set_discharge_w(1_000, lease_s=0)
     with pytest.raises(InputRejected, match="limits"):
         await bat.set_discharge_w(2_000_000, lease_s=30)
-    transport = ModbusTransport("bess1", "127.0.0.1", sim.port, 1, bat.mapping)
+    transport = ModbusTransport("bess1", ModbusEndpoint("127.0.0.1", sim.port, 1), bat.mapping)
     with pytest.raises(InputRejected, match="read-only"):
         await transport.write({"power_w": 1.0})
     with pytest.raises(InputRejected, match="read-only"):  # checked before the rw point is sent
@@ -236,7 +241,7 @@ async def test_device_exception_is_device_rejected() -> None:
     server = PointServer(parse_mapping(doc, "device.yaml"))
     port = await server.start()
     lying = parse_mapping({**doc, "points": {**doc["points"], "b": {**doc["points"]["b"], "access": "rw"}}})
-    transport = ModbusTransport("dev", "127.0.0.1", port, 1, lying)
+    transport = ModbusTransport("dev", ModbusEndpoint("127.0.0.1", port, 1), lying)
     try:
         await transport.write({"a": 7})
         with pytest.raises(ModbusDeviceRejected) as info:
@@ -253,7 +258,7 @@ async def test_nothing_listening_is_unavailable() -> None:
     sim = BatterySimulator(load_mapping("bess_generic"))
     port = await sim.start()
     await sim.stop()
-    bat = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic", timeout_s=0.5)
+    bat = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.5), "bess_generic")
     with pytest.raises(DeviceUnavailable):
         await bat.connect()
     await bat.close()
@@ -321,7 +326,7 @@ async def test_the_maps_ramp_limit_moves_setpoints_gradually() -> None:
     clock = ManualClock()
     sim = BatterySimulator(m, clock=clock)
     port = await sim.start()
-    bat = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
+    bat = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1), m, clock=clock)
     try:
         assert await bat.set_discharge_w(50_000, lease_s=300) == 0  # no time has passed yet
         clock.advance(2.0)
@@ -343,8 +348,8 @@ async def test_a_restarted_driver_ramps_from_what_the_device_holds_not_from_0_w(
     clock = ManualClock()
     sim = BatterySimulator(m, clock=clock)
     port = await sim.start()
-    first = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
-    second = ModbusBattery("bess1", "127.0.0.1", port, 1, m, clock=clock)
+    first = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1), m, clock=clock)
+    second = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1), m, clock=clock)
     try:
         await first.set_discharge_w(0.0, lease_s=300)
         clock.advance(3.0)
@@ -365,5 +370,5 @@ async def test_a_restarted_driver_ramps_from_what_the_device_holds_not_from_0_w(
 def test_telemetry_maps_cannot_drive_a_battery(name: str, reason: str) -> None:
     """Refuse a UPS map (unless it says dispatchable: true) and a meter map as a battery."""
     with pytest.raises(ConfigError, match=reason) as info:
-        ModbusBattery("x", "127.0.0.1", 1502, 1, name)
+        ModbusBattery("x", ModbusEndpoint("127.0.0.1", 1502, 1), name)
     assert info.value.key == "dispatchable"

@@ -1,4 +1,4 @@
-"""Equipment built from config (protocols.modbus.build) against simulators on 127.0.0.1."""
+"""Equipment built from config (gateway.compose, protocols.modbus.build) against simulators on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 
 from gateway.clock import ManualClock
+from gateway.compose import build_bms as build_bms_for
+from gateway.compose import build_devices, build_meter
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from protocols.modbus.build import build_bms, build_bms_for, build_equipment, build_meter
+from protocols.modbus.build import build_bms
 from protocols.modbus.meter import ModbusMeter
 from protocols.modbus.simulator import PointServer
 from protocols.modbus.sunspec_battery import SunspecBattery
 from protocols.modbus.sunspec_sim import SunspecSimulator
 from protocols.modbus.ups import UpsGuardedBattery
+from tests.doubles import RecordingAudit
 
 
 async def test_a_sunspec_battery_a_ups_and_a_modbus_meter_from_config() -> None:
@@ -32,9 +35,10 @@ async def test_a_sunspec_battery_a_ups_and_a_modbus_meter_from_config() -> None:
             "battery": {"mapping": "sunspec_storage", "port": ports[0], "device_id": "inv1"},
             "ups": {"enabled": True, "port": ports[1]},
             "meter": {"backend": "modbus", "port": ports[2]},
+            "gpus": {"backend": "none"},
         }
     )
-    eq = await build_equipment(cfg, clock)
+    eq = await build_devices(cfg, clock)
     try:
         assert isinstance(eq.battery, UpsGuardedBattery) and isinstance(eq.battery.inner, SunspecBattery)
         assert isinstance(eq.meter, ModbusMeter)
@@ -51,8 +55,14 @@ async def test_a_sunspec_battery_a_ups_and_a_modbus_meter_from_config() -> None:
 
 async def test_devices_down_at_start_are_not_fatal() -> None:
     """Build and return the devices even when none answers yet."""
-    cfg = parse_config({"battery": {"port": 9, "timeout_s": 0.2}, "meter": {"backend": "modbus", "port": 9}})
-    eq = await build_equipment(cfg, ManualClock())
+    cfg = parse_config(
+        {
+            "battery": {"port": 9, "timeout_s": 0.2},
+            "meter": {"backend": "modbus", "port": 9},
+            "gpus": {"backend": "none"},
+        }
+    )
+    eq = await build_devices(cfg, ManualClock())
     assert eq.battery is not None and eq.meter is not None and eq.ups is None
     for close in eq.closers:
         await close()
@@ -107,7 +117,9 @@ async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_opt_out_path() -
 
     from pymodbus.client import AsyncModbusTcpClient
 
+    from gateway.bms import snapshot_of
     from gateway.model import Snapshot
+    from gateway.status import ControlStatus, SiteView, StatusBoard
 
     calls: list[tuple[str, str, str, str]] = []
 
@@ -115,23 +127,25 @@ async def test_the_bms_face_of_a_gateway_passes_opt_outs_to_its_opt_out_path() -
         def events(self) -> list:
             return []
 
+        def active_event_ids(self, _t: object) -> list[str]:
+            return ["ev-7"]
+
     async def opt_out(event_id: str, actor: str, reason: str, origin: str) -> dict:
         calls.append((event_id, actor, reason, origin))
         return {"ok": True}
 
-    class Audit:
-        async def append(self, kind: str, data: object, **kw: object) -> int:
-            return 1
-
     clock = ManualClock()
-    loop = SimpleNamespace(
-        last=Snapshot(t=clock.now(), facility_w=90_000.0, battery=None),
-        records=[SimpleNamespace(event_id="ev-7", limit_w=80_000.0)],
-        baseline_w=100_000.0,
-    )
+    board = StatusBoard()  # what the control loop publishes each tick
+    site = SiteView(Snapshot(t=clock.now(), facility_w=90_000.0, battery=None), 100_000.0, {}, {})
+    board.publish(ControlStatus(1, site, None, "ev-7", "active", 80_000.0, frozenset(), (), None))
     cfg = parse_config({"bms": {"enabled": True, "port": 0}})
-    gw = SimpleNamespace(cfg=cfg, loop=loop, book=Book(), audit=Audit(), opt_out=opt_out)
-    bms = build_bms_for(gw, clock)
+
+    def bms_snapshot(stale_after_s: float) -> object:
+        return snapshot_of(board.latest, Book(), clock.now(), stale_after_s)
+
+    # The face gets what it needs from the gateway (its state, its opt-out path), nothing of its insides.
+    gw = SimpleNamespace(cfg=cfg, audit=RecordingAudit(), opt_out=opt_out, bms_snapshot=bms_snapshot)
+    bms = build_bms_for(gw, clock)  # type: ignore[arg-type]
     assert bms is not None
     port = await bms.start()
     client = AsyncModbusTcpClient("127.0.0.1", port=port)

@@ -15,6 +15,7 @@ from gateway.clock import ManualClock
 from gateway.errors import DeviceRejected, DeviceUnavailable
 from gateway.interfaces import Battery, Meter
 from protocols.modbus.battery import ModbusBattery
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.meter import ModbusMeter
 from protocols.modbus.simulator import BatterySimulator, PointServer
 from protocols.modbus.ups import ModbusUps, UpsGuardedBattery, UpsState, discharge_allowance_w
@@ -35,7 +36,7 @@ async def meter_site() -> AsyncIterator[tuple[PointServer, ModbusMeter, ManualCl
     clock = ManualClock()
     server = PointServer("meter_facility")
     port = await server.start()
-    meter = ModbusMeter("meter1", "127.0.0.1", port, 1, "meter_facility", timeout_s=0.2, clock=clock)
+    meter = ModbusMeter("meter1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.2), "meter_facility", clock)
     await meter.connect()
     yield server, meter, clock
     await meter.close()
@@ -90,7 +91,7 @@ async def ups_site() -> AsyncIterator[tuple[PointServer, ModbusUps]]:
     port = await server.start()
     for name, value in (("battery_soc_pct", 100.0), ("runtime_remaining_s", 1800.0), ("status", 1.0), ("alarms", 0.0)):
         server.set(name, value)
-    ups = ModbusUps("ups1", "127.0.0.1", port, 1, "ups_generic", timeout_s=0.2)
+    ups = ModbusUps("ups1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.2), "ups_generic")
     await ups.connect()
     yield server, ups
     await ups.close()
@@ -132,7 +133,7 @@ async def test_guarded_battery_holds_discharge_while_the_ups_is_on_battery(
     server, ups = ups_site
     sim = BatterySimulator("bess_generic")
     port = await sim.start()
-    inner = ModbusBattery("bess1", "127.0.0.1", port, 1, "bess_generic")
+    inner = ModbusBattery("bess1", ModbusEndpoint("127.0.0.1", port, 1), "bess_generic")
     guarded = UpsGuardedBattery(inner, ups, min_runtime_s=600, min_soc_pct=50)
     battery: Battery = guarded
     try:

@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from gateway.errors import ConfigError, DeviceRejected, InputRejected
+from gateway.mappings import Limit, all_mapping_names
 from protocols.modbus import codec
-from protocols.modbus.mapping import Limit, Mapping, Point, all_mapping_names, load_mapping, mapping_names
+from protocols.modbus.endpoint import ModbusEndpoint
+from protocols.modbus.mapping import Mapping, Point, load_mapping, mapping_names
 from protocols.modbus.simulator import PointServer
 from protocols.modbus.transport import ModbusTransport, plan_reads
 from protocols.opcua.nodemap import node_map_names
@@ -57,7 +59,7 @@ async def served(
     m = load_mapping(request.param)
     server = PointServer(m)
     port = await server.start()
-    transport = ModbusTransport("dut", "127.0.0.1", port, 1, m, timeout_s=2.0)
+    transport = ModbusTransport("dut", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=2.0), m)
     await transport.connect()
     yield m, server, transport
     transport.close()

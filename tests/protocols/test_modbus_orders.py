@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, parse_mapping
 from protocols.modbus.simulator import PointServer
 from protocols.modbus.transport import ModbusTransport
@@ -65,7 +66,7 @@ async def device() -> AsyncIterator[Any]:
     async def start(m: Mapping) -> tuple[PointServer, ModbusTransport]:
         server = PointServer(m)
         port = await server.start()
-        transport = ModbusTransport("dut", "127.0.0.1", port, 1, m, timeout_s=2.0)
+        transport = ModbusTransport("dut", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=2.0), m)
         started.append((server, transport))
         return server, transport
 

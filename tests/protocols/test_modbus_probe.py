@@ -16,7 +16,7 @@ import structlog
 
 from gateway.cli import build_parser, main
 from gateway.errors import InputRejected
-from protocols.modbus.cli import split_target
+from protocols.modbus.probe import split_target
 from protocols.modbus.simulator import BatterySimulator
 from protocols.modbus.sunspec_sim import SunspecSimulator
 

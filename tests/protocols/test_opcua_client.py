@@ -20,9 +20,9 @@ import structlog
 from asyncua import Client, ua
 from structlog.testing import capture_logs
 
+from gateway.cli.probe import render
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.interfaces import Meter
-from protocols.modbus.cli import render
 from protocols.opcua import OpcuaClient, OpcuaMeter, OpcuaSecurity, OpcuaSimServer, make_certificate
 from protocols.opcua.nodemap import load_node_map, node_map_names
 from protocols.opcua.probe import probe_opcua

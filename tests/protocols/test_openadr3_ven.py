@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from gateway.model import SignalName
-from protocols.openadr.testing import until
 from protocols.openadr3 import SimVtn3
 from protocols.openadr3.timing import format_datetime
+from tests.doubles import until
 from tests.protocols.oadr3_helpers import VEN_NAME, config, make_ven, simple_event
 
 
@@ -43,7 +43,7 @@ async def test_registers_reads_programmes_and_polls_events(sim: SimVtn3, tmp_pat
     try:
         await until(lambda: gw.events)
         assert ven.registered and ven.state == "registered"
-        [missing] = audit.kinds("oadr3.programs_missing")  # once, not at every poll
+        [missing] = audit.of_kind("oadr3.programs_missing")  # once, not at every poll
         assert missing["data"]["programs"] == ["absent"]
         assert [v["venName"] for v in sim.objects["VEN"].values()] == [VEN_NAME]
         assert [r["resourceName"] for r in sim.objects["RESOURCE"].values()] == ["facility"]
@@ -52,7 +52,7 @@ async def test_registers_reads_programmes_and_polls_events(sim: SimVtn3, tmp_pat
         assert got.signals[0].name is SignalName.SIMPLE and got.signals[0].intervals[0].value == 2
         await until(lambda: len(gw.listings) >= 3)
         assert len(gw.events) == 1  # the same version is acted on once
-        assert audit.kinds("oadr3.exchange") and audit.kinds("ven.registered")
+        assert audit.of_kind("oadr3.exchange") and audit.of_kind("ven.registered")
         # ETag: a quiet VTN answers 304 to the repeated listing.
         assert any(status == 304 for _, path, status in sim.requests if path.startswith("/events"))
     finally:
@@ -77,7 +77,7 @@ async def test_token_refreshed_before_expiry_and_after_a_401_mid_event(sim: SimV
         await until(lambda: len(gw.events) == 2)
         assert sim.tokens_issued > issued and ven.state == "registered"
         assert any(status == 401 for _, _, status in sim.requests)
-        assert not audit.kinds("ven.link_lost")  # the 401 was absorbed by one refresh, inside the request
+        assert not audit.of_kind("ven.link_lost")  # the 401 was absorbed by one refresh, inside the request
     finally:
         await ven.stop()
 
@@ -90,11 +90,11 @@ async def test_a_second_401_after_a_fresh_token_is_a_link_fault(sim: SimVtn3, tm
         await until(lambda: ven.state == "registered")
         sim.refuse_tokens = True
         await until(lambda: ven.state == "link_lost")
-        [lost] = audit.kinds("ven.link_lost")
+        [lost] = audit.of_kind("ven.link_lost")
         assert "refused a freshly issued token" in lost["data"]["reason"]
         sim.refuse_tokens = False
         await until(lambda: ven.state == "registered")
-        assert audit.kinds("ven.link_restored")
+        assert audit.of_kind("ven.link_restored")
     finally:
         await ven.stop()
 
@@ -104,7 +104,7 @@ async def test_wrong_client_secret_is_refused_and_retried(sim: SimVtn3, tmp_path
     ven, _, audit, _ = make_ven(config(sim.base_url, tmp_path))
     await ven.start()
     try:
-        await until(lambda: len(audit.kinds("oadr3.exchange")) >= 2)
+        await until(lambda: len(audit.of_kind("oadr3.exchange")) >= 2)
         await until(lambda: ven.state == "refused")
         assert not ven.registered
         # The secret never reaches the evidence: token exchanges are kept redacted.
@@ -126,7 +126,7 @@ async def test_a_vtn_that_drops_keep_alive_connections_is_followed_without_a_gap
         await sim.add_event(simple_event(program["id"], soon()))
         await until(lambda: gw.events)
         assert sim.dropped >= 3  # aiohttp repeats an idempotent GET once by itself; the VEN repeats the rest
-        assert not audit.kinds("ven.link_lost") and not audit.kinds("ven.registration_refused")
+        assert not audit.of_kind("ven.link_lost") and not audit.of_kind("ven.registration_refused")
     finally:
         await ven.stop()
 
@@ -169,8 +169,8 @@ async def test_restart_keeps_version_numbers(sim: SimVtn3, tmp_path: Path) -> No
 
 async def test_versions_number_each_modification_and_an_older_one_is_stale(tmp_path: Path) -> None:
     """Deliveries are at least once and unordered: (id, modificationDateTime) is the version."""
-    from protocols.openadr.testing import MemoryState
     from protocols.openadr3.events import EventFollower
+    from tests.doubles import MemoryState
 
     state = MemoryState()
     follower = EventFollower(config("http://x", tmp_path), None, None, None, None, None, None,  # type: ignore[arg-type]

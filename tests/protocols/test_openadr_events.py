@@ -27,7 +27,7 @@ from gateway.events import EventBook
 from gateway.eventstore import EventStore
 from gateway.model import Opt
 from protocols.openadr import SimVtn, Ven
-from protocols.openadr.testing import MemoryEvidence, RecordingAudit, until
+from tests.doubles import MemoryEvidence, RecordingAudit, until
 
 VEN = "drgw-conf"
 
@@ -46,7 +46,7 @@ class Site:
 
     def rows(self, kind: str, event_id: str | None = None) -> list[dict[str, Any]]:
         """Return audit rows of one kind (for one event)."""
-        return [r for r in self.audit.kinds(kind) if event_id is None or r["event_id"] == event_id]
+        return [r for r in self.audit.of_kind(kind) if event_id is None or r["event_id"] == event_id]
 
     def codes(self, event_id: str) -> list[tuple[int, int, str]]:
         """Return (modification number, response code, opt) of every answer the VTN got for an event."""
@@ -95,7 +95,7 @@ def _soon(minutes: float = 10) -> datetime:
 
 def _active(book: EventBook) -> str | None:
     """Return the event id the directive follows now."""
-    t = book.target_at(datetime.now(UTC))
+    t = book.directive_at(datetime.now(UTC)).target
     return None if t is None else t.event_id
 
 
@@ -122,16 +122,16 @@ async def test_modified_event_replans_and_stale_version_is_refused(site: Site) -
     """
     eid = site.vtn.add_event(VEN, signal="SIMPLE", value=1, start=_soon(-1), duration_s=600)
     await site.vtn.wait_for_response(eid, timeout_s=4.0, modification_number=0)
-    t = site.book.target_at(datetime.now(UTC))
+    t = site.book.directive_at(datetime.now(UTC)).target
     assert t is not None and t.value == pytest.approx(0.10)
     assert site.vtn.modify_event(VEN, eid, value=3) == 1
     await site.vtn.wait_for_response(eid, timeout_s=4.0, modification_number=1)
-    t = site.book.target_at(datetime.now(UTC))
+    t = site.book.directive_at(datetime.now(UTC)).target
     assert t is not None and t.value == pytest.approx(0.30) and t.modification_number == 1
     site.vtn.modify_event(VEN, eid, value=2, modification_number=0)  # an older version again
     await site.vtn.wait_for(lambda: len(site.codes(eid)) >= 3, timeout_s=4.0)
     assert site.codes(eid)[:3] == [(0, 200, "optIn"), (1, 200, "optIn"), (0, 450, "optIn")]
-    t = site.book.target_at(datetime.now(UTC))
+    t = site.book.directive_at(datetime.now(UTC)).target
     assert t is not None and t.value == pytest.approx(0.30)  # the stale version changed nothing
     assert [r["data"]["known_modification_number"] for r in site.rows("event.stale", eid)] == [1]
 
@@ -263,7 +263,7 @@ async def test_overlapping_events_resolve_by_priority(site: Site) -> None:
     high = site.vtn.add_event(VEN, signal="LOAD_DISPATCH", value=20, start=_soon(-1), duration_s=900, priority=1,
                               market_context="oadr://b")  # fmt: skip
     await site.vtn.wait_for(lambda: site.codes(low) and site.codes(high), timeout_s=4.0)
-    t = site.book.target_at(datetime.now(UTC))
+    t = site.book.directive_at(datetime.now(UTC)).target
     assert t is not None and t.event_id == high and t.value == 20_000.0
 
 
@@ -351,7 +351,7 @@ async def test_distribution_from_another_vtn_is_refused(db: AuditLog) -> None:
         (answer,) = answers
         assert answer["response"]["response_code"] == 452 and not answer.get("event_responses")
         assert book.events() == []
-        assert "EvilVTN" in audit.kinds("event.distribution_refused")[0]["data"]["reason"]
+        assert "EvilVTN" in audit.of_kind("event.distribution_refused")[0]["data"]["reason"]
     finally:
         await ven.stop()
         await runner.cleanup()

@@ -19,8 +19,8 @@ from gateway.clock import SystemClock
 from gateway.config import OpenAdrConfig
 from gateway.model import DemandEvent, Opt
 from protocols.openadr import SimVtn, Ven
-from protocols.openadr.testing import Pki, RecordingAudit, make_pki, until
-from protocols.openadr.tls import DEFAULT_2_0B_CIPHERS
+from protocols.openadr.tls import DEFAULT_2_0B_CIPHERS, LEGACY_SHA1_CIPHERS
+from tests.doubles import Pki, RecordingAudit, make_pki, until
 
 VEN = "drgw-tls"
 
@@ -86,7 +86,7 @@ async def test_mutual_tls_with_signed_messages_both_ways(stack: list[Any], pki: 
     assert sim.registrations[-1]["fingerprint"] == pki.client_fingerprint  # the VTN saw our TLS certificate
     eid = sim.add_event(VEN, signal="SIMPLE", value=1, start=_soon(), duration_s=600)
     assert await sim.wait_for_response(eid, timeout_s=4.0) is Opt.IN  # the VTN verified our signature
-    assert audit.kinds("xml.rejected") == []
+    assert audit.of_kind("xml.rejected") == []
 
 
 async def test_untrusted_vtn_certificate_is_refused_once_with_the_reason(
@@ -96,9 +96,9 @@ async def test_untrusted_vtn_certificate_is_refused_once_with_the_reason(
     other = make_pki(tmp_path / "other")
     ven, audit = await _ven(stack, url, pki, ca_file=str(other.ca))
     await until(lambda: ven.state == "unreachable")
-    await until(lambda: sum(r["data"]["message"] == "oadrQueryRegistration" for r in audit.kinds("xml.out")) >= 3)
+    await until(lambda: sum(r["data"]["message"] == "oadrQueryRegistration" for r in audit.of_kind("xml.out")) >= 3)
     assert not ven.registered
-    (lost,) = audit.kinds("ven.link_lost")
+    (lost,) = audit.of_kind("ven.link_lost")
     assert "VTN certificate not trusted" in lost["data"]["reason"]
 
 
@@ -106,28 +106,41 @@ async def test_pinned_vtn_certificate_must_match(stack: list[Any], pki: Pki) -> 
     _, url = await _vtn(stack, pki)
     ven, audit = await _ven(stack, url, pki, vtn_tls_fingerprint="00:11:22:33:44:55:66:77:88:99")
     await until(lambda: ven.state == "unreachable")
-    (lost,) = audit.kinds("ven.link_lost")
+    (lost,) = audit.of_kind("ven.link_lost")
     assert f"fingerprint {pki.server_fingerprint} is not the configured 00:11:22" in lost["data"]["reason"]
 
 
-async def test_2_0b_default_cipher_suites_are_configurable(stack: list[Any], pki: Pki) -> None:
-    """2.0b rule 67: default cipher suites TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA and
-    TLS_RSA_WITH_AES_128_CBC_SHA; Python's default client list offers neither, so the list is a setting.
+async def test_2_0b_cipher_suites_are_offered_by_default(stack: list[Any], pki: Pki) -> None:
+    """2.0b over TLS 1.2: TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256 and TLS_RSA_WITH_AES_128_CBC_SHA256.
+
+    A VTN with an RSA certificate that serves only these (the 2.0b test tool's HTTP_SHA256_Security,
+    G1_4010) can choose only the RSA one, which Python's default client list lacks.
     """
-    _, url = await _vtn(stack, pki, ciphers="AES128-SHA", maximum_version=ssl.TLSVersion.TLSv1_2)
+    _, url = await _vtn(stack, pki, ciphers=DEFAULT_2_0B_CIPHERS, maximum_version=ssl.TLSVersion.TLSv1_2)
+    ven, _ = await _ven(stack, url, pki)
+    await until(lambda: ven.registered)
+
+
+async def test_configured_cipher_list_is_exact(stack: list[Any], pki: Pki) -> None:
+    """``ciphers`` replaces the default list: the SHA-1 suites (TLS 1.0 profile) only when named."""
+    _, url = await _vtn(stack, pki, ciphers=LEGACY_SHA1_CIPHERS, maximum_version=ssl.TLSVersion.TLSv1_2)
     plain, plain_audit = await _ven(stack, url, pki)
-    await until(lambda: plain.state == "unreachable")
-    assert "TLS handshake failed" in plain_audit.kinds("ven.link_lost")[0]["data"]["reason"]
-    legacy, _ = await _ven(stack, url, pki, ciphers=DEFAULT_2_0B_CIPHERS)
-    await until(lambda: legacy.registered)
+    await until(lambda: plain.state == "unreachable", 20.0)
+    assert "TLS handshake failed" in plain_audit.of_kind("ven.link_lost")[0]["data"]["reason"]
+    legacy, _ = await _ven(stack, url, pki, ciphers=LEGACY_SHA1_CIPHERS)
+    await until(lambda: legacy.registered, 20.0)
+    _, url_b = await _vtn(stack, pki, ciphers="AES128-SHA256", maximum_version=ssl.TLSVersion.TLSv1_2)
+    ecdsa_only, ecdsa_audit = await _ven(stack, url_b, pki, ciphers="ECDHE-ECDSA-AES128-SHA256")
+    await until(lambda: ecdsa_only.state == "unreachable", 20.0)  # 5 s was once too few under load
+    assert "TLS handshake failed" in ecdsa_audit.of_kind("ven.link_lost")[0]["data"]["reason"]
 
 
 async def test_signature_from_another_certificate_is_rejected_clearly(stack: list[Any], pki: Pki) -> None:
     _, url = await _vtn(stack, pki, tls=False, sign=True)
     ven, audit = await _ven(stack, url, None, vtn_fingerprint="AA:BB:CC:DD:EE:FF:00:11:22:33")
-    await until(lambda: audit.kinds("xml.rejected"))
+    await until(lambda: audit.of_kind("xml.rejected"))
     assert not ven.registered
-    rejected = audit.kinds("xml.rejected")[0]["data"]
+    rejected = audit.of_kind("xml.rejected")[0]["data"]
     assert rejected["kind"] == "signature" and "signing certificate is not the VTN's" in rejected["reason"]
     assert len(rejected["sha256"]) == 64
 
@@ -135,8 +148,9 @@ async def test_signature_from_another_certificate_is_rejected_clearly(stack: lis
 async def test_unsigned_message_is_rejected_when_a_fingerprint_is_configured(stack: list[Any], pki: Pki) -> None:
     _, url = await _vtn(stack, pki, tls=False, sign=False)
     ven, audit = await _ven(stack, url, None, vtn_fingerprint=pki.server_fingerprint)
-    await until(lambda: audit.kinds("xml.rejected"))
-    assert audit.kinds("xml.rejected")[0]["data"]["reason"] == "message is not signed but vtn_fingerprint is configured"
+    await until(lambda: audit.of_kind("xml.rejected"))
+    reason = audit.of_kind("xml.rejected")[0]["data"]["reason"]
+    assert reason == "message is not signed but vtn_fingerprint is configured"
 
 
 async def test_clock_far_off_fails_signatures_with_a_clear_reason(
@@ -155,8 +169,8 @@ async def test_clock_far_off_fails_signatures_with_a_clear_reason(
     monkeypatch.setattr(openleadr.messaging, "_create_replay_protect", an_hour_behind)
     _, url = await _vtn(stack, pki, tls=False, sign=True)
     ven, audit = await _ven(stack, url, None, vtn_fingerprint=pki.server_fingerprint)
-    await until(lambda: audit.kinds("xml.rejected"))
-    reason = audit.kinds("xml.rejected")[0]["data"]["reason"]
+    await until(lambda: audit.of_kind("xml.rejected"))
+    reason = audit.of_kind("xml.rejected")[0]["data"]["reason"]
     assert "signed 3600 s before this clock's time" in reason and "check NTP" in reason
 
 
@@ -172,7 +186,7 @@ async def test_clock_skew_against_the_vtn_is_logged_and_audited_once(stack: list
     _, url = await _vtn(stack, pki, tls=False)
     ven, audit = await _ven(stack, url, None, clock=_Ahead())
     await until(lambda: ven.registered and ven.last_poll_ok is not None)
-    await until(lambda: len(audit.kinds("xml.poll")) >= 2)
-    (skew,) = audit.kinds("ven.clock_skew")
+    await until(lambda: len(audit.of_kind("xml.poll")) >= 2)
+    (skew,) = audit.of_kind("ven.clock_skew")
     assert -3610 < skew["data"]["skew_s"] < -3590
     assert ven.clock_skew_s is not None and ven.clock_skew_s < -3590

@@ -7,7 +7,6 @@ client's schema validator with a tripwire, so lxml never parses them in this pro
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from logging import WARNING
@@ -20,12 +19,13 @@ from openleadr.messaging import create_message
 from openleadr.messaging import validate_xml_schema as real_schema_validation
 from structlog.testing import capture_logs
 
+from drgw_tools.ports import free_port
 from gateway.clock import SystemClock
 from gateway.config import OpenAdrConfig
 from gateway.model import DemandEvent, Opt, SignalName
 from protocols.openadr import MAX_XML_BYTES, SimVtn, Ven, XmlRejected, check_xml
-from protocols.openadr.testing import MemoryEvidence, MemoryState, until
-from protocols.openadr.testing import RecordingAudit as FakeAudit
+from tests.doubles import MemoryEvidence, MemoryState, until
+from tests.doubles import RecordingAudit as FakeAudit
 
 VEN = "drgw-test"
 
@@ -101,7 +101,7 @@ async def test_registers_and_polls(vtn: tuple[SimVtn, str], make_ven: MakeVen) -
     ven, _, audit = await make_ven(url)
     await until(lambda: ven.registered and ven.last_poll_ok is not None)
     assert ven.ven_id == VEN and sim.registered == {VEN: VEN}
-    (row,) = audit.kinds("ven.registered")
+    (row,) = audit.of_kind("ven.registered")
     assert row["data"]["vtn_id"] == "DrgwVTN" and row["data"]["poll_s"] == 1.0
     assert ven.state == "registered"
     await ven.stop()
@@ -111,19 +111,17 @@ async def test_registers_and_polls(vtn: tuple[SimVtn, str], make_ven: MakeVen) -
 async def test_unreachable_vtn_is_retried_logged_once_then_registers(
     make_ven: MakeVen, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.socket() as s:  # find a free port, then leave it closed: nothing listens there yet
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there yet
     url = f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b"
     with capture_logs() as logs:
         ven, _, audit = await make_ven(url)
         attempts = lambda: [  # noqa: E731
-            r for r in audit.kinds("xml.out") if r["data"]["message"] == "oadrQueryRegistration"
+            r for r in audit.of_kind("xml.out") if r["data"]["message"] == "oadrQueryRegistration"
         ]
         await until(lambda: len(attempts()) >= 4)  # backoff 0.05, 0.1, 0.2, 0.2 ...
         assert not ven.registered and ven.state == "unreachable"
         assert [e["event"] for e in logs].count("vtn unreachable, retrying") == 1
-        assert len(audit.kinds("ven.link_lost")) == 1
+        assert len(audit.of_kind("ven.link_lost")) == 1
 
         sim = SimVtn(poll_interval_s=1.0)
         assert await sim.start(port=port) == url
@@ -133,8 +131,8 @@ async def test_unreachable_vtn_is_retried_logged_once_then_registers(
             await sim.stop()
     # openleadr's own per-request error lines are kept out of the log.
     assert [r.getMessage() for r in caplog.records if r.name == "openleadr" and r.levelno >= WARNING] == []
-    assert len(audit.kinds("ven.registered")) == 1
-    assert len(audit.kinds("ven.link_lost")) == 1
+    assert len(audit.of_kind("ven.registered")) == 1
+    assert len(audit.of_kind("ven.link_lost")) == 1
 
 
 async def test_lost_link_is_logged_once_and_restored(vtn: tuple[SimVtn, str], make_ven: MakeVen) -> None:
@@ -147,7 +145,7 @@ async def test_lost_link_is_logged_once_and_restored(vtn: tuple[SimVtn, str], ma
     assert ven.registered  # still registered: the VTN has not said otherwise
     await sim.start(port=port)
     await until(lambda: ven.state == "registered", timeout_s=3.0)
-    counts = {k: len(audit.kinds(k)) for k in ("ven.link_lost", "ven.link_restored", "ven.registered")}
+    counts = {k: len(audit.of_kind(k)) for k in ("ven.link_lost", "ven.link_restored", "ven.registered")}
     assert counts == {"ven.link_lost": 1, "ven.link_restored": 1, "ven.registered": 1}
 
 
@@ -161,8 +159,8 @@ async def test_vtn_that_forgot_the_ven_gets_a_new_registration(vtn: tuple[SimVtn
     await fresh.start(port=port)
     try:
         await fresh.wait_for_registration(VEN, timeout_s=4.0)
-        await until(lambda: ven.registered and len(audit.kinds("ven.registered")) == 2)
-        assert [r["data"]["reason"] for r in audit.kinds("ven.unregistered")] == ["VTN requested re-registration"]
+        await until(lambda: ven.registered and len(audit.of_kind("ven.registered")) == 2)
+        assert [r["data"]["reason"] for r in audit.of_kind("ven.unregistered")] == ["VTN requested re-registration"]
     finally:
         await fresh.stop()
 
@@ -182,9 +180,9 @@ async def test_refused_registration_is_retried_and_reported_once(make_ven: MakeV
     try:
         ven, _, audit = await make_ven(url)
         await until(lambda: sum(r["data"]["message"] == "oadrCreatePartyRegistration"
-                                for r in audit.kinds("xml.out")) >= 3)  # fmt: skip
+                                for r in audit.of_kind("xml.out")) >= 3)  # fmt: skip
         assert not ven.registered and ven.state == "refused"
-        (row,) = audit.kinds("ven.registration_refused")
+        (row,) = audit.of_kind("ven.registration_refused")
         assert row["data"]["reason"] == "VTN returned no registrationID"
     finally:
         await runner.cleanup()
@@ -205,14 +203,14 @@ async def test_simple_event_reaches_gateway_and_its_opt_reaches_vtn(vtn: tuple[S
     assert (ev.start, ev.duration_s) == (start, 1800.0)
     (sig,) = ev.signals
     assert (sig.name, sig.signal_type, sig.intervals[0].value) == (SignalName.SIMPLE, "level", 2.0)
-    (received,) = audit.kinds("event.received")
+    (received,) = audit.of_kind("event.received")
     assert received["actor"] == "utility" and received["event_id"] == eid
     assert received["data"]["signals"][0]["intervals"][0][2] == 2.0
-    (sent,) = audit.kinds("opt.sent")
+    (sent,) = audit.of_kind("opt.sent")
     assert sent["data"] == {"opt": "optOut", "code": 200, "modification_number": 0, "response_required": True}
     wire = {r["data"]["message"] for r in audit.rows if r["kind"] in ("xml.in", "xml.out")}
     assert {"oadrDistributeEvent", "oadrCreatedEvent"} <= wire
-    assert all(len(r["data"]["sha256"]) == 64 and r["data"]["size"] > 0 for r in audit.kinds("xml.in"))
+    assert all(len(r["data"]["sha256"]) == 64 and r["data"]["size"] > 0 for r in audit.of_kind("xml.in"))
 
 
 async def test_load_dispatch_kw_becomes_watts_and_ramps_survive_the_wire(
@@ -266,7 +264,7 @@ async def test_cancellation_reaches_gateway_and_is_confirmed_with_opt_in(
     assert await sim.wait_for_response(eid, timeout_s=4.0, modification_number=1) is Opt.IN
     assert [(e.modification_number, e.status) for e in gw.events] == [(0, "far"), (1, "cancelled")]
     assert gw.cancelled == []  # a readable cancellation travels as the event itself
-    assert [r["data"]["opt"] for r in audit.kinds("opt.sent")] == ["optOut", "optIn"]
+    assert [r["data"]["opt"] for r in audit.of_kind("opt.sent")] == ["optOut", "optIn"]
 
 
 async def test_unsupported_event_is_rejected_and_opted_out(vtn: tuple[SimVtn, str], make_ven: MakeVen) -> None:
@@ -276,7 +274,7 @@ async def test_unsupported_event_is_rejected_and_opted_out(vtn: tuple[SimVtn, st
     _ven, gw, audit = await make_ven(url, answer=Opt.IN)
     assert await sim.wait_for_response(eid, timeout_s=4.0) is Opt.OUT
     assert gw.events == []
-    (row,) = audit.kinds("event.rejected")
+    (row,) = audit.of_kind("event.rejected")
     assert row["event_id"] == eid and "signalType 'level' is not 'delta' or 'setpoint'" in row["data"]["reason"]
 
 
@@ -332,8 +330,8 @@ async def test_hostile_registration_answer_is_rejected_before_parsing(
     runner, url = await _serve(hostile)
     try:
         ven, _, audit = await make_ven(url)
-        await until(lambda: len(audit.kinds("xml.rejected")) >= 2)  # rejected, retried, rejected
-        row = audit.kinds("xml.rejected")[0]
+        await until(lambda: len(audit.of_kind("xml.rejected")) >= 2)  # rejected, retried, rejected
+        row = audit.of_kind("xml.rejected")[0]
         assert reason in row["data"]["reason"] and row["actor"] == "utility"
         if body is not OVERSIZED:
             assert row["data"] == {
@@ -341,8 +339,8 @@ async def test_hostile_registration_answer_is_rejected_before_parsing(
                 "size": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(),
             }
-        assert not ven.registered and ven.state == "unreachable" and audit.kinds("xml.in") == []
-        (lost,) = audit.kinds("ven.link_lost")
+        assert not ven.registered and ven.state == "unreachable" and audit.of_kind("xml.in") == []
+        (lost,) = audit.of_kind("ven.link_lost")
         assert "xml rejected" in lost["data"]["reason"]
     finally:
         await runner.cleanup()
@@ -377,7 +375,7 @@ async def test_hostile_poll_answer_is_rejected_and_the_ven_keeps_going(
     runner, url = await _serve(mostly_hostile)
     try:
         ven, _, audit = await make_ven(url)
-        await until(lambda: len(audit.kinds("xml.rejected")) >= 3, timeout_s=4.0)  # oadrRequestEvent, 2 polls
+        await until(lambda: len(audit.of_kind("xml.rejected")) >= 3, timeout_s=4.0)  # oadrRequestEvent, 2 polls
         # A refused body is audited on its own; the VTN answered, so the link is not "lost", but no
         # poll has succeeded (readiness sees a stale last_poll_ok).
         assert ven.registered and ven.state == "registered" and ven.last_poll_ok is None
@@ -416,19 +414,25 @@ def test_guard_rejects(body: bytes, reason: str) -> None:
 
 
 async def test_registration_and_ven_id_survive_a_restart(vtn: tuple[SimVtn, str]) -> None:
+    """N1_0010/0015, A_E1_0020: a restart with a stored registration queries (oadrQueryRegistration),
+    asks for the events (oadrRequestEvent) and polls with the registration it holds: no new one."""
     sim, url = vtn
     state = MemoryState()
+    audits = []
     for _ in range(2):
         gw, audit = Gateway(), FakeAudit()
         ven = Ven(_config(url), gw.on_event, audit, SystemClock(), state=state)
         await ven.start()
+        audits.append(audit)
         try:
-            await until(lambda v=ven: v.state == "registered")
+            await until(lambda v=ven: v.state == "registered" and v.last_poll_ok is not None)
+            assert ven.registration_id == state.values["openadr.registration_id"]
         finally:
             await ven.stop()
-    first, second = sim.registrations
+    (first,) = sim.registrations
     assert first.get("registration_id") is None  # a fresh VEN asks for a registration
-    assert second["registration_id"] == state.values["openadr.registration_id"]  # the restart re-uses it
+    sent = [r["data"]["message"] for r in audits[1].of_kind("xml.out")]
+    assert sent[:2] == ["oadrQueryRegistration", "oadrRequestEvent"] and "oadrCreatePartyRegistration" not in sent
     assert state.values["openadr.ven_id"] == VEN and state.values["openadr.vtn_id"] == "DrgwVTN"
 
 
@@ -437,8 +441,8 @@ async def test_vtn_requested_reregistration(vtn: tuple[SimVtn, str], make_ven: M
     ven, _, audit = await make_ven(url)
     await until(lambda: ven.state == "registered")
     sim.request_reregistration(VEN)
-    await until(lambda: len(audit.kinds("ven.registered")) == 2, timeout_s=4.0)
-    assert [r["data"]["reason"] for r in audit.kinds("ven.unregistered")] == ["VTN requested re-registration"]
+    await until(lambda: len(audit.of_kind("ven.registered")) == 2, timeout_s=4.0)
+    assert [r["data"]["reason"] for r in audit.of_kind("ven.unregistered")] == ["VTN requested re-registration"]
     assert len(sim.registrations) == 2
 
 
@@ -454,7 +458,7 @@ async def test_poll_interval_never_below_the_configured_floor(vtn: tuple[SimVtn,
     try:
         await until(lambda: ven.state == "registered")
         assert ven.poll_interval_s == 2.0  # the VTN asked for 1 s
-        assert audit.kinds("ven.registered")[0]["data"]["poll_s"] == 2.0
+        assert audit.of_kind("ven.registered")[0]["data"]["poll_s"] == 2.0
     finally:
         await ven.stop()
 
@@ -467,11 +471,11 @@ async def test_every_message_in_and_out_is_kept_as_evidence(vtn: tuple[SimVtn, s
     try:
         eid = sim.add_event(VEN, signal="SIMPLE", value=1, start=_soon(), duration_s=600)
         await sim.wait_for_response(eid, timeout_s=4.0)
-        await until(lambda: audit.kinds("xml.poll"))
+        await until(lambda: audit.of_kind("xml.poll"))
     finally:
         await ven.stop()
     digests = [r["data"] for r in audit.rows if r["kind"] in ("xml.in", "xml.out")]
-    digests += [r["data"][side] for r in audit.kinds("xml.poll") for side in ("out", "in")]
+    digests += [r["data"][side] for r in audit.of_kind("xml.poll") for side in ("out", "in")]
     kinds = {d["message"] for d in digests}
     assert {"oadrQueryRegistration", "oadrCreatePartyRegistration", "oadrPoll", "oadrResponse",
             "oadrDistributeEvent", "oadrCreatedEvent"} <= kinds  # fmt: skip

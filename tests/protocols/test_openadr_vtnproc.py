@@ -16,8 +16,8 @@ from gateway.errors import GatewayError
 from gateway.eventstore import EventStore
 from gateway.model import DemandEvent, Opt
 from protocols.openadr import Ven
-from protocols.openadr.testing import until
 from protocols.openadr.vtnproc import VtnProcess
+from tests.doubles import until
 
 
 async def test_vtn_process_serves_answers_and_stops() -> None:

@@ -16,14 +16,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from gateway.audit import AuditLog, make_engine, verify
+from gateway.audit import AuditLog, make_engine
+from gateway.audit.verify import verify
 from gateway.errors import AuditError, FencedOff
 from gateway.eventstore import EventStore, Record
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 from gateway.standby import ACTIVE_KIND, LeaseManager, Role, RoleChange, record_active
 from tests.faults.proxy import FaultProxy
 from tests.pgdb import fetch, fresh_pg_database, raw
-from tests.protocols.standby_helpers import History, lock_waiters, until
+from tests.protocols.standby_helpers import History, lock_waiters, terminate_backends, until
 
 T0 = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
 
@@ -209,6 +210,7 @@ async def test_a_writer_partitioned_mid_transaction_cannot_hold_a_takeover_back_
         await hold.execute(sa.text("SELECT pg_advisory_unlock(7)"))
         # The server ends a's idle session (the fence's idle_in_transaction_session_timeout), so b takes over.
         seq = await asyncio.wait_for(recorded, 15)
+        await hist.caught_up()
         (down,) = hist.of("a", Role.STANDBY)
         (up,) = hist.of("b", Role.ACTIVE)
         assert down.at_mono < up.at_mono and hist.overlaps == [] and hist.terms_overlap() == []
@@ -234,3 +236,37 @@ async def test_a_writer_partitioned_mid_transaction_cannot_hold_a_takeover_back_
 async def _record_first(audit: AuditLog, change: RoleChange, fut: asyncio.Future[int]) -> None:
     if change.role is Role.ACTIVE and not fut.done():
         fut.set_result(await record_active(audit, change))
+
+
+async def test_a_new_terms_first_append_rereads_the_head_after_the_database_ended_every_session(pg_url: str) -> None:
+    """A database restart leaves dead connections in the new active's pool: its first append of the
+    term must still read the chain's head (on a fresh connection) and continue it, not fail the takeover."""
+    a = LeaseManager.open(pg_url, "a", lease_s=3, margin_s=1)
+    b = LeaseManager.open(pg_url, "b", lease_s=3, margin_s=1)
+    audit_a = await AuditLog.open(pg_url, fence=a.fence)
+    audit_b = await AuditLog.open(pg_url, fence=b.fence)  # its pool keeps the connection it opened with
+    recorded: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def first_act(change: RoleChange) -> None:
+        if change.role is Role.ACTIVE and not recorded.done():
+            try:
+                recorded.set_result(await record_active(audit_b, change))
+            except AuditError as err:
+                recorded.set_exception(err)
+
+    b.on_role_change(first_act)
+    try:
+        await a.start()
+        await asyncio.wait_for(a.event(Role.ACTIVE).wait(), 10)
+        assert await audit_a.append("a.1", {}) == 1
+        assert await audit_a.append("a.2", {}) == 2
+        await b.start()
+        await a.close(release=False)  # a crash: the lease runs out
+        assert await terminate_backends(pg_url) >= 1  # what a database restart does to every pool
+        assert await asyncio.wait_for(recorded, 15) == 3
+        assert await kinds(pg_url) == ["a.1", "a.2", ACTIVE_KIND]
+        res = await verify(pg_url)
+        assert (res.ok, res.rows) == (True, 3), res.problems
+    finally:
+        for closing in (a.close(release=False), b.close(), audit_a.close(), audit_b.close()):
+            await closing

@@ -51,6 +51,7 @@ async def test_two_managers_one_active_and_a_release_hands_over_at_once(pg_url: 
 
         await a.close()  # a clean stop releases the lease: b need not wait for it to expire
         await asyncio.wait_for(b.event(Role.ACTIVE).wait(), 10)
+        await hist.caught_up()
         (up,) = hist.of("b", Role.ACTIVE)
         assert (up.token, up.reason, up.previous and up.previous.holder) == (2, "released", "a")
         assert [c.reason for c in hist.of("a", Role.STANDBY)] == ["released"]
@@ -80,6 +81,7 @@ async def test_a_crashed_active_is_taken_over_only_after_its_lease_expired_by_th
         await b.start()
         await a.close(release=False)  # stops renewing and acting, leaves the lease to run out: a crash
         await asyncio.wait_for(b.event(Role.ACTIVE).wait(), 10)
+        await hist.caught_up()
         (up,) = hist.of("b", Role.ACTIVE)
         assert up.previous is not None and up.acquired_at is not None
         assert (up.token, up.reason, up.previous.holder, up.previous.released_at) == (2, "expired", "a", None)
@@ -104,6 +106,7 @@ async def test_nodes_that_start_at_once_agree_on_one_active(pg_url: str, nodes: 
         # Two renewals later still one: the others saw a live lease and waited.
         await until(lambda: _renewed_since(active, first.renewed_at), 10, "the active renews")
         assert [m.node for m in ms if m.acting] == [active.node]
+        await hist.caught_up()
         assert [c.token for c in hist.changes if c.role is Role.ACTIVE] == [1]
         assert hist.overlaps == []
     finally:
@@ -126,6 +129,7 @@ async def test_the_database_dropping_every_session_mid_lease_never_makes_two_act
             assert await terminate_backends(pg_url) >= 1
             await until(lambda b4=before: _moved_on(a, b4), 5 * LEASE_S, "the lease is renewed or taken again")
         await until(lambda: a.acting or b.acting, 3 * LEASE_S, "one node acts again")
+        await hist.caught_up()
         # The active either renewed through it or stepped down before the other took over.
         assert hist.overlaps == [] and hist.terms_overlap() == []
         assert [c.token for c in hist.changes if c.role is Role.ACTIVE] == sorted(
@@ -149,11 +153,13 @@ async def test_the_database_down_longer_than_a_lease_makes_the_active_step_down_
         await allow_connections(pg_url, False)  # down: sessions ended, none let in
         try:
             await asyncio.wait_for(a.event(Role.STANDBY).wait(), 3 * LEASE_S)
+            await hist.caught_up()
             assert [c.reason for c in hist.of("a", Role.STANDBY)] == ["unconfirmed"]
             assert not (a.acting or b.acting)
         finally:
             await allow_connections(pg_url, True)
         await until(lambda: a.acting or b.acting, 5 * LEASE_S, "one node acts once the database is back")
+        await hist.caught_up()
         assert [c.token for c in hist.changes if c.role is Role.ACTIVE] == [1, 2]  # a new term, not the old one
         assert hist.overlaps == [] and hist.terms_overlap() == []
     finally:
@@ -175,6 +181,7 @@ async def test_an_active_partitioned_from_the_database_stops_before_the_standby_
         await b.start()
         await proxy.set_mode("blackhole")  # a keeps running, but nothing it sends reaches the database
         await asyncio.wait_for(b.event(Role.ACTIVE).wait(), 10)
+        await hist.caught_up()
         (down,) = hist.of("a", Role.STANDBY)
         (up,) = hist.of("b", Role.ACTIVE)
         assert down.reason == "unconfirmed"
@@ -219,3 +226,28 @@ async def test_from_config_opens_the_audit_database_and_refuses_when_disabled(pg
         assert seen is not None and (seen.holder, seen.token, seen.lease_s) == ("gw-a", 1, 3.0)
     finally:
         await m.close()
+
+
+async def test_an_active_that_cannot_serve_its_term_gives_it_up_and_the_standby_takes_it_at_once(pg_url: str) -> None:
+    a, b = manager(pg_url, "a", lease_s=6), manager(pg_url, "b", lease_s=6)
+    hist = History(a, b)
+    try:
+        await a.start()
+        await asyncio.wait_for(a.event(Role.ACTIVE).wait(), 10)
+        await b.start()
+        await a.relinquish("takeover failed")
+        assert not a.acting and a.token is None
+        # Released: b takes it at its next look (within renew_s, 2 s), not when the 6 s lease would end;
+        # a holds off for a lease period, so the node that can serve gets the term.
+        await asyncio.wait_for(b.event(Role.ACTIVE).wait(), 5)
+        await hist.caught_up()
+        assert [c.reason for c in hist.of("a", Role.STANDBY)] == ["takeover failed"]
+        (up,) = hist.of("b", Role.ACTIVE)
+        assert (up.token, up.reason) == (2, "released")
+        assert hist.overlaps == [] and hist.terms_overlap() == []
+        await a.relinquish("again")  # not active: nothing happens
+        assert [c.reason for c in hist.of("a", Role.STANDBY)] == ["takeover failed"]
+    finally:
+        await hist.close()
+        await a.close()
+        await b.close()

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from gateway.clock import Clock, ManualClock, ScaledClock
 from gateway.errors import DeviceRejected, DeviceUnavailable, ReadbackMismatch
 from gateway.interfaces import Battery
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, load_mapping, parse_mapping
 from protocols.modbus.sunspec_battery import SunspecBattery
 from protocols.modbus.sunspec_sim import SunspecSimulator
@@ -53,7 +54,7 @@ async def make_site(
     """Start a simulator and a connected driver sharing ``clock``."""
     sim = SunspecSimulator(mapping, clock=clock, **kw)
     port = await sim.start()
-    bat = SunspecBattery("inv1", "127.0.0.1", port, 1, mapping, 0.3, revert_s, clock)
+    bat = SunspecBattery("inv1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.3), mapping, revert_s, clock)
     await bat.connect()
     return sim, bat
 
@@ -128,7 +129,9 @@ async def test_keepalive_refreshes_at_half_the_timer_and_the_device_reverts_with
     try:
         bat.start_keepalive()
         await bat.set_discharge_w(40_000, lease_s=300)
-        await asyncio.sleep(0.8)  # 8 s of device time: four reversion periods
+        beat = sim.get("802.CtrlHb")
+        # Eight refreshes at half the 2 s timer: 8 s of device time, four reversion periods held.
+        await until(lambda: sim.get("802.CtrlHb") >= beat + 8, 10.0)  # type: ignore[operator]
         assert not sim.reverted
         assert sim.get("704.WSetEna") == 1
         assert sim.get("802.CtrlHb") >= 4  # type: ignore[operator]
@@ -198,7 +201,7 @@ async def test_a_device_without_the_control_model_is_rejected_at_connect() -> No
     """Refuse a device whose chain lacks a required model."""
     sim = SunspecSimulator(storage_map(models=[1, 124, 802], optional=[], control="124"))
     port = await sim.start()
-    bat = SunspecBattery("inv1", "127.0.0.1", port, 1, "sunspec_storage", timeout_s=0.3)
+    bat = SunspecBattery("inv1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.3), "sunspec_storage")
     try:
         with pytest.raises(DeviceRejected, match=r"models \[704\] missing"):
             await bat.connect()
@@ -235,7 +238,7 @@ def test_a_ups_or_wrong_map_cannot_be_a_sunspec_battery() -> None:
     from gateway.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a SunSpec map"):
-        SunspecBattery("x", "127.0.0.1", 1502, 1, "bess_generic")
+        SunspecBattery("x", ModbusEndpoint("127.0.0.1", 1502, 1), "bess_generic")
     with pytest.raises(ConfigError, match="needs model 704"):
-        SunspecBattery("x", "127.0.0.1", 1502, 1, storage_map(models=[1, 124, 802], optional=[]))
+        SunspecBattery("x", ModbusEndpoint("127.0.0.1", 1502, 1), storage_map(models=[1, 124, 802], optional=[]))
     assert load_mapping("sunspec_storage").sunspec is not None

@@ -7,6 +7,7 @@ import sunspec2.device as ss_device
 
 from gateway.errors import DeviceRejected
 from protocols.modbus import codec, sunspec
+from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, load_mapping, parse_mapping
 from protocols.modbus.simulator import PointServer
 from protocols.modbus.sunspec_sim import SunspecSimulator
@@ -79,7 +80,7 @@ async def test_discovery_finds_the_marker_and_walks_the_chain(base: int) -> None
     """Find "SunS" at any of the three bases and every model up to the end marker."""
     sim = SunspecSimulator(base=base)
     port = await sim.start()
-    t = ModbusTransport("inv", "127.0.0.1", port, 1, sim.mapping, timeout_s=1.0)
+    t = ModbusTransport("inv", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=1.0), sim.mapping)
     try:
         layout = await sunspec.discover(lambda a, n: t.read_registers("holding", a, n))
         assert layout.base == base
@@ -94,7 +95,7 @@ async def test_discovery_without_a_marker_is_rejected() -> None:
     """Raise DeviceRejected when none of the bases says "SunS" (zeros, or no registers at all)."""
     server = PointServer("bess_generic")
     port = await server.start()
-    t = ModbusTransport("dev", "127.0.0.1", port, 1, server.mapping)
+    t = ModbusTransport("dev", ModbusEndpoint("127.0.0.1", port, 1), server.mapping)
     try:
         with pytest.raises(DeviceRejected, match="no SunSpec marker"):
             await sunspec.discover(lambda a, n: t.read_registers("holding", a, n), device_id="dev")

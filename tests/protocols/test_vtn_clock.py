@@ -125,6 +125,11 @@ async def test_a_vtn_clock_far_from_ours_fails_readyz_and_refuses_new_events(
 
     await until(ready, 10.0, "/readyz 200 once the clocks agree")
     report(f"VTN clock {offset_s:+.0f} s", ready_after_fixed_s=time.monotonic() - fixed, poll_s=gw.ven.poll_interval_s)
+
+    async def clock_ok_audited() -> bool:  # readiness follows the VEN's flag; the row commits just after it
+        return bool(await kinds(log, "ven.clock_ok"))
+
+    await until(clock_ok_audited, 10.0, "the ven.clock_ok row")
     (ok,) = await kinds(log, "ven.clock_ok")
     assert abs(ok["skew_s"]) < 3
     accepted = vtn.add_event(ven_id, signal="SIMPLE", value=2, start=start + timedelta(hours=1), duration_s=600)

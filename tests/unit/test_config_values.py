@@ -191,6 +191,8 @@ def test_a_number_that_is_accepted_is_usable(leaf: Leaf, value: float) -> None:
         ("[openadr]\nmax_clock_skew_s = nan\n", "openadr.max_clock_skew_s", "finite"),
         ("[bms]\nmax_flex_w = -inf\n", "bms.max_flex_w", "finite"),
         ("[openadr]\nhistory_s = 1e12\n", "openadr.history_s", "366 days"),
+        ("[openadr.report_resources]\nbattery = 'bess 1'\n", "openadr.report_resources.battery", "pattern"),
+        ("[openadr.report_resources]\nsite = 'x'\n", "openadr.report_resources.site", "unknown key"),
         ("[battery]\ntimeout_s = '1'\n", "battery.timeout_s", "valid number"),
         ("[openadr]\nvtn_url = 'not a url'\n", "openadr.vtn_url", "not a http:// or https:// URL"),
         ("[gpus]\nnats_url = 'localhost:4222'\n", "gpus.nats_url", "URL"),

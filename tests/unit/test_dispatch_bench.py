@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from gateway.dispatch_bench import Sample, format_result, groups, kinds, percentile, summarize
+from drgw_tools.bench.dispatch import Sample, groups, kinds
+from drgw_tools.bench.dispatch_figures import format_result, percentile, summarize
 from gateway.model import Opt
 
 
@@ -83,3 +84,25 @@ def test_a_sample_completes_only_when_every_commanded_device_read_back() -> None
     only_battery.note_plan({"battery_w": 5000.0, "gpus_capped": 0})
     only_battery.note_done("battery", 0.7)
     assert only_battery.complete.is_set() and math.isclose(only_battery.actuated(), 0.7)
+
+
+def test_the_profile_splits_the_path_into_steps_and_names_slow_callbacks() -> None:
+    """--profile: each step's interval from the one before it on the path, and the slowest samples' detail."""
+    from drgw_tools.bench.dispatch_trace import Tracer, format_trace, summarize_trace
+
+    tracer = Tracer()
+    samples = [_sample("arrival", 10.0 + i, 10.005 + i, 10.020 + i, 10.030 + i) for i in range(3)]
+    for s in samples:
+        base = s.handover or 0.0
+        tracer.steps[s.event_id] = {"answer.opt_committed": base + 0.004, "start_rows_committed": base + 0.012}
+        tracer.slow[s.event_id] = [(0.003, "task control-loop: ControlLoop.run")]
+    res = summarize_trace(tracer, samples, percentile)
+    steps = res["intervals_ms"]
+    assert steps["sent -> handover"]["p50"] == pytest.approx(5.0)
+    assert steps["handover -> answer.opt_committed"]["p50"] == pytest.approx(4.0)
+    assert steps["answer.opt_committed -> start_rows_committed"]["p50"] == pytest.approx(8.0)
+    assert steps["start_rows_committed -> first_readback"]["p50"] == pytest.approx(3.0)
+    assert steps["first_readback -> last_readback"]["p99"] == pytest.approx(10.0)
+    assert res["slow_callbacks"] == [{"callback": "task control-loop: ControlLoop.run", "count": 3, "total_ms": 9.0}]
+    assert len(res["slowest_samples"]) == 1 and res["slowest_samples"][0]["gateway_ms"] == pytest.approx(25.0)
+    assert "ControlLoop.run" in format_trace(res)

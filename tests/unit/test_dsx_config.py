@@ -1,4 +1,4 @@
-"""The [dsxflex] and [meter.dsx] config sections: typed, validated, built into clients (not yet wired)."""
+"""The [dsxflex] and [meter.dsx] config sections: typed, validated, built into clients by the composition root."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from gateway.clock import ManualClock
+from gateway.compose import build_meter, equipment_problems
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from protocols.dsx import Signer, bms_meter_from_config, flex_client_from_config
-from protocols.modbus.build import build_meter
 from tests.dsxsite import RecordingAudit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "gateway.example.toml"
@@ -113,9 +113,9 @@ def test_meter_dsx_section(tmp_path: Path) -> None:
     assert cfg.dsx is not None
     meter = bms_meter_from_config(cfg.dsx, cfg.device_id, RecordingAudit(), ManualClock())
     assert meter.settings.stale_s == 110.0 and meter.device_id == cfg.device_id
-    # not wired into `drgw run` yet: refused there rather than silently estimated
-    with pytest.raises(ConfigError, match="not wired"):
-        build_meter(cfg, ManualClock())
+    # the composition root builds it for `drgw run` (not connected)
+    built = build_meter(cfg, ManualClock(), audit=RecordingAudit())
+    assert type(built).__name__ == "DsxBmsMeter" and built.device_id == cfg.device_id
     for text, reason in (
         ('[meter]\nbackend = "dsx"\n', "[meter.dsx]"),
         ('[meter]\nbackend = "dsx"\n[meter.dsx]\nobject_id = "a"\ntag_path = "b"\n', "exactly one"),
@@ -124,3 +124,13 @@ def test_meter_dsx_section(tmp_path: Path) -> None:
         p.write_text(text)
         with pytest.raises(ConfigError, match=reason.replace("[", r"\[").replace("]", r"\]")):
             load_config(p)
+
+
+async def test_feed_tier_must_be_a_configured_tier(tmp_path: Path) -> None:
+    """`drgw check-config` names a [[dsxflex.feeds]] tier that [gpus.tiers] lacks; a good one passes."""
+    good = load_config(_flex_toml(tmp_path))
+    assert await equipment_problems(good, "gw.toml") == []
+    feeds = [f.model_copy(update={"tier": "gold"}) for f in good.dsxflex.feeds]
+    bad = good.model_copy(update={"dsxflex": good.dsxflex.model_copy(update={"feeds": feeds})})
+    problems = await equipment_problems(bad, "gw.toml")
+    assert [(p.key, "not a configured tier" in p.reason) for p in problems] == [("dsxflex.feeds[0].tier", True)]

@@ -16,8 +16,9 @@ from gateway.audit import AuditLog
 from gateway.clock import ManualClock
 from gateway.config import OpenAdrConfig
 from gateway.errors import InputRejected
-from gateway.events import EventBook, Feasibility, Outcome
+from gateway.events import EventBook, Outcome
 from gateway.eventstore import EventStore
+from gateway.feasibility import Feasibility
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName, TargetKind
 
 T0 = datetime(2026, 7, 1, 14, 0, tzinfo=UTC)
@@ -73,7 +74,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 async def test_repeat_answers_as_before_and_restart_does_not_act_twice(env: Env) -> None:
     calls: list[str] = []
 
-    def feas(ev: DemandEvent, book: EventBook) -> Feasibility:
+    def feas(ev: DemandEvent) -> Feasibility:
         calls.append(ev.event_id)
         return Feasibility(True, 100.0, 200.0, "feasible")
 
@@ -85,15 +86,15 @@ async def test_repeat_answers_as_before_and_restart_does_not_act_twice(env: Env)
     # A new book over the same store (a restart) answers the repeat without deciding again.
     book2 = env.book(feas)
     assert await book2.load(env.clock.now()) == 1
-    assert await book2.on_event(_event()) is Opt.IN
+    assert (await book2.answer(_event())).opt is Opt.IN
     assert calls == ["E1"]
-    assert book2.target_at(T0 + timedelta(minutes=1)) is not None
+    assert book2.directive_at(T0 + timedelta(minutes=1)).target is not None
 
 
 async def test_infeasible_event_opts_out_with_reason(env: Env) -> None:
-    book = env.book(lambda ev, b: Feasibility(False, 900.0, 100.0, "infeasible: shortfall 800 W"))
-    assert await book.on_event(_event()) is Opt.OUT
-    assert book.target_at(T0 + timedelta(minutes=1)) is None
+    book = env.book(lambda ev: Feasibility(False, 900.0, 100.0, "infeasible: shortfall 800 W"))
+    assert (await book.answer(_event())).opt is Opt.OUT
+    assert book.directive_at(T0 + timedelta(minutes=1)).target is None
     stored = await env.store.get("E1", 0)
     assert stored is not None and stored.opt_reason == "infeasible: shortfall 800 W"
 
@@ -109,7 +110,7 @@ async def test_lower_modification_number_is_rejected_and_audited(env: Env) -> No
     stale = await book.answer(_event(mod=1, level=1.0))
     assert (stale.opt, stale.outcome) == (Opt.IN, Outcome.STALE)
     assert "lower than 2" in stale.reason
-    t = book.target_at(T0 + timedelta(minutes=1))
+    t = book.directive_at(T0 + timedelta(minutes=1)).target
     assert t is not None and t.modification_number == 2 and t.value == pytest.approx(0.30)
     assert await env.store.get("E1", 1) is None  # never stored: nothing acknowledged changed
     # ... also after a cancellation.
@@ -124,7 +125,7 @@ async def test_higher_modification_replans_at_once(env: Env) -> None:
     book.changed.clear()
     assert (await book.answer(_event(mod=1, level=3.0))).outcome is Outcome.UPDATED
     assert book.changed.is_set()
-    t = book.target_at(T0 + timedelta(minutes=1))
+    t = book.directive_at(T0 + timedelta(minutes=1)).target
     assert t is not None and t.value == pytest.approx(0.30) and t.modification_number == 1
 
 
@@ -133,10 +134,10 @@ async def test_cancellation_stops_at_once(env: Env) -> None:
     book = env.book(opt_policy="always")
     await book.answer(_event(mod=0))
     env.clock.advance(15 * 60)  # 5 minutes into the event
-    assert book.target_at(env.clock.now()) is not None
+    assert book.directive_at(env.clock.now()).target is not None
     answer = await book.answer(_event(mod=1, status="cancelled"))
     assert (answer.opt, answer.outcome) == (Opt.IN, Outcome.CANCELLED)
-    assert book.target_at(env.clock.now()) is None
+    assert book.directive_at(env.clock.now()).target is None
 
 
 async def test_unknown_cancelled_event_is_confirmed_and_ignored(env: Env) -> None:
@@ -148,7 +149,7 @@ async def test_unknown_cancelled_event_is_confirmed_and_ignored(env: Env) -> Non
     book = env.book(opt_policy="always")
     answer = await book.answer(_event(mod=4, status="cancelled"))
     assert answer.opt is Opt.IN
-    assert book.target_at(T0 + timedelta(minutes=1)) is None
+    assert book.directive_at(T0 + timedelta(minutes=1)).target is None
 
 
 async def test_directive_window_priority_and_signal_kinds(env: Env) -> None:
@@ -162,9 +163,9 @@ async def test_directive_window_priority_and_signal_kinds(env: Env) -> None:
     await book.answer(
         _event("CAP", priority=2, signal=SignalName.LOAD_DISPATCH, signal_type="setpoint", level=40_000.0)
     )
-    assert book.target_at(T0 - timedelta(seconds=1)) is None
-    assert book.target_at(T0 + timedelta(hours=1)) is None
-    t = book.target_at(T0)
+    assert book.directive_at(T0 - timedelta(seconds=1)).target is None
+    assert book.directive_at(T0 + timedelta(hours=1)).target is None
+    t = book.directive_at(T0).target
     assert t is not None and t.event_id == "HIGH" and t.kind is TargetKind.SHED_W and t.value == 5000.0
     assert t.facility_limit_w(30_000.0) == 25_000.0
 
@@ -175,9 +176,9 @@ async def test_equal_priority_goes_to_the_event_that_started_first(env: Env) -> 
     late = replace(late, signals=(Signal(SignalName.SIMPLE, "level", (Interval(late.start, 3600.0, 3.0),)),))
     await book.answer(late)
     await book.answer(_event("E1", priority=3, level=1.0))
-    t = book.target_at(T0 + timedelta(minutes=20))
+    t = book.directive_at(T0 + timedelta(minutes=20)).target
     assert t is not None and t.event_id == "E1"
-    t = book.target_at(T0 + timedelta(minutes=65))  # E1 over: E2 still runs
+    t = book.directive_at(T0 + timedelta(minutes=65)).target  # E1 over: E2 still runs
     assert t is not None and t.event_id == "E2"
 
 
@@ -186,12 +187,12 @@ async def test_test_events_acknowledged_not_acted_on(env: Env) -> None:
     element is treated as a trigger for a test event." The gateway answers it and does nothing.
     """
     book = env.book(opt_policy="feasible")
-    assert await book.on_event(_event(test_event=True)) is Opt.IN
-    assert book.target_at(T0 + timedelta(minutes=1)) is None
+    assert (await book.answer(_event(test_event=True))).opt is Opt.IN
+    assert book.directive_at(T0 + timedelta(minutes=1)).target is None
     acting = env.book(opt_policy="always", act_on_test_events=True)
     await acting.load(env.clock.now())
-    assert await acting.on_event(_event("E2", test_event=True)) is Opt.IN
-    assert acting.target_at(T0 + timedelta(minutes=1)) is not None
+    assert (await acting.answer(_event("E2", test_event=True))).opt is Opt.IN
+    assert acting.directive_at(T0 + timedelta(minutes=1)).target is not None
 
 
 @pytest.mark.parametrize(
@@ -212,7 +213,7 @@ async def test_events_not_for_this_ven_are_answered_and_ignored(
     book = env.book(opt_policy="always", **cfg)
     answer = await book.answer(_event(**kw))
     assert (answer.opt, answer.outcome) == (Opt.OUT, outcome)
-    assert book.target_at(T0 + timedelta(minutes=1)) is None
+    assert book.directive_at(T0 + timedelta(minutes=1)).target is None
 
 
 @pytest.mark.parametrize(
@@ -233,11 +234,11 @@ async def test_operator_override_changes_the_directive_at_once_and_persists(env:
     book = env.book(opt_policy="always")
     await book.answer(_event())
     env.clock.advance(15 * 60)
-    assert book.target_at(env.clock.now()) is not None
+    assert book.directive_at(env.clock.now()).target is not None
     book.changed.clear()
     answer = await book.override_opt("E1", Opt.OUT, actor="operator", reason="cooling plant trip")
     assert answer.opt is Opt.OUT and book.changed.is_set()
-    assert book.target_at(env.clock.now()) is None
+    assert book.directive_at(env.clock.now()).target is None
     assert [opt for ev, opt in book.events()] == [Opt.OUT]
     # The utility re-sends the same version: the answer is the operator's, not the old optIn.
     assert (await book.answer(_event())).opt is Opt.OUT
@@ -245,7 +246,7 @@ async def test_operator_override_changes_the_directive_at_once_and_persists(env:
     book2 = env.book(opt_policy="always")
     await book2.load(env.clock.now())
     assert (await book2.answer(_event())).opt is Opt.OUT
-    assert book2.target_at(env.clock.now()) is None
+    assert book2.directive_at(env.clock.now()).target is None
     # A later version of the event keeps the operator's decision.
     later = await book2.answer(_event(mod=1, level=3.0))
     assert later.opt is Opt.OUT and "operator override: cooling plant trip" in later.reason
@@ -260,19 +261,6 @@ async def test_override_is_refused_without_reason_actor_or_known_event(env: Env)
         await book.override_opt("E1", Opt.OUT, actor="utility", reason="x")
     with pytest.raises(InputRejected, match="reason"):
         await book.override_opt("E1", Opt.OUT, actor="bms", reason=" ")
-
-
-async def test_standing_bms_override_decides_new_events(env: Env) -> None:
-    book = env.book(opt_policy="always")
-    await book.set_standing_override(Opt.OUT, actor="bms", reason="manual override switch on")
-    answer = await book.answer(_event())
-    assert answer.opt is Opt.OUT and answer.reason == "bms override: manual override switch on"
-    assert book.standing_override is Opt.OUT
-    book2 = env.book(opt_policy="always")
-    await book2.load(env.clock.now())
-    assert book2.standing_override is Opt.OUT
-    await book2.set_standing_override(None, actor="bms", reason="switch off")
-    assert (await book2.answer(_event("E2"))).opt is Opt.IN
 
 
 async def test_state_records_are_plain_json(env: Env) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway import directive
 from gateway.audit import AuditLog
 from gateway.clock import ManualClock
 from gateway.config import OpenAdrConfig
@@ -54,8 +55,14 @@ def _book(parts: tuple[AuditLog, EventStore, ManualClock], seed: int = 3, **cfg:
 
 
 def _fraction(book: EventBook, t: datetime) -> float:
-    target = book.target_at(t)
+    target = book.directive_at(t).target
     return 0.0 if target is None else target.ramp_fraction
+
+
+def _delay(book: EventBook, event_id: str) -> float | None:
+    """Return the randomized start offset the book drew for an event (from its directive), or None."""
+    order = book.directive_at(T0).order(event_id)
+    return None if order is None else order.start_delay_s
 
 
 async def test_ramp_up_before_start_and_recovery_after_end(parts: Any) -> None:
@@ -66,15 +73,18 @@ async def test_ramp_up_before_start_and_recovery_after_end(parts: Any) -> None:
     """
     book = _book(parts)
     await book.answer(_event(ramp_up_s=600.0, recovery_s=300.0))
-    assert book.target_at(T0 - 11 * MIN) is None
-    assert _fraction(book, T0 - 10 * MIN) == pytest.approx(0.0, abs=1e-9) or book.target_at(T0 - 10 * MIN) is None
+    assert book.directive_at(T0 - 11 * MIN).target is None
+    assert (
+        _fraction(book, T0 - 10 * MIN) == pytest.approx(0.0, abs=1e-9)
+        or book.directive_at(T0 - 10 * MIN).target is None
+    )
     assert _fraction(book, T0 - 5 * MIN) == pytest.approx(0.5)
     assert _fraction(book, T0) == 1.0
     assert _fraction(book, T0 + 59 * MIN) == 1.0
     assert _fraction(book, T0 + 60 * MIN + timedelta(seconds=150)) == pytest.approx(0.5)
-    assert book.target_at(T0 + 65 * MIN) is None
+    assert book.directive_at(T0 + 65 * MIN).target is None
     # The limit during ramps lies between the baseline and the full ask.
-    t = book.target_at(T0 - 5 * MIN)
+    t = book.directive_at(T0 - 5 * MIN).target
     assert t is not None and t.facility_limit_w(100_000.0) == pytest.approx(90_000.0)  # level 2 = 20 %, half
 
 
@@ -82,7 +92,7 @@ async def test_ramp_applies_to_caps_too(parts: Any) -> None:
     book = _book(parts)
     cap = _signal(SignalName.LOAD_DISPATCH, "setpoint", 60_000.0, 60_000.0)
     await book.answer(_event(signals=(cap,), ramp_up_s=600.0))
-    t = book.target_at(T0 - 5 * MIN)
+    t = book.directive_at(T0 - 5 * MIN).target
     assert t is not None and t.kind is TargetKind.CAP_W
     assert t.facility_limit_w(100_000.0) == pytest.approx(80_000.0)
 
@@ -91,7 +101,7 @@ async def test_each_interval_asks_its_own_value(parts: Any) -> None:
     """2.0b rule 32: the VEN acts on each interval's duration and signalPayload."""
     book = _book(parts)
     await book.answer(_event(signals=(_signal(SignalName.SIMPLE, "level", 1, 3),)))
-    first, second = book.target_at(T0 + 10 * MIN), book.target_at(T0 + 40 * MIN)
+    first, second = book.directive_at(T0 + 10 * MIN).target, book.directive_at(T0 + 40 * MIN).target
     assert first is not None and first.value == pytest.approx(0.10)
     assert second is not None and second.value == pytest.approx(0.30)
 
@@ -105,24 +115,24 @@ async def test_start_randomization_is_drawn_once_and_kept(parts: Any) -> None:
     audit, store, clock = parts
     book = _book(parts, seed=11)
     await book.answer(_event(start_after_s=600.0))
-    delay = book.start_delay_s("E1")
+    delay = _delay(book, "E1")
     assert delay is not None and 0 < delay <= 600.0
     start = T0 + timedelta(seconds=delay)
-    assert book.target_at(start - timedelta(seconds=1)) is None
-    assert book.target_at(start) is not None
-    assert book.target_at(start + timedelta(seconds=3599)) is not None
-    assert book.target_at(start + timedelta(seconds=3600)) is None
+    assert book.directive_at(start - timedelta(seconds=1)).target is None
+    assert book.directive_at(start).target is not None
+    assert book.directive_at(start + timedelta(seconds=3599)).target is not None
+    assert book.directive_at(start + timedelta(seconds=3600)).target is None
     stored = await store.get("E1", 0)
     assert stored.start_delay_s == pytest.approx(delay)  # persisted with the version
     # A modification keeps the offset; a restart reads it back without drawing again.
     await book.answer(_event(mod=1, start_after_s=600.0))
-    assert book.start_delay_s("E1") == delay
+    assert _delay(book, "E1") == delay
     restarted = _book(parts, seed=99)
     await restarted.load(clock.now())
-    assert restarted.start_delay_s("E1") == delay
+    assert _delay(restarted, "E1") == delay
     # Changing startafter draws a new offset within the new window.
     await restarted.answer(_event(mod=2, start_after_s=60.0))
-    new = restarted.start_delay_s("E1")
+    new = _delay(restarted, "E1")
     assert new is not None and new != delay and 0 <= new <= 60.0
 
 
@@ -135,13 +145,13 @@ async def test_cancellation_is_randomized_like_the_start(parts: Any) -> None:
     audit, store, clock = parts
     book = _book(parts, seed=5)
     await book.answer(_event(start_after_s=300.0))
-    delay = book.start_delay_s("E1")
+    delay = _delay(book, "E1")
     assert delay is not None
     clock.advance(30 * 60 + delay + 600)  # 10 minutes into the randomized event
     await book.answer(_event(mod=1, status="cancelled", start_after_s=300.0))
     now = clock.now()
-    assert book.target_at(now) is not None  # still running: termination randomized
-    assert book.target_at(now + timedelta(seconds=delay + 0.001)) is None
+    assert book.directive_at(now).target is not None  # still running: termination randomized
+    assert book.directive_at(now + timedelta(seconds=delay + 0.001)).target is None
 
 
 async def test_cancellation_releases_at_once_honouring_recovery(parts: Any) -> None:
@@ -152,7 +162,7 @@ async def test_cancellation_releases_at_once_honouring_recovery(parts: Any) -> N
     await book.answer(_event(mod=1, status="cancelled", recovery_s=120.0))
     now = clock.now()
     assert _fraction(book, now + timedelta(seconds=60)) == pytest.approx(0.5)
-    assert book.target_at(now + timedelta(seconds=120)) is None
+    assert book.directive_at(now + timedelta(seconds=120)).target is None
 
 
 async def test_implied_cancellation_of_a_missing_event(parts: Any) -> None:
@@ -166,18 +176,18 @@ async def test_implied_cancellation_of_a_missing_event(parts: Any) -> None:
     await book.answer(_event("E2", priority=2))
     clock.advance(40 * 60)
     assert await book.on_distribution("VTN", {"E2"}) == ["E1"]
-    target = book.target_at(clock.now())
+    target = book.directive_at(clock.now()).target
     assert target is not None and target.event_id == "E2"
     assert await book.on_distribution("VTN", {"E2"}) == []  # once
     assert await book.on_distribution("OtherVTN", set()) == []  # another VTN's list says nothing
     # Persisted: a restarted book keeps E1 stopped.
     restarted = _book(parts)
     await restarted.load(clock.now())
-    target = restarted.target_at(clock.now())
+    target = restarted.directive_at(clock.now()).target
     assert target is not None and target.event_id == "E2"
     # An empty distribution cancels everything still running.
     assert await restarted.on_distribution("VTN", set()) == ["E2"]
-    assert restarted.target_at(clock.now()) is None
+    assert restarted.directive_at(clock.now()).target is None
 
 
 async def test_unending_event_runs_until_cancelled(parts: Any) -> None:
@@ -188,10 +198,10 @@ async def test_unending_event_runs_until_cancelled(parts: Any) -> None:
     book = _book(parts)
     ten_years = 10 * 365 * 24 * 3600.0
     await book.answer(_event(duration_s=ten_years))
-    assert book.target_at(T0 + timedelta(days=30)) is not None
+    assert book.directive_at(T0 + timedelta(days=30)).target is not None
     clock.advance(3600)
     await book.answer(_event(mod=1, status="cancelled", duration_s=ten_years))
-    assert book.target_at(clock.now()) is None
+    assert book.directive_at(clock.now()).target is None
 
 
 @pytest.mark.parametrize(
@@ -212,7 +222,7 @@ async def test_unending_event_runs_until_cancelled(parts: Any) -> None:
 async def test_every_signal_kind_becomes_a_target(parts: Any, signal: Signal, kind: TargetKind, value: float) -> None:
     book = _book(parts, price_levels={"1": 0.25, "2": 0.5, "3": 1.0}, price_multiplier_levels={"1": 3.0})
     await book.answer(_event(signals=(signal,)))
-    t = book.target_at(T0 + MIN)
+    t = book.directive_at(T0 + MIN).target
     assert t is not None and t.kind is kind and t.value == pytest.approx(value)
 
 
@@ -230,18 +240,19 @@ async def test_every_signal_kind_becomes_a_target(parts: Any, signal: Signal, ki
 async def test_signals_asking_for_nothing_give_no_target(parts: Any, signal: Signal) -> None:
     book = _book(parts, price_levels={"1": 0.25})
     await book.answer(_event(signals=(signal,)))
-    assert book.target_at(T0 + MIN) is None
+    assert book.directive_at(T0 + MIN).target is None
 
 
 async def test_most_specific_signal_wins_and_required_shed(parts: Any) -> None:
     book = _book(parts)
     ev = _event(signals=(_signal(SignalName.SIMPLE, "level", 1), _signal(SignalName.LOAD_DISPATCH, "delta", 9_000)))
     await book.answer(ev)
-    t = book.target_at(T0 + MIN)
+    t = book.directive_at(T0 + MIN).target
     assert t is not None and t.kind is TargetKind.SHED_W
     caps = _event("E2", signals=(_signal(SignalName.LOAD_DISPATCH, "setpoint", 80_000, 60_000),))
-    assert book.required_shed_w(caps, 100_000.0) == pytest.approx(40_000.0)
-    assert book.required_shed_w(ev, 100_000.0) == pytest.approx(10_000.0)  # SIMPLE 1 = 10 % > 9 kW
+    assert directive.required_shed_w(caps, 100_000.0, OpenAdrConfig()) == pytest.approx(40_000.0)
+    # SIMPLE 1 = 10 % > 9 kW
+    assert directive.required_shed_w(ev, 100_000.0, OpenAdrConfig()) == pytest.approx(10_000.0)
 
 
 async def test_operator_opt_out_mid_event_recovers_over_the_recovery_period(parts: Any) -> None:
@@ -252,7 +263,22 @@ async def test_operator_opt_out_mid_event_recovers_over_the_recovery_period(part
     await book.override_opt("E1", Opt.OUT, actor="operator", reason="site emergency")
     now = clock.now()
     assert _fraction(book, now + timedelta(seconds=100)) == pytest.approx(0.5)
-    assert book.target_at(now + timedelta(seconds=200)) is None
+    assert book.directive_at(now + timedelta(seconds=200)).target is None
     # ... and back in: the operator may undo it.
     await book.override_opt("E1", Opt.IN, actor="operator", reason="emergency over")
     assert _fraction(book, now + timedelta(seconds=300)) == 1.0
+
+
+async def test_the_directive_follows_every_new_version_and_override(parts: Any) -> None:
+    """The book keeps each event's order between ticks; a new version or an override hands out a new one."""
+    book = _book(parts)
+    await book.answer(_event(duration_s=3600.0))
+    first = book.directive_at(T0).order("E1")
+    assert first is not None and first.end == T0 + timedelta(seconds=3600) and first.opt is Opt.IN
+    assert book.directive_at(T0 + MIN).order("E1") is first  # nothing changed: the same order
+    await book.answer(_event(mod=1, duration_s=1800.0))
+    second = book.directive_at(T0).order("E1")
+    assert second is not None and (second.modification_number, second.end) == (1, T0 + timedelta(seconds=1800))
+    await book.override_opt("E1", Opt.OUT, actor="operator", reason="maintenance")
+    third = book.directive_at(T0).order("E1")
+    assert third is not None and third.opt is Opt.OUT and book.directive_at(T0 + MIN).target is None

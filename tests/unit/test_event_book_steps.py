@@ -49,13 +49,19 @@ def _book(parts: tuple[AuditLog, EventStore, ManualClock], **cfg: Any) -> EventB
     return EventBook(OpenAdrConfig(**cfg), store, audit, clock=clock, rng=random.Random(3))
 
 
+def _delay(book: EventBook, event_id: str) -> float | None:
+    """Return the randomized start offset the book drew for an event (from its directive), or None."""
+    order = book.directive_at(T0).order(event_id)
+    return None if order is None else order.start_delay_s
+
+
 async def test_next_change_walks_ramp_start_intervals_end_and_recovery(parts: Any) -> None:
     """Every step of an acted-on event is named in order: ramp-up start, start, each interval, end, recovery end."""
     book = _book(parts)
-    assert book.next_change_after(T0 - 3600 * S) is None  # nothing known yet
+    assert book.directive_at(T0 - 3600 * S).next_change is None  # nothing known yet
     await book.answer(_event(intervals=(300.0, 300.0), ramp_up_s=60.0, recovery_s=120.0))
     steps, t = [], T0 - 3600 * S
-    while (nxt := book.next_change_after(t)) is not None:
+    while (nxt := book.directive_at(t).next_change) is not None:
         steps.append(nxt)
         t = nxt
     assert steps == [T0 - 60 * S, T0, T0 + 300 * S, T0 + 600 * S, T0 + 720 * S]
@@ -65,11 +71,11 @@ async def test_next_change_ignores_events_not_acted_on(parts: Any) -> None:
     """An opted-out event does not wake the loop; one that is over does not either."""
     book = _book(parts, opt_policy="never")
     await book.answer(_event())
-    assert book.next_change_after(T0 - 60 * S) is None
+    assert book.directive_at(T0 - 60 * S).next_change is None
     book2 = _book(parts)
     await book2.answer(_event("E2"))
-    assert book2.next_change_after(T0 + 600 * S) is None
-    assert book2.next_change_after(T0 + 599 * S) == T0 + 600 * S
+    assert book2.directive_at(T0 + 600 * S).next_change is None
+    assert book2.directive_at(T0 + 599 * S).next_change == T0 + 600 * S
 
 
 async def test_next_change_follows_cancellation_and_randomized_start(parts: Any) -> None:
@@ -77,12 +83,12 @@ async def test_next_change_follows_cancellation_and_randomized_start(parts: Any)
     audit, store, clock = parts
     book = _book(parts)
     await book.answer(_event(start_after_s=120.0))
-    delay = book.start_delay_s("E1")
+    delay = _delay(book, "E1")
     assert delay is not None and 0.0 <= delay <= 120.0
-    assert book.next_change_after(T0 - 60 * S) == T0 + timedelta(seconds=delay)
+    assert book.directive_at(T0 - 60 * S).next_change == T0 + timedelta(seconds=delay)
     clock.advance(1800.0 + 60.0)  # one minute into the event
     await book.cancel("E1", "test")
-    stop = book.next_change_after(clock.now() - S)
+    stop = book.directive_at(clock.now() - S).next_change
     assert stop is not None and stop <= T0 + timedelta(seconds=60.0 + delay)
 
 
@@ -93,9 +99,9 @@ async def test_control_loop_waits_until_just_after_the_next_step(parts: Any) -> 
     cfg = parse_config({"control": {"tick_s": 5.0}}, "<test>")
     dispatcher = Dispatcher(None, None, audit, clock, cfg.control.lease_s)
     loop = ControlLoop(cfg, book, None, None, None, dispatcher, audit, clock)
-    assert loop._wait_s() == 5.0
+    assert loop.wait_s() == 5.0
     await book.answer(_event(start=clock.now() + 2 * S))
     assert book.events()[0][1] is Opt.IN
-    assert loop._wait_s() == pytest.approx(2.0 + STEP_WAKE_S)
+    assert loop.wait_s() == pytest.approx(2.0 + STEP_WAKE_S)
     clock.advance(2.0 + STEP_WAKE_S)
-    assert book.target_at(clock.now()) is not None  # woken just after the start: the event is in force
+    assert book.directive_at(clock.now()).target is not None  # woken just after the start: the event is in force

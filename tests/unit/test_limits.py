@@ -47,3 +47,21 @@ def test_gpu_ramp_and_unknown_gpu_dropped() -> None:
     out = limit(None, {"g0": 300.0, "nope": 300.0}, None, (GPU,), None, {"g0": 700.0}, cfg, 1.0)
     assert out.gpu_caps_w == {"g0": 650.0}
     assert any("unknown GPU nope" in n for n in out.notes)
+
+
+def test_a_change_below_the_units_step_keeps_what_it_holds() -> None:
+    feed = GpuState("f0", power_w=20_000, cap_w=20_000, min_cap_w=10_000, max_cap_w=25_000,
+                    default_cap_w=25_000, cap_step_w=125.0)  # fmt: skip
+    cfg = LimitsConfig(gpu_ramp_w_per_s=1e9)
+
+    def caps(planned: float, held: float) -> float:
+        return limit(None, {"f0": planned}, None, (feed,), None, {"f0": held}, cfg, 1.0).gpu_caps_w["f0"]
+
+    assert caps(20_050.0, 20_000.0) == 20_000.0  # 50 W: not worth a new target
+    assert caps(19_900.0, 20_000.0) == 20_000.0
+    assert caps(19_800.0, 20_000.0) == 19_800.0  # 200 W: sent
+    assert caps(25_000.0, 24_950.0) == 25_000.0  # a release to max_cap_w always goes
+    assert caps(10_000.0, 9_950.0) == 10_000.0  # a held value below the minimum is never kept
+    plain = GpuState("g", power_w=600, cap_w=600, min_cap_w=200, max_cap_w=700, default_cap_w=700)
+    out = limit(None, {"g": 601.0}, None, (plain,), None, {"g": 600.0}, cfg, 1.0)
+    assert out.gpu_caps_w["g"] == 601.0  # no step: every change

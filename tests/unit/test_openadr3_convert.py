@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from gateway import directive
 from gateway.config import OpenAdrConfig
-from gateway.events import EventBook
 from gateway.model import SignalName, TargetKind
 from protocols.openadr3 import drift, schema
 from protocols.openadr3.convert import OPEN_ENDED_S, EventRefused, resolve, to_demand_event
@@ -134,9 +134,8 @@ def test_unknown_payload_types_alone_are_refused_beside_others_ignored() -> None
 
 
 def _book_ask(ev: Any, t: datetime) -> Any:
-    """Ask the real event book what an event asks at ``t`` (only the signal mapping is used)."""
-    book = EventBook(OpenAdrConfig(), store=None, audit=None)  # type: ignore[arg-type]
-    return book.ask_at(ev, t)
+    """Ask the directive what an event asks at ``t`` (the mapping the event book resolves with)."""
+    return directive.ask_at(ev, t, OpenAdrConfig())
 
 
 @pytest.mark.parametrize(("ptype", "value", "units", "ask"), [

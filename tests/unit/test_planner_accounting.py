@@ -135,7 +135,7 @@ def test_bench_allocation_quick_json_meets_its_targets(capsys: pytest.CaptureFix
 def test_bench_allocation_says_clearly_when_scipy_is_missing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import planning_bench
+    from drgw_tools.bench import planning as planning_bench
 
     monkeypatch.setattr(planning_bench, "scipy_available", lambda: False)
     assert main(["bench", "allocation", "--quick", "--json", "--gpus", "500"]) == 1

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``drgw bench ...``; each prints what it measured."""

@@ -1,0 +1,1 @@
+"""Private brokers for tests, benchmarks and rehearsals: a nats-server, MQTT listeners."""

@@ -1,0 +1,98 @@
+"""The parallel walk of a long SQLite log gives the one-process walk's result, row for row.
+
+``verify(..., jobs=3, parallel_rows=1)`` walks a 60-row log as three ranges (1-20, 21-40, 41-60)
+in three processes; every tampering below, at a range's first or last row or inside one, must
+give exactly the result (first bad row, reason, rows verified, head, notes) of ``jobs=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditLog, compute_row_hash
+from gateway.audit.verify import verify
+from gateway.clock import ManualClock
+
+ROWS = 60
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 60-row log (measurement seals among the rows), guards dropped so that tests can tamper."""
+    path = tmp_path_factory.mktemp("pristine") / "audit.db"
+
+    async def fill() -> None:
+        log = await AuditLog.open(str(path), clock=ManualClock(T0))
+        for i in range(ROWS - 2):
+            await log.append("test.row", {"i": i}, event_id=f"e{i % 3}")
+        await log.record_measurements([{"t": T0, "facility_w": 1000.0 + i} for i in range(5)])
+        await log.append("test.row", {"i": "last"})
+        await log.close()
+
+    asyncio.run(fill())
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER audit_log_no_update")
+    con.execute("DROP TRIGGER audit_log_no_delete")
+    con.commit()
+    con.close()
+    return path
+
+
+def _alter(seq: int) -> Callable[[sqlite3.Connection], None]:
+    return lambda con: con.execute("UPDATE audit_log SET data = '{\"i\": 999}' WHERE seq = ?", (seq,))
+
+
+def _delete(seq: int) -> Callable[[sqlite3.Connection], None]:
+    return lambda con: con.execute("DELETE FROM audit_log WHERE seq = ?", (seq,))
+
+
+def _relink(seq: int) -> Callable[[sqlite3.Connection], None]:
+    return lambda con: con.execute("UPDATE audit_log SET prev_hash = ? WHERE seq = ?", ("ab" * 32, seq))
+
+
+def _forge(seq: int) -> Callable[[sqlite3.Connection], None]:
+    """Rewrite a row with a fresh, valid hash: only the next row's link shows it."""
+
+    def go(con: sqlite3.Connection) -> None:
+        prev, ts, kind, actor, event_id, device_id = con.execute(
+            "SELECT prev_hash, ts, kind, actor, event_id, device_id FROM audit_log WHERE seq = ?", (seq,)
+        ).fetchone()
+        data = '{"i":999}'
+        forged = compute_row_hash(prev, seq, ts, kind, actor, event_id, device_id, data)
+        con.execute("UPDATE audit_log SET data = ?, row_hash = ? WHERE seq = ?", (data, forged, seq))
+
+    return go
+
+
+CASES = {
+    "intact": lambda con: None,
+    **{f"altered-{s}": _alter(s) for s in (1, 5, 20, 21, 40, 41, 60)},
+    **{f"deleted-{s}": _delete(s) for s in (1, 20, 21, 41, 59)},
+    **{f"relinked-{s}": _relink(s) for s in (21, 41, 30)},
+    **{f"forged-{s}": _forge(s) for s in (20, 40, 33)},
+    "relinked-and-altered-21": lambda con: (_relink(21)(con), _alter(21)(con)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_the_parallel_walk_gives_the_single_walks_result(pristine: Path, tmp_path: Path, case: str) -> None:
+    path = tmp_path / "audit.db"
+    shutil.copy(pristine, path)
+    con = sqlite3.connect(path)
+    CASES[case](con)
+    con.commit()
+    con.close()
+    one = await verify(str(path), jobs=1)
+    # (the guards are dropped, so even the intact log is not ok: the chain is what is compared)
+    intact = (one.first_bad_seq, one.rows) == (None, ROWS)
+    assert intact if case == "intact" else one.first_bad_seq is not None, one
+    for jobs in (2, 3):
+        assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs

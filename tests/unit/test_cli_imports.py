@@ -1,0 +1,30 @@
+"""`drgw --help` and the parser load no heavy library: command modules import them when they run.
+
+Checked in a fresh interpreter (this one has loaded everything already).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("asyncio", "pydantic", "sqlalchemy", "structlog", "pymodbus", "asyncua", "openleadr", "aiohttp", "nats",
+         "urllib.request", "ssl")  # fmt: skip
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_building_the_parser_imports_no_heavy_library() -> None:
+    loaded = _loaded_after("from gateway.cli import build_parser\nbuild_parser()")
+    assert [m for m in HEAVY if m in loaded] == []
+
+
+def test_help_of_every_command_group_still_works() -> None:
+    for argv in (["--help"], ["agent", "--help"], ["audit", "verify", "--help"], ["openadr", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage: drgw" in out.stdout, (argv, out.stderr)
