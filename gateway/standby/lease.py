@@ -73,6 +73,10 @@ class LeaseManager:
         self.margin_s = float(margin_s)
         self.renew_s = self.lease_s / 3
         self._engine = engine
+        # Every lease statement commits on its own: a node cut off between a statement and its COMMIT
+        # would otherwise leave the lease row locked by a session the server never ends (a partition
+        # sends no FIN), and every takeover would wait on that lock for good.
+        self._once = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._own_engine = own_engine
         self._clock = clock or SystemClock()
         self._role = Role.STANDBY
@@ -208,7 +212,7 @@ class LeaseManager:
 
     async def observe(self) -> LeaseState | None:
         """Return the lease as the database holds it now (None before any node took it)."""
-        async with self._engine.connect() as conn:
+        async with self._once.connect() as conn:
             row = (await conn.execute(OBSERVE, {"name": self.name})).first()
         return None if row is None else lease_state(row)
 
@@ -224,7 +228,7 @@ class LeaseManager:
             "lease_s": self.lease_s,
             "seen_token": seen.token if seen is not None else 0,
         }
-        async with self._engine.begin() as conn:
+        async with self._once.connect() as conn:
             row = (await conn.execute(ACQUIRE, params)).first()
         if row is None:
             return False
@@ -255,7 +259,7 @@ class LeaseManager:
             "token": token,
             "lease_s": self.lease_s,
         }
-        async with self._engine.begin() as conn:
+        async with self._once.connect() as conn:
             row = (await conn.execute(RENEW, params)).first()
         if self._role is not Role.ACTIVE or self._token != token:
             if row is not None:  # confirmed after this node stepped down: end the term in the database too
@@ -271,7 +275,7 @@ class LeaseManager:
     async def _release(self, token: int) -> bool:
         """Mark term ``token`` released (expired now) in the database; return whether it still held."""
         params = {"name": self.name, "instance": self.instance, "token": token}
-        async with self._engine.begin() as conn:
+        async with self._once.connect() as conn:
             row = (await conn.execute(RELEASE, params)).first()
         if row is not None:
             log.info("lease_released", node=self.node, token=token)

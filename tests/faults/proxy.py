@@ -3,7 +3,9 @@
 Modes, switchable while it runs:
 
 - ``pass``: forward both ways;
-- ``blackhole``: accept and read, never answer (and forward nothing, on live connections too);
+- ``blackhole``: accept and read, never answer (and forward nothing, on live connections too); like
+  a real partition it carries no close either: a client that gives up leaves its server-side
+  session open until the partition heals (``pass``) or is cut (``reset``, ``refuse``, ``stop``);
 - ``slow``: forward every chunk after ``delay_s``;
 - ``reset``: accept, then close with a TCP RST (SO_LINGER 0); live connections are reset at once;
 - ``refuse``: close the listening socket (connections are refused); live connections are reset.
@@ -48,6 +50,8 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()  # both ends of every open connection
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open = asyncio.Event()  # set while not black-holed
+        self._open.set()
 
     @property
     def url_host(self) -> str:
@@ -67,6 +71,10 @@ class FaultProxy:
         if mode == "slow" and not delay_s > 0:
             raise ValueError("mode slow needs a positive delay_s")
         previous, self.mode, self.delay_s = self.mode, mode, delay_s
+        if mode == "blackhole":
+            self._open.clear()
+        else:
+            self._open.set()
         if mode in ("reset", "refuse"):
             for writer in list(self._live):
                 reset(writer)
@@ -77,6 +85,11 @@ class FaultProxy:
         elif previous == "refuse" and self._server is None:
             await self.start()
 
+    def blackhole_now(self) -> None:
+        """Switch to ``blackhole`` synchronously (from a callback that cannot await)."""
+        self.mode, self.delay_s = "blackhole", 0.0
+        self._open.clear()
+
     async def stop(self) -> None:
         """Stop listening and cut every connection."""
         if self._server is not None:
@@ -85,6 +98,7 @@ class FaultProxy:
         for writer in list(self._live):
             reset(writer)
         self._live.clear()
+        self._open.set()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -150,6 +164,8 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            if self.mode == "blackhole":
+                await self._open.wait()  # a partition carries no FIN: the far side stays open until it heals
             if not dst.transport.is_closing():
                 with contextlib.suppress(OSError):
                     dst.write_eof()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from gateway.config import parse_config
@@ -251,3 +252,46 @@ async def test_an_active_that_cannot_serve_its_term_gives_it_up_and_the_standby_
         await hist.close()
         await a.close()
         await b.close()
+
+
+async def test_an_active_cut_off_between_its_renewal_and_the_commit_holds_no_lock_that_blocks_the_takeover(
+    pg_url: str,
+) -> None:
+    """The partition falls just after a renewal reached the database, before anything else did.
+
+    Had the renewal left a transaction open on the server (its COMMIT lost), the lease row would stay
+    locked by a session nobody can end, and every takeover would wait on it for good."""
+    u = make_url(pg_url)
+    proxy = FaultProxy(u.host or "127.0.0.1", u.port or 5432)
+    await proxy.start()
+    a = manager(u.set(port=proxy.port).render_as_string(hide_password=False), "a")
+    b = manager(pg_url, "b")
+    armed = False
+
+    def cut_after_renewal(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if armed and statement.startswith("UPDATE gateway_lease SET renewed_at"):
+            proxy.blackhole_now()  # the renewal's answer came back; nothing after it gets through
+
+    sync_engine = a._engine.sync_engine  # noqa: SLF001 - the test reaches into a's own engine
+    event.listen(sync_engine, "after_cursor_execute", cut_after_renewal)
+    hist = History(a, b)
+    try:
+        await a.start()
+        await asyncio.wait_for(a.event(Role.ACTIVE).wait(), 10)
+        await b.start()
+        armed = True
+        await until(lambda: proxy.mode == "blackhole", 10, "a renewal just before the cut")
+        await asyncio.wait_for(b.event(Role.ACTIVE).wait(), 10)
+        await hist.caught_up()
+        (down,) = hist.of("a", Role.STANDBY)
+        (up,) = hist.of("b", Role.ACTIVE)
+        assert down.at_mono < up.at_mono and (up.token, up.reason) == (2, "expired")
+        assert hist.overlaps == [] and hist.terms_overlap() == []
+    finally:
+        event.remove(sync_engine, "after_cursor_execute", cut_after_renewal)
+        await proxy.set_mode("reset")
+        await proxy.set_mode("pass")
+        await hist.close()
+        await a.close()
+        await b.close()
+        await proxy.stop()
