@@ -169,6 +169,7 @@ async def test_forged_and_unsigned_statuses_are_ignored_and_audited(broker: Brok
         after = site.client.read()[FEED]
         assert after.load_w == before.load_w == pytest.approx(50_000.0, abs=2.0)
         assert after.event == before.event and site.client.statuses > 0
+        await until(lambda: len(site.audit.data_of("security.dsx_refused")) == 5, what="refusals audited")
         rows = site.audit.data_of("security.dsx_refused")
         assert sorted(r["reason"] for r in rows) == sorted(expected)
         assert all(r["topic"] == topic for r in rows)
@@ -203,6 +204,8 @@ async def test_breach_alert_and_enforcement(broker: Broker) -> None:
         await site.client.set_constraints({FEED: 30_000.0}, hold_s=30.0)
         await until(lambda: FEED not in site.client.breaches, what="breach resolved")
         assert [b.status for b in site.breaches] == ["active", "resolved"]
+        # The client audits through a background put: the row lands a loop turn after the callback.
+        await until(lambda: len(site.audit.data_of("dsxflex.breach")) == 2, what="resolution audited")
         rows = site.audit.data_of("dsxflex.breach")
         assert [r["status"] for r in rows] == ["active", "resolved"] and rows[0]["severity"] == "critical"
         await until(lambda: len(site.audit.data_of("dsxflex.enforcement")) == 2, what="enforcement audited")
@@ -221,7 +224,12 @@ async def test_heartbeat_loss_marks_the_link_down_and_recovery_up(broker: Broker
         site.sim.silent = False
         await until(lambda: site.client.link_up, what="link back up")
         assert links == [False, True]
-        kinds = [r["kind"] for r in site.audit.rows if r["kind"].startswith("link.")]
+
+        def link_kinds() -> list[str]:
+            return [r["kind"] for r in site.audit.rows if r["kind"].startswith("link.")]
+
+        await until(lambda: len(link_kinds()) >= 3, what="link changes audited")
+        kinds = link_kinds()
         assert kinds == ["link.restored", "link.lost", "link.restored"]
         lost = site.audit.data_of("link.lost")[0]
         assert "no verified status" in lost["reason"]
