@@ -34,7 +34,8 @@ from gateway.audit.log import AuditLog
 from gateway.audit.measurements import Measurement
 from gateway.audit.migrate import normalise_db_url, scratch_database, sqlite_path
 from gateway.audit.signing import Signer, TrustedKeys
-from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify, walk_sqlite_file
+from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify
+from gateway.audit.verify_ranges import walk_sqlite_file
 from gateway.eventstore import EventStore
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 

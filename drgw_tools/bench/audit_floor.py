@@ -208,7 +208,7 @@ _PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "append: of which encode_data": (("audit/chain.py", "encode_data"),),
     "append: of which format_ts": (("audit/chain.py", "format_ts"),),
     "append: row hashes": (("audit/chain.py", "compute_row_hash"), ("audit/chain.py", "row_hash")),
-    "verify: chain walk (_walk_page: encode, hash, compare)": (("audit/verify.py", "_walk_page"),),
+    "verify: chain walk (walk_page: encode, hash, compare)": (("audit/walk.py", "walk_page"),),
     "verify: fetching rows (sqlite3 fetchmany)": (("~", "<method 'fetchmany' of 'sqlite3.Cursor' objects>"),),
     "verify: measurement seals (batch_digest)": (("audit/measurements.py", "batch_digest"),),
     "idle: waiting for the database (epoll)": (("~", "<method 'poll' of 'select.epoll' objects>"),),

@@ -22,7 +22,7 @@ _REWRITTEN = "the chain was recomputed after it was signed, or an older copy was
 
 
 class Walked(Protocol):
-    """What the chain walk learnt (``gateway.audit.verify._Walk``)."""
+    """What the chain walk learnt (``gateway.audit.walk.Walk``)."""
 
     rows: int
     bad_seq: int | None

@@ -161,8 +161,8 @@ def test_the_standalone_verifier_imports_only_the_standard_library_and_cryptogra
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(TEXT, TEXT, st.none() | TEXT, st.none() | TEXT, TEXT), min_size=1, max_size=8))
 def test_the_verifiers_inline_hash_is_the_row_hash(rows: list[tuple[str, str, str | None, str | None, str]]) -> None:
-    from gateway.audit.verify import _Walk as _walk
-    from gateway.audit.verify import _walk_page
+    from gateway.audit.walk import Walk as _walk
+    from gateway.audit.walk import walk_page as _walk_page
 
     page = []
     prev = GENESIS_HASH
