@@ -86,7 +86,10 @@ async def sim(pki: Pki) -> AsyncIterator[OpcuaSimServer]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(sim: OpcuaSimServer, pki: Pki) -> AsyncIterator[OpcuaClient]:
     """Yield a connected client with the trusted certificate and credentials."""
-    c = OpcuaClient("sub1", sim.url, "opcua_substation", pki.security(), watchdog_s=0.2)
+    # asyncua's watchdog probe times out after min(session timeout / 2, watchdog interval): a 0.2 s
+    # interval made a loaded machine's stall look like a dead server (a reconnect mid-test). A dropped
+    # connection is seen at once whatever the interval (the transport closes).
+    c = OpcuaClient("sub1", sim.url, "opcua_substation", pki.security(), watchdog_s=2.0)
     await c.connect()
     yield c
     await c.close()
