@@ -36,7 +36,7 @@ from gateway.audit.migrate import open_existing, sqlite_path
 from gateway.audit.proof import check_checkpoints
 from gateway.audit.schema import audit_checkpoints, measurements, missing_guards, table_exists
 from gateway.audit.signing import Checkpoint, TrustedKeys
-from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_parallel, walk_sqlite_file
+from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_sqlite_file
 from gateway.audit.walk import SELECT_PAGE, Walk, walk_page
 from gateway.audit.witness import disagreement, load_marker
 from gateway.errors import AuditError
@@ -85,8 +85,8 @@ async def verify(
     """Verify the whole log; every check that can run does, and all failures are listed.
 
     ``exported`` is one exported checkpoint or all of them (each is checked); None when none were given.
-    A log of ``parallel_rows`` rows or more (SQLite, or PostgreSQL through asyncpg) is walked by
-    ``jobs`` processes (same result, ``gateway.audit.verify_ranges``), started with
+    A SQLite log of ``parallel_rows`` rows or more is walked by ``jobs`` processes (same result,
+    ``gateway.audit.verify_ranges``), started with
     multiprocessing's "spawn": a program that calls this must keep its own start under
     ``if __name__ == "__main__":`` (``drgw`` and ``python -m gateway.cli`` do).
     """
@@ -191,11 +191,6 @@ async def _walk(
     path = sqlite_path(conn.engine.url.render_as_string(hide_password=False))
     if path is not None and path.is_file():
         return await asyncio.to_thread(walk_sqlite_file, path, page_rows, wanted, jobs, parallel_rows)
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg" and jobs > 1:
-        last = int((await conn.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM audit_log")).scalar_one())
-        if last >= max(parallel_rows, 2 * jobs):
-            dsn = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            return await asyncio.to_thread(walk_parallel, ("postgresql", dsn), page_rows, wanted, jobs, last)
     w = Walk()
 
     raw = (await conn.get_raw_connection()).driver_connection
