@@ -82,7 +82,6 @@ class EventService:
         # Events whose stored answer the VTN may not have: the decision could not be stored (answer
         # held), or the answer got no reply. The VEN asks for the events again while any remain.
         self.unanswered: dict[str, Any] = {}  # event id -> modification number
-        self.refused_whole = False  # set when a distribution is answered 452 as a whole
 
     async def distribution(self, payload: dict[str, Any]) -> None:
         """Answer one oadrDistributeEvent: decide every event, then send one oadrCreatedEvent."""
@@ -96,7 +95,6 @@ class EventService:
             reason = f"vtnID {sender!r} is not the {which} VTN {expected!r}"
             _log.warning("distribution refused", reason=reason)
             await self._audit("event.distribution_refused", {"reason": reason}, "utility")
-            self.refused_whole = True
             await self._created([], {"response_code": INVALID_ID, "response_description": "invalid vtnID",
                                      "request_id": escape(request_id)})  # fmt: skip
             return

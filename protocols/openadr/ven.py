@@ -372,12 +372,13 @@ class Ven:
             await self._set_state_link("registered", "")
         # The polled message first: an oadrCreatedEvent the VTN waits for must not queue behind
         # the resync's round trip. Then ask for every event (what a dead connection swallowed),
-        # unless the polled distribution was refused whole (452): its events stay unanswered by
-        # design and a request would make the VTN count them as missed (E1_1080).
-        self._events.refused_whole = False
+        # unless the polled message was itself a distribution: it lists every event the VTN holds
+        # for this VEN, so a request would only bring the same list again and a second answer to
+        # each event (E1_1070 counts exactly one), or, for a distribution refused whole (452),
+        # make the VTN count its events as missed (E1_1080).
         if rtype != "oadrResponse":
             await self._dispatch(rtype, payload)
-        if restored and self.registered and not self._events.refused_whole:
+        if restored and self.registered and rtype != "oadrDistributeEvent":
             await self._resync()
 
     def _poll_wait_s(self) -> float:
