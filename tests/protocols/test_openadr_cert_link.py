@@ -4,6 +4,7 @@ which order and how often (2.0b test tool families A_E1, E1). Each test names th
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,6 +56,28 @@ async def vtn() -> AsyncIterator[tuple[SimVtn, str]]:
     await sim.stop()
 
 
+@asynccontextmanager
+async def link_lost(sim: SimVtn, url: str) -> AsyncIterator[tuple[Ven, RecordingAudit, int]]:
+    """Yield a VEN that registered with ``sim`` and then lost it (the VTN stopped), the audit, the port."""
+    port = int(url.split(":")[2].split("/")[0])
+    audit = RecordingAudit()
+    ven = Ven(config(url), Gateway().on_event, audit, SystemClock())
+    await ven.start()
+    try:
+        await until(lambda: ven.state == "registered" and ven.last_poll_ok is not None)
+        await sim.stop()
+        await until(lambda: ven.state == "link_lost", timeout_s=4.0)
+        yield ven, audit, port
+    finally:
+        await ven.stop()
+
+
+async def two_more_polls(audit: RecordingAudit) -> None:
+    """Wait until the VEN has polled twice more (time for anything it would send after a poll)."""
+    polls = len(audit.of_kind("xml.poll"))
+    await until(lambda: len(audit.of_kind("xml.poll")) >= polls + 2, timeout_s=6.0)
+
+
 async def test_after_a_lost_link_the_polled_event_is_answered_once_and_no_request_follows(
     vtn: tuple[SimVtn, str],
 ) -> None:
@@ -63,24 +86,14 @@ async def test_after_a_lost_link_the_polled_event_is_answered_once_and_no_reques
     That distribution lists every event the VTN holds, so no oadrRequestEvent follows: it would bring
     the same list and a second oadrCreatedEvent (E1_1070 counts exactly one)."""
     sim, url = vtn
-    port = int(url.split(":")[2].split("/")[0])
-    audit = RecordingAudit()
-    ven = Ven(config(url), Gateway().on_event, audit, SystemClock())
-    await ven.start()
-    try:
-        await until(lambda: ven.state == "registered" and ven.last_poll_ok is not None)
-        await sim.stop()
-        await until(lambda: ven.state == "link_lost", timeout_s=4.0)
+    async with link_lost(sim, url) as (_ven, audit, port):
         eid = sim.add_event(VEN, signal="SIMPLE", value=1, start=soon(), duration_s=600)
         mark = len(audit.of_kind("xml.out"))
         await sim.start(port=port)
         assert await sim.wait_for_response(eid, timeout_s=6.0) is Opt.IN
-        polls = len(audit.of_kind("xml.poll"))
-        await until(lambda: len(audit.of_kind("xml.poll")) >= polls + 2, timeout_s=6.0)
+        await two_more_polls(audit)
         after = [m for m in sent(audit)[mark:] if m != "oadrPoll"]
         assert after == ["oadrCreatedEvent"], after
-    finally:
-        await ven.stop()
 
 
 async def test_after_a_lost_link_an_empty_poll_is_followed_by_a_request_for_every_event(
@@ -89,22 +102,12 @@ async def test_after_a_lost_link_an_empty_poll_is_followed_by_a_request_for_ever
     """What the VTN sent into the dead connection may be lost: when the first poll after an outage
     brings no distribution, the VEN asks for every event (oadrRequestEvent) once."""
     sim, url = vtn
-    port = int(url.split(":")[2].split("/")[0])
-    audit = RecordingAudit()
-    ven = Ven(config(url), Gateway().on_event, audit, SystemClock())
-    await ven.start()
-    try:
-        await until(lambda: ven.state == "registered" and ven.last_poll_ok is not None)
-        await sim.stop()
-        await until(lambda: ven.state == "link_lost", timeout_s=4.0)
+    async with link_lost(sim, url) as (_ven, audit, port):
         mark = len(audit.of_kind("xml.out"))
         await sim.start(port=port)
         await until(lambda: "oadrRequestEvent" in sent(audit)[mark:], timeout_s=6.0)
-        polls = len(audit.of_kind("xml.poll"))
-        await until(lambda: len(audit.of_kind("xml.poll")) >= polls + 2, timeout_s=6.0)
+        await two_more_polls(audit)
         assert [m for m in sent(audit)[mark:] if m != "oadrPoll"] == ["oadrRequestEvent"]
-    finally:
-        await ven.stop()
 
 
 async def test_after_a_lost_link_a_distribution_refused_whole_is_not_followed_by_a_request() -> None:
