@@ -37,9 +37,28 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
-def make_engine(url_or_path: str | Path, **kwargs: Any) -> AsyncEngine:
-    """Return an async engine; SQLite gets WAL, synchronous=FULL and its parent directory created."""
+# PostgreSQL ends a session that sits idle inside a transaction this long. Such a session keeps its
+# locks and its uncommitted rows' index entries; a gateway cut off mid-transaction (a partition carries
+# no FIN) would otherwise leave it on the server until TCP keepalive ends it, two hours by default,
+# and its own retry of the same rows (the same audit seqs) would wait on it all that time. No
+# transaction of the gateway waits on its own side for more than a moment.
+PG_IDLE_IN_TRANSACTION_S = 60.0
+
+
+def make_engine(
+    url_or_path: str | Path, *, idle_in_transaction_s: float = PG_IDLE_IN_TRANSACTION_S, **kwargs: Any
+) -> AsyncEngine:
+    """Return an async engine; SQLite gets WAL, synchronous=FULL and its parent directory created.
+
+    PostgreSQL sessions get ``idle_in_transaction_session_timeout`` (``idle_in_transaction_s``)
+    unless ``connect_args`` sets it."""
     url = normalise_db_url(url_or_path)
+    if url.startswith("postgresql+asyncpg"):
+        connect_args = dict(kwargs.pop("connect_args", None) or {})
+        settings = dict(connect_args.get("server_settings") or {})
+        settings.setdefault("idle_in_transaction_session_timeout", str(max(1, int(idle_in_transaction_s * 1000))))
+        connect_args["server_settings"] = settings
+        kwargs["connect_args"] = connect_args
     path = sqlite_path(url)
     if path is not None:
         try:
