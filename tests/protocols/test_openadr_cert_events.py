@@ -4,6 +4,7 @@ and the real event book, wired the way the gateway wires them. Each test names t
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -149,3 +150,80 @@ async def test_negative_recovery_is_no_recovery(site: Site) -> None:
     assert site.codes(eid) == [(0, 200, "optIn")]
     ((ev, _),) = site.book.events()
     assert (ev.ramp_up_s, ev.recovery_s) == (60.0, 0.0)
+
+
+async def test_an_event_carrying_a_baseline_is_taken_and_answered(db: AuditLog) -> None:
+    """E1_1027: the event's eiEventSignals hold an eiEventBaseline beside its signal (the 2.0b schema
+    allows one per event: the VTN's baseline for the event's period). openleadr's VTN cannot write
+    one, so this VTN serves openleadr's own message with a baseline put in; the VEN reads the event,
+    keeps its signal and answers it (optIn, 200)."""
+    from aiohttp import web
+    from openleadr import objects
+    from openleadr.messaging import create_message, parse_message
+
+    start = soon()
+    event = objects.Event(
+        event_descriptor=objects.EventDescriptor(event_id="with-baseline", modification_number=0,
+                                                 market_context=MARKET, event_status="far"),
+        active_period=objects.ActivePeriod(dtstart=start, duration=timedelta(hours=2)),
+        event_signals=[objects.EventSignal(intervals=[objects.Interval(dtstart=start, duration=timedelta(
+            hours=2), signal_payload=1)], signal_name="SIMPLE", signal_type="level", signal_id="s")],
+        targets=[objects.Target(ven_id=VEN)],
+    )  # fmt: skip
+    ok = {"response_code": 200, "response_description": "OK", "request_id": "r"}
+    registration = create_message("oadrCreatedPartyRegistration", response=ok, ven_id=VEN, registration_id="reg",
+                                  vtn_id="TH_VTN", requested_oadr_poll_freq=timedelta(seconds=1),
+                                  profiles=[{"profile_name": "2.0b",
+                                             "transports": [{"transport_name": "simpleHttp"}]}])  # fmt: skip
+    plain = create_message("oadrDistributeEvent", response=ok, request_id="d1", vtn_id="TH_VTN", events=[event])
+    closing = re.search(r"</(\w+):eiEventSignals>", plain)
+    assert closing is not None
+    ei, xcal, strm = closing.group(1), "xcal", "strm"
+    baseline = (
+        f'<{ei}:eiEventBaseline xmlns:{xcal}="urn:ietf:params:xml:ns:icalendar-2.0" '
+        f'xmlns:{strm}="urn:ietf:params:xml:ns:icalendar-2.0:stream">'
+        f"<{xcal}:dtstart><{xcal}:date-time>{(start - timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        f"</{xcal}:date-time></{xcal}:dtstart><{xcal}:duration><{xcal}:duration>PT2H</{xcal}:duration>"
+        f"</{xcal}:duration><{strm}:intervals><{ei}:interval><{xcal}:duration><{xcal}:duration>PT2H"
+        f"</{xcal}:duration></{xcal}:duration><{xcal}:uid><{xcal}:text>0</{xcal}:text></{xcal}:uid>"
+        f"<{ei}:signalPayload><{ei}:payloadFloat><{ei}:value>3.05</{ei}:value></{ei}:payloadFloat>"
+        f"</{ei}:signalPayload></{ei}:interval></{strm}:intervals><{ei}:baselineID>b1</{ei}:baselineID>"
+        f"<{ei}:baselineName>Price_Baseline</{ei}:baselineName></{ei}:eiEventBaseline>"
+    )
+    with_baseline = plain.replace(closing.group(0), baseline + closing.group(0))
+    kind, parsed = parse_message(with_baseline)  # the 2.0b schema takes it
+    assert kind == "oadrDistributeEvent" and parsed["events"][0]["event_descriptor"]["event_id"] == "with-baseline"
+    empty = create_message("oadrResponse", response=ok, ven_id=VEN)
+    answers: list[dict[str, Any]] = []
+
+    async def vtn(request: web.Request) -> web.Response:
+        service = request.match_info["service"]
+        if service == "EiRegisterParty":
+            return web.Response(text=registration, content_type="application/xml")
+        if service == "EiEvent":
+            kind, payload = parse_message(await request.read())
+            if kind == "oadrCreatedEvent":
+                answers.append(payload)
+            return web.Response(text=empty, content_type="application/xml")
+        return web.Response(text=empty if answers else with_baseline, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("POST", "/OpenADR2/Simple/2.0b/{service}", vtn)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/OpenADR2/Simple/2.0b"
+    audit = RecordingAudit()
+    book = EventBook(OpenAdrConfig(opt_policy="always", market_contexts=[MARKET]), EventStore(db.engine), audit)
+    ven = Ven(OpenAdrConfig(vtn_url=url, ven_name=VEN), book.answer, audit, SystemClock())
+    await ven.start()
+    try:
+        await until(lambda: answers, timeout_s=6.0)
+        (response,) = answers[0]["event_responses"]
+        assert (response["event_id"], response["response_code"], response["opt_type"]) == ("with-baseline", 200, "optIn")
+        ((taken, opt),) = book.events()
+        assert (taken.event_id, opt.value) == ("with-baseline", "optIn")
+        assert [s.name.value for s in taken.signals] == ["SIMPLE"]
+    finally:
+        await ven.stop()
+        await runner.cleanup()
