@@ -220,7 +220,8 @@ async def test_an_event_carrying_a_baseline_is_taken_and_answered(db: AuditLog) 
     try:
         await until(lambda: answers, timeout_s=6.0)
         (response,) = answers[0]["event_responses"]
-        assert (response["event_id"], response["response_code"], response["opt_type"]) == ("with-baseline", 200, "optIn")
+        answered = (response["event_id"], response["response_code"], response["opt_type"])
+        assert answered == ("with-baseline", 200, "optIn")
         ((taken, opt),) = book.events()
         assert (taken.event_id, opt.value) == ("with-baseline", "optIn")
         assert [s.name.value for s in taken.signals] == ["SIMPLE"]
