@@ -137,7 +137,7 @@ async def upgrade(db_url: str | Path | AsyncEngine) -> None:
     except AuditError:
         raise
     except (sa.exc.SQLAlchemyError, OSError, sqlite3.Error) as err:
-        raise AuditError(f"schema upgrade failed: {err}") from err
+        raise AuditError(f"schema upgrade failed: {str(err) or type(err).__name__}") from err
     finally:
         if own:
             await engine.dispose()

@@ -155,7 +155,9 @@ class LeaseManager:
 
     async def start(self) -> None:
         """Bring the schema up to date and start contending for the lease (as standby)."""
-        await upgrade(self._engine)
+        # On an engine of its own with the driver's usual timeouts: this engine's are the lease's
+        # (a third of a lease), and a database slow to take a new connection must not fail the start.
+        await upgrade(self._engine.url.render_as_string(hide_password=False))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._run(), name=f"lease-{self.node}"),

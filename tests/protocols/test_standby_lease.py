@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
+from gateway.audit.migrate import upgrade
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.standby import LeaseManager, LeaseState, Role
@@ -294,4 +295,22 @@ async def test_an_active_cut_off_between_its_renewal_and_the_commit_holds_no_loc
         await hist.close()
         await a.close()
         await b.close()
+        await proxy.stop()
+
+
+async def test_a_database_slow_to_take_a_connection_does_not_fail_the_start(pg_url: str) -> None:
+    """The schema upgrade at start connects with the driver's usual timeouts, not the lease's (a third
+    of a lease: 0.5 s here): a database that takes a second to accept a session is slow, not down."""
+    await upgrade(pg_url)  # the schema is there already: the start only connects and looks
+    u = make_url(pg_url)
+    proxy = FaultProxy(u.host or "127.0.0.1", u.port or 5432)
+    await proxy.start()
+    await proxy.set_mode("slow", delay_s=0.25)  # every chunk each way: a connection takes over a second
+    a = manager(u.set(port=proxy.port).render_as_string(hide_password=False), "a")
+    try:
+        await asyncio.wait_for(a.start(), 60)
+        await proxy.set_mode("pass")
+        await asyncio.wait_for(a.event(Role.ACTIVE).wait(), 10)
+    finally:
+        await a.close()
         await proxy.stop()
