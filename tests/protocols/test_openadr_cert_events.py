@@ -157,9 +157,10 @@ async def test_an_event_carrying_a_baseline_is_taken_and_answered(db: AuditLog) 
     allows one per event: the VTN's baseline for the event's period). openleadr's VTN cannot write
     one, so this VTN serves openleadr's own message with a baseline put in; the VEN reads the event,
     keeps its signal and answers it (optIn, 200)."""
-    from aiohttp import web
     from openleadr import objects
     from openleadr.messaging import create_message, parse_message
+
+    from tests.protocols.onedistribution import OK, one_distribution
 
     start = soon()
     event = objects.Event(
@@ -170,12 +171,7 @@ async def test_an_event_carrying_a_baseline_is_taken_and_answered(db: AuditLog) 
             hours=2), signal_payload=1)], signal_name="SIMPLE", signal_type="level", signal_id="s")],
         targets=[objects.Target(ven_id=VEN)],
     )  # fmt: skip
-    ok = {"response_code": 200, "response_description": "OK", "request_id": "r"}
-    registration = create_message("oadrCreatedPartyRegistration", response=ok, ven_id=VEN, registration_id="reg",
-                                  vtn_id="TH_VTN", requested_oadr_poll_freq=timedelta(seconds=1),
-                                  profiles=[{"profile_name": "2.0b",
-                                             "transports": [{"transport_name": "simpleHttp"}]}])  # fmt: skip
-    plain = create_message("oadrDistributeEvent", response=ok, request_id="d1", vtn_id="TH_VTN", events=[event])
+    plain = create_message("oadrDistributeEvent", response=OK, request_id="d1", vtn_id="TH_VTN", events=[event])
     closing = re.search(r"</(\w+):eiEventSignals>", plain)
     assert closing is not None
     ei, xcal, strm = closing.group(1), "xcal", "strm"
@@ -193,38 +189,18 @@ async def test_an_event_carrying_a_baseline_is_taken_and_answered(db: AuditLog) 
     with_baseline = plain.replace(closing.group(0), baseline + closing.group(0))
     kind, parsed = parse_message(with_baseline)  # the 2.0b schema takes it
     assert kind == "oadrDistributeEvent" and parsed["events"][0]["event_descriptor"]["event_id"] == "with-baseline"
-    empty = create_message("oadrResponse", response=ok, ven_id=VEN)
-    answers: list[dict[str, Any]] = []
-
-    async def vtn(request: web.Request) -> web.Response:
-        service = request.match_info["service"]
-        if service == "EiRegisterParty":
-            return web.Response(text=registration, content_type="application/xml")
-        if service == "EiEvent":
-            kind, payload = parse_message(await request.read())
-            if kind == "oadrCreatedEvent":
-                answers.append(payload)
-            return web.Response(text=empty, content_type="application/xml")
-        return web.Response(text=empty if answers else with_baseline, content_type="application/xml")
-
-    app = web.Application()
-    app.router.add_route("POST", "/OpenADR2/Simple/2.0b/{service}", vtn)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/OpenADR2/Simple/2.0b"
-    audit = RecordingAudit()
-    book = EventBook(OpenAdrConfig(opt_policy="always", market_contexts=[MARKET]), EventStore(db.engine), audit)
-    ven = Ven(OpenAdrConfig(vtn_url=url, ven_name=VEN), book.answer, audit, SystemClock())
-    await ven.start()
-    try:
-        await until(lambda: answers, timeout_s=6.0)
-        (response,) = answers[0]["event_responses"]
-        answered = (response["event_id"], response["response_code"], response["opt_type"])
-        assert answered == ("with-baseline", 200, "optIn")
-        ((taken, opt),) = book.events()
-        assert (taken.event_id, opt.value) == ("with-baseline", "optIn")
-        assert [s.name.value for s in taken.signals] == ["SIMPLE"]
-    finally:
-        await ven.stop()
-        await runner.cleanup()
+    async with one_distribution(with_baseline, VEN, "TH_VTN") as vtn:
+        audit = RecordingAudit()
+        book = EventBook(OpenAdrConfig(opt_policy="always", market_contexts=[MARKET]), EventStore(db.engine), audit)
+        ven = Ven(OpenAdrConfig(vtn_url=vtn.url, ven_name=VEN), book.answer, audit, SystemClock())
+        await ven.start()
+        try:
+            await until(lambda: vtn.answers, timeout_s=6.0)
+            (response,) = vtn.answers[0]["event_responses"]
+            answered = (response["event_id"], response["response_code"], response["opt_type"])
+            assert answered == ("with-baseline", 200, "optIn")
+            ((taken, opt),) = book.events()
+            assert (taken.event_id, opt.value) == ("with-baseline", "optIn")
+            assert [s.name.value for s in taken.signals] == ["SIMPLE"]
+        finally:
+            await ven.stop()

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from openleadr import objects
-from openleadr.messaging import create_message, parse_message
+from openleadr.messaging import create_message
 
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
@@ -28,6 +27,7 @@ from gateway.eventstore import EventStore
 from gateway.model import Opt
 from protocols.openadr import SimVtn, Ven
 from tests.doubles import MemoryEvidence, RecordingAudit, until
+from tests.protocols.onedistribution import OK, one_distribution
 
 VEN = "drgw-conf"
 
@@ -315,43 +315,17 @@ async def test_distribution_from_another_vtn_is_refused(db: AuditLog) -> None:
             minutes=10), signal_payload=1)], signal_name="SIMPLE", signal_type="level", signal_id="s")],
         targets=[objects.Target(ven_id=VEN)],
     )  # fmt: skip
-    ok = {"response_code": 200, "response_description": "OK", "request_id": "r"}
-    registration = create_message("oadrCreatedPartyRegistration", response=ok, ven_id=VEN, registration_id="reg",
-                                  vtn_id="GoodVTN", requested_oadr_poll_freq=timedelta(seconds=1),
-                                  profiles=[{"profile_name": "2.0b",
-                                             "transports": [{"transport_name": "simpleHttp"}]}])  # fmt: skip
-    evil = create_message("oadrDistributeEvent", response=ok, request_id="d1", vtn_id="EvilVTN", events=[event])
-    empty = create_message("oadrResponse", response=ok, ven_id=VEN)
-    answers: list[dict[str, Any]] = []
-
-    async def vtn(request: web.Request) -> web.Response:
-        service = request.match_info["service"]
-        if service == "EiRegisterParty":
-            return web.Response(text=registration, content_type="application/xml")
-        if service == "EiEvent":
-            kind, payload = parse_message(await request.read())
-            if kind == "oadrCreatedEvent":
-                answers.append(payload)
-            return web.Response(text=empty, content_type="application/xml")
-        sent = bool(answers)
-        return web.Response(text=empty if sent else evil, content_type="application/xml")
-
-    app = web.Application()
-    app.router.add_route("POST", "/OpenADR2/Simple/2.0b/{service}", vtn)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/OpenADR2/Simple/2.0b"
-    audit = RecordingAudit()
-    book = EventBook(OpenAdrConfig(opt_policy="always"), EventStore(db.engine), audit)
-    ven = Ven(OpenAdrConfig(vtn_url=url, ven_name=VEN), book.answer, audit, SystemClock())
-    await ven.start()
-    try:
-        await until(lambda: answers, timeout_s=4.0)
-        (answer,) = answers
-        assert answer["response"]["response_code"] == 452 and not answer.get("event_responses")
-        assert book.events() == []
-        assert "EvilVTN" in audit.of_kind("event.distribution_refused")[0]["data"]["reason"]
-    finally:
-        await ven.stop()
-        await runner.cleanup()
+    evil = create_message("oadrDistributeEvent", response=OK, request_id="d1", vtn_id="EvilVTN", events=[event])
+    async with one_distribution(evil, VEN, "GoodVTN") as vtn:
+        audit = RecordingAudit()
+        book = EventBook(OpenAdrConfig(opt_policy="always"), EventStore(db.engine), audit)
+        ven = Ven(OpenAdrConfig(vtn_url=vtn.url, ven_name=VEN), book.answer, audit, SystemClock())
+        await ven.start()
+        try:
+            await until(lambda: vtn.answers, timeout_s=4.0)
+            (answer,) = vtn.answers
+            assert answer["response"]["response_code"] == 452 and not answer.get("event_responses")
+            assert book.events() == []
+            assert "EvilVTN" in audit.of_kind("event.distribution_refused")[0]["data"]["reason"]
+        finally:
+            await ven.stop()
