@@ -59,6 +59,7 @@ _UNITS: dict[str, tuple[dict[str, float], str | None]] = {
     "OPERATING_STATE": ({}, None),
 }
 _MAX_SAMPLES = 200_000
+POST_GRACE_S = 15.0  # at stop, how long a report already on the wire may take to be answered and recorded
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class Reporter:
         self._jobs: dict[str, list[asyncio.Task[None]]] = {}
         self._samples: collections.deque[TelemetrySample] = collections.deque(maxlen=_MAX_SAMPLES)
         self._sampler: asyncio.Task[None] | None = None
+        self._posts: set[asyncio.Task[None]] = set()  # reports on the wire: let finish and recorded, even at stop
         self.sent = 0
 
     def jobs(self) -> list[str]:
@@ -184,12 +186,22 @@ class Reporter:
             task.cancel()
 
     async def stop(self) -> None:
-        """Stop every report and the sampler."""
+        """Stop every report and the sampler; a report already on the wire is let finish and recorded.
+
+        A report the VTN has taken is recorded as sent (or as failed), never dropped half-way: the
+        wait is the client's own request timeout at most, bounded by ``POST_GRACE_S``.
+        """
         tasks = [t for ts in self._jobs.values() for t in ts] + ([self._sampler] if self._sampler else [])
         self._jobs, self._sampler = {}, None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        posts = set(self._posts)
+        if posts:
+            _done, late = await asyncio.wait(posts, timeout=POST_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*posts, return_exceptions=True)
 
     def _start_sampler(self) -> None:
         """Keep telemetry samples while reports are pending (when no history store is given)."""
@@ -263,6 +275,15 @@ class Reporter:
                 {"resourceName": "AGGREGATED_REPORT" if p.aggregate else self._resource, "intervals": intervals}
             ],
         }
+        # On the wire in a task of its own: cancelling the plan (a stop, a new event version) does
+        # not cut the report off half-way, and its outcome is recorded either way.
+        task = asyncio.create_task(self._deliver(p, body, len(intervals)), name=f"oadr3-report-post-{p.event_id}")
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+        await asyncio.shield(task)
+
+    async def _deliver(self, p: Plan, body: dict[str, Any], intervals: int) -> None:
+        """POST one report and record what came of it."""
         try:
             reply = await self._client.call("POST", "/reports", body=body, expect=(201,))
         except RequestFailed as err:
@@ -270,7 +291,7 @@ class Reporter:
                               p.event_id)  # fmt: skip
             return
         self.sent += 1
-        await self._audit("report.sent", {"payload_type": p.payload_type, "intervals": len(intervals),
+        await self._audit("report.sent", {"payload_type": p.payload_type, "intervals": intervals,
                           "report_id": reply.body.get("id")}, "gateway", p.event_id)  # fmt: skip
 
     async def _interval(self, p: Plan, slot: Slot) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class SimVtn3:
         self._server_ssl = server_ssl
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, monotonic expiry)
         self.refuse_tokens = False  # answer 401 to every API request (a VTN that lost its keys)
+        self.report_gate: asyncio.Event | None = None  # when set: reports are stored, answered once it is set
         kinds = ("PROGRAM", "EVENT", "REPORT", "SUBSCRIPTION", "VEN", "RESOURCE")
         self.objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in kinds}
         self.raw_ids: set[str] = set()  # objects built with raw=True (not validated on the way out)
@@ -405,6 +406,8 @@ class SimVtn3:
         if request[BODY]["eventID"] not in self.objects["EVENT"]:
             return _problem(404, "Not Found", "no such event")
         obj = await self._create("REPORT", request[BODY], client=request[CLIENT])
+        if self.report_gate is not None:  # a VTN slow to answer: the report is taken, the answer waits
+            await self.report_gate.wait()
         return self._json(request, obj, 201)
 
     async def _get_reports(self, request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -127,3 +128,28 @@ async def test_of_the_reports_already_due_only_the_latest_is_sent(sim: SimVtn3, 
         assert len(reports) == 1 and reports[0]["resources"][0]["intervals"][0]["id"] == 2
     finally:
         await ven.stop()
+
+
+async def test_a_report_on_the_wire_at_stop_is_let_finish_and_recorded(sim: SimVtn3, tmp_path: Path) -> None:
+    program = await sim.add_program("dr")
+    gate = sim.report_gate = asyncio.Event()  # the VTN takes the report and holds its answer
+    ven, _gw, audit, _ = make_ven(config(sim.base_url, tmp_path), telemetry=sample)
+    await ven.start()
+    body = simple_event(program["id"], at(0.0))
+    body["reportDescriptors"] = [{"payloadType": "DEMAND", "units": "KW", "frequency": 0}]  # report at once
+    await sim.add_event(body)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: len(sim.objects["REPORT"]) == 1, timeout_s=20.0)
+        stopping = asyncio.create_task(ven.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()  # the stop waits for the report's answer
+        gate.set()
+        await asyncio.wait_for(stopping, 10.0)
+    finally:
+        gate.set()
+        if stopping is None:
+            await ven.stop()
+    [report] = sim.objects["REPORT"].values()
+    [sent] = audit.of_kind("report.sent")
+    assert sent["data"]["report_id"] == report["id"]
