@@ -17,10 +17,12 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
     from gateway.compose import Site, build_site
     from gateway.fdbudget import ExhaustionLog, fit_caps, raise_soft_limit
     from gateway.preflight import startup_problems
+    from gateway.threads import share_the_lock
 
     problems = await startup_problems(cfg, source)  # what check-config refuses, before anything starts
     if problems:
         return problems
+    share_the_lock()  # worker threads (the audit writer's) get the interpreter lock without waiting 5 ms
     log = get_logger("gateway.run")
     ExhaustionLog().install(asyncio.get_running_loop())  # running out of descriptors: one line, not a flood
     cfg = fit_caps(cfg, raise_soft_limit())  # listeners' caps leave descriptors for devices and the VTN

@@ -61,8 +61,10 @@ async def _child(gpus: int, idle_s: float, event_s: float) -> dict[str, Any]:
 
     from drgw_tools.bench.dispatch import groups
     from gateway.demo import DemoSite
+    from gateway.threads import share_the_lock
     from protocols.openadr.vtnproc import VtnProcess
 
+    share_the_lock()  # as `drgw run` does
     vtn = VtnProcess(poll_interval_s=1.0)
     overrides: dict[str, dict[str, Any]] = {"gpus": {"groups": groups(gpus)}}
     with tempfile.TemporaryDirectory() as tmp:

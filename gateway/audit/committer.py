@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.chain import RowHasher, encode_data
@@ -15,6 +17,7 @@ from gateway.audit.inbox import Pending, fail
 from gateway.audit.inserts import LOG_KEYS, MEAS_KEYS, Insert, reason
 from gateway.audit.measurements import batch_record
 from gateway.audit.schema import audit_blobs
+from gateway.audit.sqlite_writer import SqliteWriter
 from gateway.errors import AuditError, FencedOff
 from gateway.interfaces import WriteFence
 from gateway.logs import get_logger
@@ -34,8 +37,9 @@ class Committed:
 class Committer:
     """Insert batches of pending rows, their measurements, messages and statements, one transaction each."""
 
-    def __init__(self, engine: AsyncEngine, fence: WriteFence | None) -> None:
+    def __init__(self, engine: AsyncEngine, fence: WriteFence | None, writer: SqliteWriter | None = None) -> None:
         self._engine = engine
+        self._writer = writer  # a SQLite file: each transaction in one call on the writer's own thread
         self._fence = fence  # hot standby: every write checks this node's lease token first
         self._hasher = RowHasher()
         self._failed_commits = 0  # consecutive failed commits (logged on the first and on recovery)
@@ -75,17 +79,24 @@ class Committer:
             rows.append((seq, p.ts, p.kind, p.actor, p.event_id, p.device_id, p.data, prev, h))
             prev = h
         try:
-            async with self._engine.begin() as conn:
-                if self._fence is not None:
-                    await self._fence.check(conn, token)
-                await self._insert_log.run(conn, rows)
-                if meas:
-                    await self._insert_meas.run(conn, meas)
-                if blobs:
-                    await conn.execute(self._insert_blob, blobs)
-                for p in batch:
-                    for stmt in p.statements:
-                        await conn.execute(stmt)
+            if self._writer is not None:
+                one = self._insert_log.one_statement(rows)
+                if one is not None and not meas and not blobs and not any(p.statements for p in batch):
+                    await self._writer.insert(*one)  # the common batch: one statement, committed by itself
+                else:
+                    await self._writer.transaction(partial(self._insert_sync, batch, rows, meas, blobs))
+            else:
+                async with self._engine.begin() as conn:
+                    if self._fence is not None:
+                        await self._fence.check(conn, token)
+                    await self._insert_log.run(conn, rows)
+                    if meas:
+                        await self._insert_meas.run(conn, meas)
+                    if blobs:
+                        await conn.execute(self._insert_blob, blobs)
+                    for p in batch:
+                        for stmt in p.statements:
+                            await conn.execute(stmt)
         except Exception as err:  # the writer must survive any driver error and report it
             first, last = rows[0][0], rows[-1][0]
             why = reason(err)
@@ -100,6 +111,29 @@ class Committer:
             log.info("audit_commit_recovered", seq=seq, failed_commits=self._failed_commits)
             self._failed_commits = 0
         return Committed((seq, prev), mseq, rows)
+
+    def _insert_sync(
+        self,
+        batch: list[Pending],
+        rows: list[tuple[Any, ...]],
+        meas: list[tuple[Any, ...]],
+        blobs: list[dict[str, Any]],
+        conn: Connection,
+    ) -> None:
+        """The inserts of ``commit``'s transaction on ``SqliteWriter``'s thread (no fence: SQLite has none)."""
+        self._insert_log.run_sync(conn, rows)
+        if meas:
+            self._insert_meas.run_sync(conn, meas)
+        if blobs:
+            conn.execute(self._insert_blob, blobs)
+        for p in batch:
+            for stmt in p.statements:
+                conn.execute(stmt)
+
+    async def close(self) -> None:
+        """Close the SQLite writer's connection and thread, if there is one."""
+        if self._writer is not None:
+            await self._writer.close()
 
     async def store_evidence(self, sha256: str, raw: bytes) -> None:
         """Store one message body by its SHA-256 in its own transaction (a second copy is ignored).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -33,9 +34,27 @@ class Insert:
         self._by_rows: dict[int, str] = {}
 
     async def run(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` in ``conn``'s transaction."""
+        """Insert ``rows`` in ``conn``'s transaction (an ``AsyncConnection``)."""
+        for sql, params in self.statements(rows):
+            await conn.exec_driver_sql(sql, params)
+
+    def run_sync(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` in ``conn``'s transaction (a ``Connection``: ``SqliteWriter``'s thread)."""
+        for sql, params in self.statements(rows):
+            conn.exec_driver_sql(sql, params)
+
+    def one_statement(self, rows: list[tuple[Any, ...]]) -> tuple[str, Any] | None:
+        """Return the one (SQL, parameters) that inserts ``rows``, or None when it takes more than one."""
+        if not self._multi and len(rows) > 1:
+            return None
+        if self._multi and len(rows) > self._per_statement:
+            return None
+        return next(self.statements(rows))
+
+    def statements(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, Any]]:
+        """Yield the (SQL, parameters) that insert ``rows``."""
         if not self._multi or len(rows) == 1:
-            await conn.exec_driver_sql(self.sql, rows if len(rows) > 1 else rows[0])
+            yield self.sql, rows if len(rows) > 1 else rows[0]
             return
         step = self._per_statement
         for i in range(0, len(rows), step):
@@ -46,7 +65,7 @@ class Insert:
                 if len(self._by_rows) > 64:
                     self._by_rows.clear()
                 sql = self._by_rows[n] = self._head + ", ".join([self._one] * n)
-            await conn.exec_driver_sql(sql, tuple([v for r in chunk for v in r]))
+            yield sql, tuple([v for r in chunk for v in r])
 
 
 def insert_sql(engine: AsyncEngine, table: str, keys: tuple[str, ...]) -> str:

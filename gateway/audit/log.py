@@ -38,6 +38,7 @@ from gateway.audit.measurements import head_mseq, to_measurement
 from gateway.audit.opening import open_database
 from gateway.audit.schema import audit_checkpoints
 from gateway.audit.signing import Checkpoint, Signer
+from gateway.audit.sqlite_writer import SqliteWriter, open_writer
 from gateway.audit.witness import HeadFollower, marker_path, remove_orphans, rescue_copy, rescue_target
 from gateway.clock import Clock, SystemClock
 from gateway.config import AuditConfig
@@ -70,6 +71,7 @@ class AuditLog:
         journal: MeasurementJournal | None = None,
         follower: HeadFollower | None = None,
         fence: WriteFence | None = None,
+        sqlite_writer: SqliteWriter | None = None,
     ) -> None:
         self._engine = engine
         self._fence = fence  # hot standby: every write checks this node's lease token first
@@ -93,7 +95,7 @@ class AuditLog:
             journal=journal,
         )
         self._journal = journal  # the buffer's: its lock is this process's until close
-        self._committer = Committer(engine, fence)
+        self._committer = Committer(engine, fence, sqlite_writer)  # SQLite: transactions on a thread of their own
         self._follower = follower or HeadFollower(None, "", None, None, None)
         self._lost: str | None = None  # set once the database file is gone: every later record is refused
         self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
@@ -128,6 +130,7 @@ class AuditLog:
         """
         db = await open_database(db_url, signing_key, measurement_journal, head_marker)
         engine, head, marker = db.engine, db.head, db.marker
+        writer = await open_writer(engine) if fence is None else None  # a SQLite file's own writer thread
         log.info("audit_log_opened", url=engine.url.render_as_string(), seq=head[0], signed=db.signer is not None)
         self = cls(
             engine,
@@ -144,6 +147,7 @@ class AuditLog:
             journal=db.journal,
             follower=db.follower,
             fence=fence,
+            sqlite_writer=writer,
         )
         self._follower.committed(head[0], head[1], format_ts(self._clock.now()), force=True)
         if marker is not None and marker.lost:
@@ -348,6 +352,7 @@ class AuditLog:
             self._follower.flush(durable=True)
             await asyncio.sleep(0)  # let the last seals' done callbacks run
             self._measurements.close()
+            await self._committer.close()
             await self._engine.dispose()
             if self._lost is not None:
                 remove_orphans(self._follower.db_file)

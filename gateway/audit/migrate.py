@@ -67,7 +67,7 @@ def make_engine(
             raise AuditError(f"cannot create directory {path.parent}: {err.strerror}") from err
     engine = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
-        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine.sync_engine, "connect", sqlite_pragmas)
     return engine
 
 
@@ -81,7 +81,7 @@ def open_existing(db: str | Path | AsyncEngine) -> tuple[AsyncEngine, bool]:
     return make_engine(db), True
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     """Set the durability pragmas on every new SQLite connection."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

@@ -243,7 +243,9 @@ def _cmd_bench_dispatch(args: argparse.Namespace) -> int:
         return _bench_dispatch3(args)
     from drgw_tools.bench.dispatch import run_dispatch_bench
     from drgw_tools.bench.dispatch_figures import format_result
+    from gateway.threads import share_the_lock
 
+    share_the_lock()  # the gateway runs in this process: as `drgw run` does
     res = asyncio.run(run_dispatch_bench(args.gpus, args.events, args.scheduled, args.warmup, profile=args.profile))
     print(json.dumps(res) if args.json else format_result(res))
     return 0
@@ -274,8 +276,10 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
     from drgw_tools.bench.fleet import format_result, result_dict, run_fleet_bench
     from gateway.errors import GatewayError
     from gateway.logs import configure_logging
+    from gateway.threads import share_the_lock
 
     configure_logging("warning")
+    share_the_lock()  # the gateway's fleet client runs in this process: as `drgw run` does
     try:
         res = asyncio.run(
             run_fleet_bench(
@@ -304,6 +308,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
 
     from drgw_tools.bench.audit import as_dict, format_result, run_bench
     from gateway.cli.audit import cli_errors, print_error
+    from gateway.threads import share_the_lock
 
     if args.rows < AUDIT_ROWS_MIN:
         print(f"bench audit: --rows must be at least {AUDIT_ROWS_MIN}", file=sys.stderr)
@@ -311,6 +316,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
     if args.reps < 1:
         print("bench audit: --reps must be at least 1", file=sys.stderr)
         return EXIT_BAD
+    share_the_lock()  # the audit log runs in this process: as `drgw run` does
     try:
         res = asyncio.run(run_bench(args.db, args.rows, args.batch_max, reps=args.reps, profile=args.profile))
     except cli_errors() as err:

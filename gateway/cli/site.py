@@ -69,11 +69,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from gateway.demo import print_summary, run_demo
     from gateway.logs import configure_logging
+    from gateway.threads import share_the_lock
 
     if args.speed <= 0:
         print("demo: --speed must be positive", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging("warning" if not args.verbose else "info", "console" if sys.stderr.isatty() else "json")
+    share_the_lock()  # as `drgw run` does
     db = args.db or time.strftime("drgw-demo-%Y%m%d-%H%M%S.db", time.gmtime())
     if args.serve:  # keep the site running, new events every few minutes, the console on 127.0.0.1
         from gateway.demo_serve import serve_demo
