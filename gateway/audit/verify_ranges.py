@@ -13,7 +13,9 @@ result is exactly the one-process walk's: the first bad row in seq order, and wh
 
 The processes are started with multiprocessing's "spawn" (never fork a process that runs
 threads): a program that verifies must keep its own start under ``if __name__ == "__main__":``.
-Starting them costs about 0.6 s, hence the threshold.
+A spawned process imports this module and what the program's main module imports, so both stay
+light (no SQLAlchemy: ``tests/unit/test_verify_ranges_imports.py``); two processes then cost about
+0.1 s more than one walk, hence the threshold.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from gateway.audit.chain import GENESIS_HASH
 from gateway.audit.walk import COLUMNS, SELECT_ALL, Walk, walk_page
 from gateway.errors import AuditError
 
-# About 2 s of walking in one process (SQLite); two processes on a 100-row log take 579 ms against 7 ms.
-PARALLEL_ROWS = 500_000
+# Where two processes start to win on 2 cores (medians of 5, 2026-12-06, load 1.3): 50,000 rows
+# took 303 ms against 206 ms for one walk, 100,000 426 against 490 ms, 200,000 754 against 1,024 ms.
+PARALLEL_ROWS = 100_000
 PARALLEL_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 _SELECT_RANGE = "SELECT " + COLUMNS + " FROM audit_log WHERE seq >= ? AND seq <= ? ORDER BY seq"

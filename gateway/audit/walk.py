@@ -13,7 +13,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from gateway.audit.chain import GENESIS_HASH
-from gateway.audit.measurements import BATCH_KIND
+from gateway.audit.kinds import MEASUREMENTS_BATCH as BATCH_KIND  # (light: the walk runs in spawned processes)
 
 # Rows that change what the log is (a lost database, a saved copy put back, an operator starting over): noted.
 LIFE_KINDS = frozenset({"audit.db_lost", "audit.db_restored", "audit.start_over"})
