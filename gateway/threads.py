@@ -2,13 +2,13 @@
 
 CPython lets a thread that waits for the interpreter lock have it only once the thread holding
 it has run for the switch interval, 5 ms by default. The gateway's event loop is that thread
-most of the time; its worker threads (the audit writer's, ``gateway.audit.sqlite_writer``,
-aiosqlite's, the measurement journal's) need the lock for a moment before and after each piece
-of work they do outside it (a SQLite insert and its fsync). With the loop busy, each of those
-moments waited up to 5 ms, so the database's work queued behind the loop's instead of running
-beside it: 100,000 audit appends took 23-24 us each at 5 ms, 16.4-16.7 us at 0.5 ms
-(docs/performance.md, "Audit"). Every process that runs the gateway (``drgw run``, ``drgw
-demo``, the benches that measure it) sets ``SWITCH_INTERVAL_S`` at its start.
+most of the time; its worker threads (the audit writer's, ``gateway.audit.sqlite_writer``, and
+aiosqlite's) need the lock for a moment before and after each piece of work they do outside it
+(a SQLite insert and its fsync). With the loop busy, each of those moments waited up to 5 ms,
+so the database's work queued behind the loop's instead of running beside it
+(``drgw bench audit --switch-interval-ms 5`` against the default; docs/performance.md, "Audit").
+Every process that runs the gateway (``drgw run``, ``drgw demo``, the benches that measure it)
+sets ``SWITCH_INTERVAL_S`` at its start.
 """
 
 from __future__ import annotations

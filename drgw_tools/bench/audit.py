@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -35,7 +36,7 @@ from gateway.audit.measurements import Measurement
 from gateway.audit.migrate import normalise_db_url, scratch_database, sqlite_path
 from gateway.audit.signing import Signer, TrustedKeys
 from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify
-from gateway.audit.verify_ranges import walk_sqlite_file
+from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_sqlite_file
 from gateway.eventstore import EventStore
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
@@ -90,6 +91,8 @@ class BenchResult:
     floor_select_rows_per_s: float = 0.0
     floor_hash_rows_per_s: float = 0.0
     verify_ratio: float = 0.0  # verify_rows_per_s / floor_verify_rows_per_s, median over repetitions
+    walk_jobs: int = 0  # processes walking the chain: 0 = the verifier's own rule (gateway.audit.verify_ranges)
+    switch_interval_ms: float = 0.0  # the process's thread switch interval during the run
     loadavg_start: list[float] = field(default_factory=list)  # 1, 5, 15 min
     loadavg_end: list[float] = field(default_factory=list)
     spread: dict[str, list[float]] = field(default_factory=dict)  # figure -> [min, median, max] over reps
@@ -235,22 +238,24 @@ _REP_KEYS = (
 
 
 async def run_bench(
-    db: str | None, rows: int, batch_max: int = 512, *, reps: int = 3, profile: bool = False
+    db: str | None, rows: int, batch_max: int = 512, *, reps: int = 3, profile: bool = False, walk_jobs: int = 0
 ) -> BenchResult:
     """Run ``reps`` repetitions, each on fresh databases (temporary SQLite files when ``db`` is None).
 
     Each repetition writes the log through the gateway, then the floor inserts the same rows with
     the bare driver, then the gateway verifies the log, then the floor reads and hashes it. With
-    ``profile``, one more repetition runs under cProfile (its figures are not counted).
+    ``profile``, one more repetition runs under cProfile (its figures are not counted). With
+    ``walk_jobs`` (1 or more), verify walks the chain in that many processes whatever the log's
+    length; 0 leaves it to the verifier's own rule.
     """
     load_start = [round(x, 2) for x in os.getloadavg()]
     per_rep: list[dict[str, Any]] = []
     for r in range(max(1, reps)):
-        per_rep.append(await _one_rep(db, rows, batch_max, scratch=r > 0, dossier=r == reps - 1))
+        per_rep.append(await _one_rep(db, rows, batch_max, scratch=r > 0, dossier=r == reps - 1, walk_jobs=walk_jobs))
     prof: dict[str, float] | None = None
     top: list[str] | None = None
     if profile:
-        extra = await _one_rep(db, rows, batch_max, scratch=True, dossier=False, profile=True)
+        extra = await _one_rep(db, rows, batch_max, scratch=True, dossier=False, profile=True, walk_jobs=walk_jobs)
         prof, top = extra["profile"], extra["profile_top"]
     load_end = [round(x, 2) for x in os.getloadavg()]
     spread = {k: [min(v), statistics.median(v), max(v)] for k in _REP_KEYS for v in [[p[k] for p in per_rep]]}
@@ -277,6 +282,8 @@ async def run_bench(
         floor_select_rows_per_s=round(med["floor_select_rows_per_s"], 1),
         floor_hash_rows_per_s=round(med["floor_hash_rows_per_s"], 1),
         verify_ratio=round(med["verify_ratio"], 3),
+        walk_jobs=walk_jobs,
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3),
         loadavg_start=load_start,
         loadavg_end=load_end,
         spread={k: [round(x, _digits(k)) for x in s] for k, s in spread.items()},
@@ -292,7 +299,14 @@ def _digits(key: str) -> int:
 
 
 async def _one_rep(
-    db: str | None, rows: int, batch_max: int, *, scratch: bool, dossier: bool, profile: bool = False
+    db: str | None,
+    rows: int,
+    batch_max: int,
+    *,
+    scratch: bool,
+    dossier: bool,
+    profile: bool = False,
+    walk_jobs: int = 0,
 ) -> dict[str, Any]:
     """Run one repetition: gateway appends, floor appends, gateway verify, floor verify (and the dossier)."""
     out: dict[str, Any] = {}
@@ -322,7 +336,8 @@ async def _one_rep(
         result: list[VerifyResult] = []
 
         async def run_verify() -> None:
-            result.append(await verify(url, trusted=trusted))
+            jobs, from_rows = (walk_jobs, 1) if walk_jobs else (PARALLEL_JOBS, PARALLEL_ROWS)
+            result.append(await verify(url, trusted=trusted, jobs=jobs, parallel_rows=from_rows))
 
         cpu = _cpu_with_children()
         if profile:

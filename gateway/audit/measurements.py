@@ -21,10 +21,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit.chain import encode_data, encode_plain, format_ts, parse_ts
+from gateway.audit.kinds import MEASUREMENTS_BATCH
 from gateway.audit.schema import measurements
 from gateway.errors import AuditError
 
-BATCH_KIND = "measurements.batch"
+BATCH_KIND = MEASUREMENTS_BATCH
 POINTS = ("facility_w", "limit_w", "battery_w", "gpu_w", "gpu_natural_w")
 # Row layout as stored and hashed: (mseq, ts, event_id, *POINTS, extra)
 MeasurementRow = tuple[int, str, str | None, float | None, float | None, float | None, float | None, float | None, str]

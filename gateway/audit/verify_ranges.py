@@ -30,8 +30,8 @@ from gateway.audit.chain import GENESIS_HASH
 from gateway.audit.walk import COLUMNS, SELECT_ALL, Walk, walk_page
 from gateway.errors import AuditError
 
-# Where two processes start to win on 2 cores (medians of 5, 2026-12-06, load 1.3): 50,000 rows
-# took 303 ms against 206 ms for one walk, 100,000 426 against 490 ms, 200,000 754 against 1,024 ms.
+# `drgw bench audit --walk-jobs 1` against `--walk-jobs 2` on 2 cores (2026-12-06, load 0.3-0.9):
+# verify took 0.27 / 0.24 s at 50,000 rows, 0.44 / 0.39 s at 100,000, 0.93 / 0.89 s at 200,000.
 PARALLEL_ROWS = 100_000
 PARALLEL_JOBS = max(1, min(4, os.cpu_count() or 1))
 

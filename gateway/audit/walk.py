@@ -13,7 +13,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from gateway.audit.chain import GENESIS_HASH
-from gateway.audit.kinds import MEASUREMENTS_BATCH as BATCH_KIND  # (light: the walk runs in spawned processes)
+from gateway.audit.kinds import MEASUREMENTS_BATCH  # kinds, not measurements: spawned walkers import no SQLAlchemy
 
 # Rows that change what the log is (a lost database, a saved copy put back, an operator starting over): noted.
 LIFE_KINDS = frozenset({"audit.db_lost", "audit.db_restored", "audit.start_over"})
@@ -77,7 +77,7 @@ def walk_page(w: Walk, page: list[Any], wanted: set[int]) -> bool:
                     reason = "row cannot be hashed (prev_hash not hexadecimal or a field not text)"
                 if reason is None and not (data.startswith("{") and data.endswith("}")):
                     reason = "data is not a JSON object"
-            if reason is None and kind == BATCH_KIND:
+            if reason is None and kind == MEASUREMENTS_BATCH:
                 try:
                     w.batches.append((seq, json.loads(data)))
                 except ValueError:

@@ -154,6 +154,18 @@ def _add_audit(bench_sub: Any) -> None:
     b.add_argument("--profile", action="store_true", help="one more repetition under cProfile, summarised")
     b.add_argument("--rows", type=int, default=1_000_000, help="audit rows to write (default 1,000,000)")
     b.add_argument("--batch-max", type=int, default=512, help="most rows per commit (default 512)")
+    b.add_argument(
+        "--walk-jobs",
+        type=int,
+        default=0,
+        help="SQLite: processes that walk the chain in verify, whatever its length (default: the verifier's rule)",
+    )
+    b.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="Python's thread switch interval for the run (default: the gateway's, as `drgw run` sets it)",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench_audit)
 
@@ -313,12 +325,21 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
     if args.rows < AUDIT_ROWS_MIN:
         print(f"bench audit: --rows must be at least {AUDIT_ROWS_MIN}", file=sys.stderr)
         return EXIT_BAD
-    if args.reps < 1:
-        print("bench audit: --reps must be at least 1", file=sys.stderr)
+    if args.reps < 1 or args.walk_jobs < 0:
+        print("bench audit: --reps must be at least 1 and --walk-jobs at least 0", file=sys.stderr)
+        return EXIT_BAD
+    if args.switch_interval_ms is not None and not 0 < args.switch_interval_ms <= 1000:
+        print("bench audit: --switch-interval-ms must be more than 0 and at most 1000", file=sys.stderr)
         return EXIT_BAD
     share_the_lock()  # the audit log runs in this process: as `drgw run` does
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     try:
-        res = asyncio.run(run_bench(args.db, args.rows, args.batch_max, reps=args.reps, profile=args.profile))
+        res = asyncio.run(
+            run_bench(
+                args.db, args.rows, args.batch_max, reps=args.reps, profile=args.profile, walk_jobs=args.walk_jobs
+            )
+        )
     except cli_errors() as err:
         print_error(err)
         return EXIT_BAD

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -49,3 +50,17 @@ def test_bench_audit_reports_its_floors_from_the_same_run(backend: str, capsys: 
         assert rep["floor_verify_rows_per_s"] == min(rep["floor_select_rows_per_s"], rep["floor_hash_rows_per_s"])
     assert len(res["loadavg_start"]) == 3 and len(res["loadavg_end"]) == 3
     assert main(["bench", "audit", "--rows", "2000", "--reps", "0"]) == 2
+
+
+def test_bench_audit_takes_the_walk_s_processes_and_the_switch_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    before = sys.getswitchinterval()
+    try:
+        capsys.readouterr()
+        argv = ["bench", "audit", "--rows", "2000", "--reps", "1", "--json"]
+        assert main([*argv, "--walk-jobs", "2", "--switch-interval-ms", "5"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["verified_ok"] and res["walk_jobs"] == 2 and res["switch_interval_ms"] == 5.0
+        assert main([*argv, "--walk-jobs", "-1"]) == 2
+        assert main([*argv, "--switch-interval-ms", "0"]) == 2
+    finally:
+        sys.setswitchinterval(before)
