@@ -71,14 +71,15 @@ async def test_a_takeover_refuses_the_old_actives_next_audit_append_and_event_st
         assert await store_a.put(event("E1"), Opt.IN, "feasible") is True
         await store_a.set_state("ven_id", "VEN-A")
         await store_a.put_audited(event("E2"), Opt.IN, "feasible", audit_a, Record("opt.decided", {}, "gateway"))
-        await b.start()
 
         # a's lease runs out by the database's clock; b takes over. a's own clock says it still acts.
+        # b is started only after its takeover: a running standby loop could take the lease first.
         await raw(pg_url, "UPDATE gateway_lease SET expires_at = statement_timestamp()")
         seen = await b.observe()
         assert seen is not None and seen.expired
         assert await b.try_acquire(seen)
         assert (a.acting, a.token, b.token) == (True, 1, 2)
+        await b.start()  # its loop renews; the queued role change reaches first_act
 
         with pytest.raises(FencedOff, match="token 1 no longer holds the lease"):
             await audit_a.append("a.2", {})
