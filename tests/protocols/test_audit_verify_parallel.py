@@ -1,8 +1,10 @@
 """The parallel walk of a long SQLite log gives the one-process walk's result, row for row.
 
-``verify(..., jobs=3, parallel_rows=1)`` walks a 60-row log as three ranges (1-20, 21-40, 41-60)
-in three processes; every tampering below, at a range's first or last row or inside one, must
-give exactly the result (first bad row, reason, rows verified, head, notes) of ``jobs=1``.
+``verify(..., jobs=J, parallel_rows=1)`` walks a 60-row log as ``8 * J`` chunks of 2-4 rows: this
+process takes them from the front, ``J - 1`` helper processes from the back. Every tampering below,
+at a chunk's first or last row or inside one, must give exactly the result (first bad row, reason,
+rows verified, head, notes) of ``jobs=1``: when this process walks first (a short log: the helpers
+are still starting), and when it waits until the helpers have taken half the chunks.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.audit import AuditLog, compute_row_hash
+from gateway.audit import AuditLog, compute_row_hash, verify_ranges
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 
@@ -82,8 +86,25 @@ CASES = {
 }
 
 
+def _helpers_first(monkeypatch: pytest.MonkeyPatch, jobs: int) -> None:
+    """Make this process's walker wait, before its first chunk, until the helpers have taken half the chunks."""
+    real = verify_ranges._take
+    chunks = verify_ranges.CHUNKS_PER_JOB * jobs
+
+    def take(ends: Any, *, front: bool) -> int | None:
+        deadline = time.monotonic() + 60
+        while front and ends[0] == 0 and chunks - ends[1] < chunks // 2:
+            assert time.monotonic() < deadline, "the helper processes took no chunk in 60 s"
+            time.sleep(0.005)
+        return real(ends, front=front)
+
+    monkeypatch.setattr(verify_ranges, "_take", take)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-async def test_the_parallel_walk_gives_the_single_walks_result(pristine: Path, tmp_path: Path, case: str) -> None:
+async def test_the_parallel_walk_gives_the_single_walks_result(
+    pristine: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "audit.db"
     shutil.copy(pristine, path)
     con = sqlite3.connect(path)
@@ -94,5 +115,8 @@ async def test_the_parallel_walk_gives_the_single_walks_result(pristine: Path, t
     # (the guards are dropped, so even the intact log is not ok: the chain is what is compared)
     intact = (one.first_bad_seq, one.rows) == (None, ROWS)
     assert intact if case == "intact" else one.first_bad_seq is not None, one
+    assert await verify(str(path), jobs=2, parallel_rows=1) == one  # this process walks first
     for jobs in (2, 3):
-        assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
+        with monkeypatch.context() as m:
+            _helpers_first(m, jobs)
+            assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
