@@ -36,7 +36,7 @@ from gateway.audit.measurements import Measurement
 from gateway.audit.migrate import normalise_db_url, scratch_database, sqlite_path
 from gateway.audit.signing import Signer, TrustedKeys
 from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify
-from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_sqlite_file
+from gateway.audit.verify_ranges import PARALLEL_JOBS, walk_sqlite_file
 from gateway.eventstore import EventStore
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
@@ -336,7 +336,7 @@ async def _one_rep(
         result: list[VerifyResult] = []
 
         async def run_verify() -> None:
-            jobs, from_rows = (walk_jobs, 1) if walk_jobs else (PARALLEL_JOBS, PARALLEL_ROWS)
+            jobs, from_rows = (walk_jobs, 1) if walk_jobs else (PARALLEL_JOBS, None)
             result.append(await verify(url, trusted=trusted, jobs=jobs, parallel_rows=from_rows))
 
         cpu = _cpu_with_children()

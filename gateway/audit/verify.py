@@ -36,6 +36,7 @@ from gateway.audit.migrate import open_existing, sqlite_path
 from gateway.audit.proof import check_checkpoints
 from gateway.audit.schema import audit_checkpoints, measurements, missing_guards, table_exists
 from gateway.audit.signing import Checkpoint, TrustedKeys
+from gateway.audit.verify_pg_ranges import PG_PARALLEL_ROWS, walk_pg_parallel
 from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_sqlite_file
 from gateway.audit.walk import SELECT_PAGE, Walk, walk_page
 from gateway.audit.witness import disagreement, load_marker
@@ -76,7 +77,7 @@ async def verify(
     page_rows: int = PAGE_ROWS,
     *,
     jobs: int = PARALLEL_JOBS,
-    parallel_rows: int = PARALLEL_ROWS,
+    parallel_rows: int | None = None,
     trusted: TrustedKeys | None = None,
     exported: Checkpoint | Sequence[Checkpoint] | None = None,
     checkpoint_interval_s: float | None = None,
@@ -85,10 +86,11 @@ async def verify(
     """Verify the whole log; every check that can run does, and all failures are listed.
 
     ``exported`` is one exported checkpoint or all of them (each is checked); None when none were given.
-    A SQLite log of ``parallel_rows`` rows or more is walked by ``jobs`` processes (same result,
-    ``gateway.audit.verify_ranges``), started with
-    multiprocessing's "spawn": a program that calls this must keep its own start under
-    ``if __name__ == "__main__":`` (``drgw`` and ``python -m gateway.cli`` do).
+    A log of ``parallel_rows`` rows or more (default: ``PARALLEL_ROWS`` on SQLite,
+    ``PG_PARALLEL_ROWS`` on PostgreSQL) is walked by ``jobs`` walkers, this process and helper
+    processes (same result, ``gateway.audit.verify_ranges``), started with multiprocessing's
+    "spawn": a program that calls this must keep its own start under ``if __name__ ==
+    "__main__":`` (``drgw`` and ``python -m gateway.cli`` do).
     """
     exported_all = [exported] if isinstance(exported, Checkpoint) else None if exported is None else list(exported)
     marker = load_marker(head_marker) if head_marker is not None else None
@@ -185,15 +187,20 @@ async def _stored_checkpoints(conn: AsyncConnection) -> list[Checkpoint]:
 
 
 async def _walk(
-    conn: AsyncConnection, page_rows: int, wanted: set[int], jobs: int = 1, parallel_rows: int = PARALLEL_ROWS
+    conn: AsyncConnection, page_rows: int, wanted: set[int], jobs: int = 1, parallel_rows: int | None = None
 ) -> Walk:
     """Walk the chain in pages; stop at the first bad row; collect seals and checkpointed hashes."""
     path = sqlite_path(conn.engine.url.render_as_string(hide_password=False))
     if path is not None and path.is_file():
-        return await asyncio.to_thread(walk_sqlite_file, path, page_rows, wanted, jobs, parallel_rows)
+        rows = PARALLEL_ROWS if parallel_rows is None else parallel_rows
+        return await asyncio.to_thread(walk_sqlite_file, path, page_rows, wanted, jobs, rows)
     w = Walk()
 
     raw = (await conn.get_raw_connection()).driver_connection
+    if conn.dialect.name == "postgresql" and raw is not None and jobs > 1:
+        last = int(await raw.fetchval("SELECT coalesce(max(seq), 0) FROM audit_log"))
+        if last >= max(PG_PARALLEL_ROWS if parallel_rows is None else parallel_rows, 2 * jobs):
+            return await walk_pg_parallel(raw, _asyncpg_args(conn.engine), page_rows, wanted, jobs, last)
     sql = SELECT_PAGE.format(start="{start}", limit=int(page_rows))
 
     async def fetch(start: int) -> list[Any]:
@@ -218,6 +225,14 @@ async def _walk(
             return w
         page = await nxt
     return w
+
+
+def _asyncpg_args(engine: AsyncEngine) -> dict[str, Any]:
+    """Return what ``asyncpg.connect`` takes to reach ``engine``'s database (for the walk's helper processes)."""
+    _args, kwargs = engine.dialect.create_connect_args(engine.url)
+    for sqlalchemy_only in ("async_creator_fn", "prepared_statement_cache_size", "prepared_statement_name_func"):
+        kwargs.pop(sqlalchemy_only, None)
+    return dict(kwargs)
 
 
 async def _check_measurements(conn: AsyncConnection, walk: Walk) -> tuple[int, list[str]]:

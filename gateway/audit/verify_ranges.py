@@ -4,9 +4,7 @@ One interpreter walks a row in a few microseconds, most of it the canonical form
 SQLite log of ``PARALLEL_ROWS`` rows or more is cut into ``CHUNKS_PER_JOB * jobs`` chunks. The
 calling thread walks them from the front and ``jobs - 1`` helper processes from the back, each
 opening the file read-only and taking its next chunk from a pair of shared counters, until they
-meet. (On PostgreSQL the server's backends serialise the rows on the same cores: two walking
-processes on a 2-core machine verified 0.18-0.39 of the floor, where one walk does 0.45-0.52, so
-PostgreSQL is walked by one process.)
+meet. (A PostgreSQL log is walked the same way, ``gateway.audit.verify_pg_ranges``.)
 
 Each chunk is walked like the whole chain, from the prev_hash its first row stores; the join then
 checks each chunk's first prev_hash against the previous chunk's last row_hash before anything
@@ -77,33 +75,50 @@ def walk_parallel(path: Path, page_rows: int, wanted: set[int], jobs: int, last:
     next chunk from a pair of shared counters, so the split follows what each side managed, and
     the last to finish waits for at most one chunk of the other.
     """
+    bounds, ends, pool = start_helpers(jobs, last)
+    n = len(bounds)
+    parts: dict[int, tuple[Walk, str | None]] = {}
+    with pool:
+        helpers = [pool.submit(walk_from_back, str(path), bounds, page_rows, wanted) for _ in range(jobs - 1)]
+        while (i := take(ends, front=True)) is not None:
+            parts[i] = walk_range(str(path), bounds[i], page_rows, wanted)
+            if parts[i][0].bad_seq is not None:  # what comes after the first bad row is not needed
+                take_no_more(ends)
+        for h in helpers:
+            parts.update(h.result())
+    return join(bounds, [parts.get(i) for i in range(n)])
+
+
+def start_helpers(jobs: int, last: int) -> tuple[list[tuple[int, int]], Any, ProcessPoolExecutor]:
+    """Return the chunks of seqs 1..``last``, the shared counters, and a pool of ``jobs - 1`` helpers sharing them."""
     n = CHUNKS_PER_JOB * jobs
     bounds = [(1 + last * i // n, last * (i + 1) // n) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
     ends = ctx.Array("q", [0, n])  # [next chunk from the front, one past the next from the back]
-    parts: dict[int, tuple[Walk, str | None]] = {}
-    with ProcessPoolExecutor(max_workers=jobs - 1, mp_context=ctx, initializer=_share, initargs=(ends,)) as pool:
-        helpers = [pool.submit(walk_from_back, str(path), bounds, page_rows, wanted) for _ in range(jobs - 1)]
-        while (i := _take(ends, front=True)) is not None:
-            parts[i] = walk_range(str(path), bounds[i], page_rows, wanted)
-            if parts[i][0].bad_seq is not None:  # what comes after the first bad row is not needed
-                with ends.get_lock():
-                    ends[1] = ends[0]
-        for h in helpers:
-            parts.update(h.result())
-    return _join(bounds, [parts.get(i) for i in range(n)])
+    return bounds, ends, ProcessPoolExecutor(max_workers=jobs - 1, mp_context=ctx, initializer=share, initargs=(ends,))
 
 
 _ends: Any = None  # a helper process's view of the shared counters
 
 
-def _share(ends: Any) -> None:
+def share(ends: Any) -> None:
     """Keep the shared counters in a helper process (its pool's initializer)."""
     global _ends
     _ends = ends
 
 
-def _take(ends: Any, *, front: bool) -> int | None:
+def helper_ends() -> Any:
+    """Return the shared counters, in a helper process."""
+    return _ends
+
+
+def take_no_more(ends: Any) -> None:
+    """Let no one take another chunk (what comes after a bad row is not needed)."""
+    with ends.get_lock():
+        ends[1] = ends[0]
+
+
+def take(ends: Any, *, front: bool) -> int | None:
     """Take the next chunk from the front or the back; None when every chunk is taken."""
     with ends.get_lock():
         if ends[0] >= ends[1]:
@@ -120,12 +135,12 @@ def walk_from_back(
 ) -> dict[int, tuple[Walk, str | None]]:
     """Walk chunks from the back until none is left (in a helper process); return them by index."""
     out = {}
-    while (i := _take(_ends, front=False)) is not None:
+    while (i := take(_ends, front=False)) is not None:
         out[i] = walk_range(path, bounds[i], page_rows, wanted)
     return out
 
 
-def _join(bounds: list[tuple[int, int]], parts: list[tuple[Walk, str | None] | None]) -> Walk:
+def join(bounds: list[tuple[int, int]], parts: list[tuple[Walk, str | None] | None]) -> Walk:
     """Join the chunks' walks in seq order into the one walk they make; stop at the first bad row."""
     w = Walk()
     for (first, _), got in zip(bounds, parts, strict=True):

@@ -158,7 +158,8 @@ def _add_audit(bench_sub: Any) -> None:
         "--walk-jobs",
         type=int,
         default=0,
-        help="SQLite: processes that walk the chain in verify, whatever its length (default: the verifier's rule)",
+        help="walkers of the chain in verify (this process and helpers), whatever its length "
+        "(default: the verifier's rule)",
     )
     b.add_argument(
         "--switch-interval-ms",

@@ -86,19 +86,21 @@ CASES = {
 }
 
 
-def _helpers_first(monkeypatch: pytest.MonkeyPatch, jobs: int) -> None:
-    """Make this process's walker wait, before its first chunk, until the helpers have taken half the chunks."""
-    real = verify_ranges._take
+def _helpers_first(monkeypatch: pytest.MonkeyPatch, jobs: int, taken: int | None = None) -> None:
+    """Make this process's walker wait, before its first chunk, until the helpers have taken
+    ``taken`` chunks (default: half of them)."""
+    real = verify_ranges.take
     chunks = verify_ranges.CHUNKS_PER_JOB * jobs
+    wait_for = chunks // 2 if taken is None else taken
 
     def take(ends: Any, *, front: bool) -> int | None:
         deadline = time.monotonic() + 60
-        while front and ends[0] == 0 and chunks - ends[1] < chunks // 2:
+        while front and ends[0] == 0 and chunks - ends[1] < wait_for:
             assert time.monotonic() < deadline, "the helper processes took no chunk in 60 s"
             time.sleep(0.005)
         return real(ends, front=front)
 
-    monkeypatch.setattr(verify_ranges, "_take", take)
+    monkeypatch.setattr(verify_ranges, "take", take)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
