@@ -73,7 +73,8 @@ def walk_parallel(path: Path, page_rows: int, wanted: set[int], jobs: int, last:
 
     This thread starts at once, while the processes start (about 0.1 s each). Each side takes its
     next chunk from a pair of shared counters, so the split follows what each side managed, and
-    the last to finish waits for at most one chunk of the other.
+    the last to finish waits for at most one chunk of the other. A helper that fails costs only
+    time: the chunks it took are walked here (an unreadable file fails here as well, then).
     """
     bounds, ends, pool = start_helpers(jobs, last)
     n = len(bounds)
@@ -85,7 +86,13 @@ def walk_parallel(path: Path, page_rows: int, wanted: set[int], jobs: int, last:
             if parts[i][0].bad_seq is not None:  # what comes after the first bad row is not needed
                 take_no_more(ends)
         for h in helpers:
-            parts.update(h.result())
+            if h.exception() is None:
+                parts.update(h.result())
+    for i in range(n):  # what a failed helper took (a killed process, say), up to the first bad row
+        if i not in parts:
+            parts[i] = walk_range(str(path), bounds[i], page_rows, wanted)
+        if parts[i][0].bad_seq is not None:
+            break
     return join(bounds, [parts.get(i) for i in range(n)])
 
 

@@ -122,3 +122,25 @@ async def test_the_parallel_walk_gives_the_single_walks_result(
         with monkeypatch.context() as m:
             _helpers_first(m, jobs)
             assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
+
+
+def _dying_helper(path: str, bounds: list[tuple[int, int]], page_rows: int, wanted: set[int]) -> None:
+    """A helper that takes one chunk from the back and dies on it (run in a helper process)."""
+    verify_ranges.take(verify_ranges.helper_ends(), front=False)
+    raise RuntimeError("helper died")
+
+
+async def test_a_helper_that_fails_costs_only_time(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.db"
+    shutil.copy(pristine, path)
+    con = sqlite3.connect(path)
+    _delete(ROWS - 2)(con)  # in the last chunk: the one the helper takes
+    con.commit()
+    con.close()
+    one = await verify(str(path), jobs=1)
+    assert one.first_bad_seq == ROWS - 2, one
+    monkeypatch.setattr(verify_ranges, "walk_from_back", _dying_helper)
+    _helpers_first(monkeypatch, 2, taken=1)
+    assert await verify(str(path), jobs=2, parallel_rows=1) == one
