@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway.audit import AuditLog, compute_row_hash, verify_ranges
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
+from tests.protocols.walk_helpers import dying_helper, helpers_first
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -86,23 +85,6 @@ CASES = {
 }
 
 
-def _helpers_first(monkeypatch: pytest.MonkeyPatch, jobs: int, taken: int | None = None) -> None:
-    """Make this process's walker wait, before its first chunk, until the helpers have taken
-    ``taken`` chunks (default: half of them)."""
-    real = verify_ranges.take
-    chunks = verify_ranges.CHUNKS_PER_JOB * jobs
-    wait_for = chunks // 2 if taken is None else taken
-
-    def take(ends: Any, *, front: bool) -> int | None:
-        deadline = time.monotonic() + 60
-        while front and ends[0] == 0 and chunks - ends[1] < wait_for:
-            assert time.monotonic() < deadline, "the helper processes took no chunk in 60 s"
-            time.sleep(0.005)
-        return real(ends, front=front)
-
-    monkeypatch.setattr(verify_ranges, "take", take)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_the_parallel_walk_gives_the_single_walks_result(
     pristine: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
@@ -120,14 +102,8 @@ async def test_the_parallel_walk_gives_the_single_walks_result(
     assert await verify(str(path), jobs=2, parallel_rows=1) == one  # this process walks first
     for jobs in (2, 3):
         with monkeypatch.context() as m:
-            _helpers_first(m, jobs)
+            helpers_first(m, jobs)
             assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
-
-
-def _dying_helper(path: str, bounds: list[tuple[int, int]], page_rows: int, wanted: set[int]) -> None:
-    """A helper that takes one chunk from the back and dies on it (run in a helper process)."""
-    verify_ranges.take(verify_ranges.helper_ends(), front=False)
-    raise RuntimeError("helper died")
 
 
 async def test_a_helper_that_fails_costs_only_time(
@@ -141,6 +117,6 @@ async def test_a_helper_that_fails_costs_only_time(
     con.close()
     one = await verify(str(path), jobs=1)
     assert one.first_bad_seq == ROWS - 2, one
-    monkeypatch.setattr(verify_ranges, "walk_from_back", _dying_helper)
-    _helpers_first(monkeypatch, 2, taken=1)
+    monkeypatch.setattr(verify_ranges, "walk_from_back", dying_helper)
+    helpers_first(monkeypatch, 2, taken=1)
     assert await verify(str(path), jobs=2, parallel_rows=1) == one

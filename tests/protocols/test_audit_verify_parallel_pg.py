@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.audit import AuditLog, compute_row_hash
+from gateway.audit import verify as verify_module
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 from tests.pgdb import fetch, fresh_pg_database, raw
-from tests.protocols.test_audit_verify_parallel import _helpers_first
+from tests.protocols.walk_helpers import helpers_first
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -70,7 +71,7 @@ async def test_the_parallel_walk_gives_the_single_walks_result_on_postgresql(
     assert await verify(log_url, jobs=2, parallel_rows=1) == one  # this process walks first
     for jobs in (2, 3):
         with monkeypatch.context() as m:
-            _helpers_first(m, jobs)
+            helpers_first(m, jobs)
             assert await verify(log_url, jobs=jobs, parallel_rows=1) == one, jobs
 
 
@@ -80,12 +81,10 @@ async def test_a_helper_that_fails_costs_only_time(log_url: str, monkeypatch: py
     assert one.first_bad_seq == 58, one
     # The helper's session looks in a schema without the log: it takes a chunk and fails on it.
     # This process walks what it took, and the result is the one walk's.
-    import gateway.audit.verify as verify_module
-
     real = verify_module._asyncpg_args
     monkeypatch.setattr(
         verify_module, "_asyncpg_args", lambda engine: {**real(engine), "server_settings": {"search_path": "nowhere"}}
     )
     with monkeypatch.context() as m:
-        _helpers_first(m, 2, taken=1)
+        helpers_first(m, 2, taken=1)
         assert await verify(log_url, jobs=2, parallel_rows=1) == one
