@@ -51,6 +51,7 @@ class _SimGpu:
     from_w: float  # draw when the last change began
     change_t: float  # when the last change began
     lease_until: float | None = None  # None: at the default limit, nothing to expire
+    settled_w: float | None = None  # target_w() for the present cap and job (None: not worked out since a change)
 
     @property
     def default_cap_w(self) -> float:
@@ -63,8 +64,10 @@ class _SimGpu:
         return self.job.natural_w(self.tdp_w) * self.noise
 
     def target_w(self) -> float:
-        """Return the draw (W) this GPU settles at under its present cap."""
-        return gpumodel.power_at_cap(self.cap_w, self.natural_w)
+        """Return the draw (W) this GPU settles at under its present cap (worked out once per change)."""
+        if self.settled_w is None:
+            self.settled_w = gpumodel.power_at_cap(self.cap_w, self.natural_w)
+        return self.settled_w
 
 
 class SimGpuFleet:
@@ -167,6 +170,7 @@ class SimGpuFleet:
             raise InputRejected(str(err)) from err
         if tier is not None:
             gpu.tier = tier
+        gpu.settled_w = None
         gpu.from_w = gpu.target_w()
         gpu.change_t = self._clock.monotonic()
 
@@ -184,9 +188,11 @@ class SimGpuFleet:
         """Move the GPU's limit to ``cap_w`` at time ``at``; its draw starts to follow."""
         if cap_w == gpu.cap_w:
             return
-        gpu.from_w = self._power_w(gpu, at)
+        if self._settle_s > 0:  # the draw moves from where it is now (with no settling, it jumps)
+            gpu.from_w = self._power_w(gpu, at)
         gpu.change_t = at
         gpu.cap_w = cap_w
+        gpu.settled_w = None
 
     def _expire_leases(self, now: float) -> None:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""

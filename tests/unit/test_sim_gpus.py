@@ -80,6 +80,33 @@ async def test_cap_settles_after_lag_and_follows_model(fleet: SimGpuFleet, clock
     assert settled.throughput == pytest.approx(0.875 * THROUGHPUT_MAX["training"], abs=20.0)
 
 
+async def test_with_no_settling_the_draw_follows_every_change_at_once(clock: ManualClock) -> None:
+    fleet = SimGpuFleet(_config(), clock, seed=7, settle_s=0.0)
+    natural = fleet.natural_w()["gpu-000"]
+    for cap in (490.0, 600.0, 300.0, 700.0):
+        await fleet.set_caps({"gpu-000": cap}, lease_s=30.0)
+        assert (await fleet.read())[0].power_w == pytest.approx(gpumodel.power_at_cap(cap, natural))
+    fleet.set_job("gpu-000", "decode")
+    decode_natural = fleet.natural_w()["gpu-000"]
+    await fleet.set_caps({"gpu-000": 200.0}, lease_s=30.0)
+    assert (await fleet.read())[0].power_w == pytest.approx(gpumodel.power_at_cap(200.0, decode_natural))
+
+
+async def test_a_change_while_settling_moves_on_from_the_draw_of_that_moment(
+    fleet: SimGpuFleet, clock: ManualClock
+) -> None:
+    natural = fleet.natural_w()["gpu-000"]
+    start = (await fleet.read())[0].power_w
+    await fleet.set_caps({"gpu-000": 300.0}, lease_s=30.0)
+    clock.advance(SETTLE_S / 2)
+    mid = (await fleet.read())[0].power_w
+    assert mid == pytest.approx((start + gpumodel.power_at_cap(300.0, natural)) / 2)
+    await fleet.set_caps({"gpu-000": 700.0}, lease_s=30.0)  # back up, from where the draw is now
+    assert (await fleet.read())[0].power_w == pytest.approx(mid)
+    clock.advance(SETTLE_S / 2)
+    assert (await fleet.read())[0].power_w == pytest.approx((mid + natural) / 2)
+
+
 async def test_decode_cap_above_natural_saves_nothing(fleet: SimGpuFleet, clock: ManualClock) -> None:
     before = (await fleet.read())[3]
     await fleet.set_caps({"gpu-003": 400.0}, lease_s=30.0)
