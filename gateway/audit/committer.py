@@ -89,14 +89,7 @@ class Committer:
                 async with self._engine.begin() as conn:
                     if self._fence is not None:
                         await self._fence.check(conn, token)
-                    await self._insert_log.run(conn, rows)
-                    if meas:
-                        await self._insert_meas.run(conn, meas)
-                    if blobs:
-                        await conn.execute(self._insert_blob, blobs)
-                    for p in batch:
-                        for stmt in p.statements:
-                            await conn.execute(stmt)
+                    await conn.run_sync(partial(self._insert_sync, batch, rows, meas, blobs))
         except Exception as err:  # the writer must survive any driver error and report it
             first, last = rows[0][0], rows[-1][0]
             why = reason(err)
@@ -120,7 +113,8 @@ class Committer:
         blobs: list[dict[str, Any]],
         conn: Connection,
     ) -> None:
-        """The inserts of ``commit``'s transaction on ``SqliteWriter``'s thread (no fence: SQLite has none)."""
+        """The inserts of ``commit``'s transaction, in ``conn``'s (on ``SqliteWriter``'s thread, or through
+        the async engine's ``run_sync`` after the fence's check)."""
         self._insert_log.run_sync(conn, rows)
         if meas:
             self._insert_meas.run_sync(conn, meas)

@@ -33,13 +33,8 @@ class Insert:
         self._per_statement = max(1, SQLITE_MAX_VARIABLES // len(keys))
         self._by_rows: dict[int, str] = {}
 
-    async def run(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` in ``conn``'s transaction (an ``AsyncConnection``)."""
-        for sql, params in self.statements(rows):
-            await conn.exec_driver_sql(sql, params)
-
     def run_sync(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` in ``conn``'s transaction (a ``Connection``: ``SqliteWriter``'s thread)."""
+        """Insert ``rows`` in ``conn``'s transaction (a ``Connection``)."""
         for sql, params in self.statements(rows):
             conn.exec_driver_sql(sql, params)
 

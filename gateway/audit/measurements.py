@@ -106,7 +106,7 @@ def batch_digest(rows: Iterable[Sequence[Any]]) -> str:
     the lines are hashed as one text (the same bytes as one update per line, in one call).
     """
     enc = encode_plain
-    lines = [enc([int(r[0]), r[1], r[2], *[None if v is None else float(v) for v in r[3:8]], r[8]]) for r in rows]
+    lines = [enc([int(r[0]), r[1], r[2], *map(_f, r[3:8]), r[8]]) for r in rows]
     lines.append("")  # the last line's newline
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 

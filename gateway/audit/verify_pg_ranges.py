@@ -19,9 +19,8 @@ from typing import Any
 
 from gateway.audit import verify_ranges as ranges
 from gateway.audit.chain import GENESIS_HASH
+from gateway.audit.verify_ranges import Part
 from gateway.audit.walk import SELECT_PAGE, Walk, walk_page
-
-Part = tuple[Walk, str | None]
 
 # `drgw bench audit --db <PostgreSQL> --walk-jobs 1` against `--walk-jobs 2` on 2 cores, the server
 # on the same machine (2026-12-06, medians of 3): verify took 0.12 / 0.14 s at 20,000 rows,
