@@ -16,6 +16,7 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
     from gateway.clock import SystemClock
     from gateway.compose import Site, build_site
     from gateway.fdbudget import ExhaustionLog, fit_caps, raise_soft_limit
+    from gateway.heap import freeze_startup_heap
     from gateway.preflight import startup_problems
     from gateway.threads import share_the_lock
 
@@ -42,12 +43,14 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await site.start()
+        heap = freeze_startup_heap()  # what start-up built stays: no full collection walks it again
         o = cfg.openadr
         log.info(
             "gateway running",
             site=cfg.site.name,
             openadr=o.version,
             vtn=o.v3.base_url if o.version == "3.1" else o.vtn_url,
+            frozen_objects=heap.objects,
         )
         await stop.wait()
         reason = "signal"

@@ -12,6 +12,7 @@ dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import resource
@@ -38,6 +39,7 @@ from gateway.audit.signing import Signer, TrustedKeys
 from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify
 from gateway.audit.verify_ranges import PARALLEL_JOBS, walk_sqlite_file
 from gateway.eventstore import EventStore
+from gateway.heap import GcTimer
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -93,6 +95,7 @@ class BenchResult:
     verify_ratio: float = 0.0  # verify_rows_per_s / floor_verify_rows_per_s, median over repetitions
     walk_jobs: int = 0  # processes walking the chain: 0 = the verifier's own rule (gateway.audit.verify_ranges)
     switch_interval_ms: float = 0.0  # the process's thread switch interval during the run
+    gc_frozen_objects: int = 0  # objects frozen out of the collector's passes before the run (gateway.heap)
     loadavg_start: list[float] = field(default_factory=list)  # 1, 5, 15 min
     loadavg_end: list[float] = field(default_factory=list)
     spread: dict[str, list[float]] = field(default_factory=dict)  # figure -> [min, median, max] over reps
@@ -224,6 +227,7 @@ _REP_KEYS = (
     "appends_per_s",
     "raw_appends_per_s",
     "append_ratio",
+    "append_gc_ms",
     "verify_rows_per_s",
     "floor_verify_rows_per_s",
     "floor_select_rows_per_s",
@@ -284,6 +288,7 @@ async def run_bench(
         verify_ratio=round(med["verify_ratio"], 3),
         walk_jobs=walk_jobs,
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 3),
+        gc_frozen_objects=gc.get_freeze_count(),
         loadavg_start=load_start,
         loadavg_end=load_end,
         spread={k: [round(x, _digits(k)) for x in s] for k, s in spread.items()},
@@ -325,8 +330,10 @@ async def _one_rep(
             top += ["append:", *t]
         else:
             began = time.perf_counter()
-            await _append_all(log, rows)
+            with GcTimer() as collector:
+                await _append_all(log, rows)
             append_s = time.perf_counter() - began
+            out["append_gc_ms"] = sum(collector.ms)
         append_cpu_s = time.process_time() - cpu
         n_meas, meas_s = await _store_events_and_measurements(log, rows)
         await log.close()  # signs the head
@@ -465,6 +472,8 @@ def format_result(res: BenchResult) -> str:
             f"dossier latency     {res.dossier_ms:>12,.1f} ms  "
             f"(median of 4 after a first run of {res.dossier_first_ms} ms)",
             f"measurement rows    {res.measurements_per_s:>12,.0f} /s   (batches of 600)",
+            f"collector, appends  {res.spread['append_gc_ms'][1]:>12,.1f} ms  ({span('append_gc_ms', '.1f')}; "
+            f"{res.gc_frozen_objects:,} objects frozen out of its passes before the run)",
             "CPU us per row      "
             + ", ".join(f"{k.removesuffix('_cpu_us_per_row')} {res.spread[k][1]}" for k in _REP_KEYS if "cpu" in k),
             f"load average        {res.loadavg_start} -> {res.loadavg_end}",

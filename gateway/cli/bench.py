@@ -167,6 +167,11 @@ def _add_audit(bench_sub: Any) -> None:
         default=None,
         help="Python's thread switch interval for the run (default: the gateway's, as `drgw run` sets it)",
     )
+    b.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the start-up heap in the collector's passes (default: frozen, as `drgw run` does)",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_cmd_bench_audit)
 
@@ -321,6 +326,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
 
     from drgw_tools.bench.audit import as_dict, format_result, run_bench
     from gateway.cli.audit import cli_errors, print_error
+    from gateway.heap import freeze_startup_heap
     from gateway.threads import share_the_lock
 
     if args.rows < AUDIT_ROWS_MIN:
@@ -335,6 +341,8 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
     share_the_lock()  # the audit log runs in this process: as `drgw run` does
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
+    if not args.no_gc_freeze:
+        freeze_startup_heap()  # as `drgw run` does once the site has started
     try:
         res = asyncio.run(
             run_bench(

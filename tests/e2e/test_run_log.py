@@ -57,3 +57,6 @@ async def test_every_stderr_line_of_a_start_and_stop_is_json(tmp_path: Path) -> 
     assert not not_json, "not JSON:\n" + "\n".join(not_json)
     assert all(isinstance(r, dict) and "event" in r and "level" in r and "timestamp" in r for r in records)
     assert any(str(r.get("logger", "")).startswith("pymodbus") for r in records), "no library record seen"
+    running = [r for r in records if r["event"] == "gateway running"]
+    # What start-up built is frozen out of the collector's full passes once the site runs (gateway.heap).
+    assert len(running) == 1 and running[0]["frozen_objects"] > 10_000, running
