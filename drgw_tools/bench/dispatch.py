@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import tempfile
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from drgw_tools.bench.dispatch_figures import floor_figures, percentile, summarize
+from gateway.heap import GcTimer, freeze_startup_heap
 from gateway.model import BatteryState, DemandEvent, GpuState, Opt
 
 POLL_S = 1.0  # the VEN polls this often (the VTN asks for it; whole seconds in OpenADR 2.0b)
@@ -373,11 +375,18 @@ class _Bench(TimedSite):
 
 
 async def run_dispatch_bench(
-    gpus: int = 64, events: int = 100, scheduled: int = 40, warmup: int = 2, *, profile: bool = False
+    gpus: int = 64,
+    events: int = 100,
+    scheduled: int = 40,
+    warmup: int = 2,
+    *,
+    profile: bool = False,
+    gc_freeze: bool = True,
 ) -> dict[str, Any]:
     """Measure event-to-actuation latency on the simulated site; return the figures (ms) and sample counts.
 
     ``profile``: trace each event active on arrival step by step (``dispatch_trace``), under ``"profile"``.
+    ``gc_freeze``: once the site has started, freeze the heap as ``drgw run`` does (``gateway.heap``).
     """
     if gpus < 1 or events < 1 or scheduled < 0 or warmup < 0:
         raise ValueError("gpus and events must be at least 1, scheduled and warmup at least 0")
@@ -393,18 +402,21 @@ async def run_dispatch_bench(
         async with _Bench(gpus, str(Path(tmp) / "bench.db"), tracer) as bench:
             plan = kinds(events, scheduled, warmup)
             i = 0
-            while i < len(plan):
-                s = await bench.measure("arrival" if plan[i] == "warmup" else plan[i])
-                if s is None:
-                    missed += 1
-                    in_a_row += 1
-                    if in_a_row > MAX_MISSED_IN_A_ROW:
-                        raise RuntimeError("bench dispatch: the VEN's polls keep coming too late to time an event")
-                    continue  # run this one again
-                in_a_row = 0
-                if plan[i] != "warmup":
-                    samples.append(s)
-                i += 1
+            if gc_freeze:
+                freeze_startup_heap()
+            with GcTimer() as collector:
+                while i < len(plan):
+                    s = await bench.measure("arrival" if plan[i] == "warmup" else plan[i])
+                    if s is None:
+                        missed += 1
+                        in_a_row += 1
+                        if in_a_row > MAX_MISSED_IN_A_ROW:
+                            raise RuntimeError("bench dispatch: the VEN's polls keep coming too late to time an event")
+                        continue  # run this one again
+                    in_a_row = 0
+                    if plan[i] != "warmup":
+                        samples.append(s)
+                    i += 1
             opts = await _answers(bench.vtn, {s.event_id for s in samples})
             floor = (bench.floor_http, bench.floor_modbus)
     res = summarize(gpus, samples, warmup, missed, opts)
@@ -413,6 +425,9 @@ async def run_dispatch_bench(
         from drgw_tools.bench.dispatch_trace import summarize_trace
 
         res["profile"] = summarize_trace(tracer, [s for s in samples if s.kind == "arrival"], percentile)
+    res["gc_frozen_objects"] = gc.get_freeze_count()
+    res["gc_ms"] = round(sum(collector.ms), 1)  # the collector's time while events were timed
+    res["gc_full_passes"] = collector.passes[2]
     res["loadavg_start"] = [round(x, 2) for x in load_start]
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return res

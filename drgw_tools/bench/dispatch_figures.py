@@ -102,6 +102,11 @@ def format_result(res: Mapping[str, Any]) -> str:
         from drgw_tools.bench.dispatch_trace import format_trace
 
         lines.append(format_trace(res["profile"]))
+    if "gc_ms" in res:
+        lines.append(
+            f"  the collector while events were timed: {res['gc_ms']} ms, {res['gc_full_passes']} full passes "
+            f"({res['gc_frozen_objects']:,} objects frozen out of them once the site had started)"
+        )
     if res["busy_at_arrival"]:
         lines.append(f"  warning: {res['busy_at_arrival']} events arrived while the gateway was still busy")
     return "\n".join(lines)

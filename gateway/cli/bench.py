@@ -119,6 +119,9 @@ def _add_dispatch(bench_sub: Any) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--profile", action="store_true",
                    help="2.0b: trace each event's hand-over -> read-back by step, note slow callbacks")  # fmt: skip
+    b.add_argument("--no-gc-freeze", action="store_true",
+                   help="2.0b: leave the start-up heap in the collector's passes (default: frozen, as `drgw run` "
+                   "does once the site has started)")  # fmt: skip
     b.set_defaults(func=_cmd_bench_dispatch)
 
 
@@ -264,7 +267,11 @@ def _cmd_bench_dispatch(args: argparse.Namespace) -> int:
     from gateway.threads import share_the_lock
 
     share_the_lock()  # the gateway runs in this process: as `drgw run` does
-    res = asyncio.run(run_dispatch_bench(args.gpus, args.events, args.scheduled, args.warmup, profile=args.profile))
+    res = asyncio.run(
+        run_dispatch_bench(
+            args.gpus, args.events, args.scheduled, args.warmup, profile=args.profile, gc_freeze=not args.no_gc_freeze
+        )
+    )
     print(json.dumps(res) if args.json else format_result(res))
     return 0
 

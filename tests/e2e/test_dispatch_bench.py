@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 
 from gateway.cli import main
+from tests.gwproc import DRGW
 
 EVENTS, SCHEDULED = 3, 1
 
@@ -19,7 +21,8 @@ EVENTS, SCHEDULED = 3, 1
 def test_bench_dispatch_reports_its_figures_and_sample_counts(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "dispatch", "--gpus", "64", "--events", str(EVENTS), "--scheduled", str(SCHEDULED)]
     capsys.readouterr()
-    assert main([*argv, "--warmup", "1", "--json"]) == 0
+    # --no-gc-freeze: a freeze would last this process's life, pytest's objects included (see the child run below).
+    assert main([*argv, "--warmup", "1", "--json", "--no-gc-freeze"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["gpus"] == 64 and res["warmup"] == 1
     assert res["samples"] == EVENTS and res["scheduled_samples"] == SCHEDULED
@@ -40,6 +43,14 @@ def test_bench_dispatch_reports_its_figures_and_sample_counts(capsys: pytest.Cap
     for key in ("floor_p50_ms", "floor_p99_ms", "floor_http_p99_ms", "floor_modbus_p99_ms"):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert res["floor_p99_ms"] >= max(res["floor_http_p50_ms"], res["floor_modbus_p50_ms"])
+    assert res["gc_frozen_objects"] == 0 and res["gc_ms"] >= 0.0 and res["gc_full_passes"] >= 0
+
+
+def test_bench_dispatch_freezes_the_heap_once_the_site_has_started_as_drgw_run_does() -> None:
+    argv = ["bench", "dispatch", "--events", "1", "--scheduled", "0", "--warmup", "0", "--json"]
+    out = subprocess.run([DRGW, *argv], capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["samples"] == 1 and res["gc_frozen_objects"] > 10_000
 
 
 def test_bench_dispatch_refuses_bad_counts(capsys: pytest.CaptureFixture[str]) -> None:
