@@ -117,6 +117,8 @@ async def test_kill_9_the_active_mid_event_the_standby_resumes_it_once(pg_url: s
         assert ready is not None and ready["ok"], ready  # a standby is ready, and says what it is
         assert "drgw_standby_active 0.0" in await other.metrics()
         assert "drgw_standby_active 1.0" in await first.metrics()
+        frozen = "startup heap frozen"  # each node, once started, whichever role it took (gateway.heap)
+        await until(lambda: all(frozen in n.log_text() for n in nodes), WAIT_S, frozen, lambda: _logs(nodes))
         ven_id = await vtn.wait_for_registration(VEN_NAME, timeout_s=WAIT_S)
         event_id = vtn.add_event(ven_id, signal="LOAD_DISPATCH", signal_type="delta", value=5.0,
                                  start=datetime.now(UTC) + timedelta(seconds=2), duration_s=600.0)  # fmt: skip
