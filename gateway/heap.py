@@ -16,8 +16,10 @@ after their set-up, as they set the switch interval (``gateway.threads``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -36,6 +38,24 @@ def freeze_startup_heap() -> Frozen:
     collect_ms = (time.perf_counter() - began) * 1000
     gc.freeze()
     return Frozen(gc.get_freeze_count(), round(collect_ms, 1))
+
+
+@contextlib.contextmanager
+def thawed() -> Iterator[None]:
+    """Run the block with nothing frozen, as a process that never froze (``drgw audit verify``); freeze again after.
+
+    A frozen heap changes what the collector costs whatever builds many objects, so a bench that
+    measures in one process what runs in two (appends in ``drgw run``, verify in its own command)
+    thaws for the second. Nothing happens where nothing is frozen.
+    """
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            freeze_startup_heap()
 
 
 class GcTimer:

@@ -39,7 +39,7 @@ from gateway.audit.signing import Signer, TrustedKeys
 from gateway.audit.verify import PAGE_ROWS, VerifyResult, verify
 from gateway.audit.verify_ranges import PARALLEL_JOBS, walk_sqlite_file
 from gateway.eventstore import EventStore
-from gateway.heap import GcTimer
+from gateway.heap import GcTimer, thawed
 from gateway.model import DemandEvent, Interval, Opt, Signal, SignalName
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -228,6 +228,7 @@ _REP_KEYS = (
     "raw_appends_per_s",
     "append_ratio",
     "append_gc_ms",
+    "verify_gc_ms",
     "verify_rows_per_s",
     "floor_verify_rows_per_s",
     "floor_select_rows_per_s",
@@ -339,35 +340,38 @@ async def _one_rep(
         await log.close()  # signs the head
         async with _fresh_database(db, scratch=True) as floor_url:
             raw_rows, raw_t = await floor_appends(url, floor_url, batch_max)
-        trusted = TrustedKeys([key.public_key])
-        result: list[VerifyResult] = []
+        with thawed():  # verify and the dossier as their own commands run them: no heap frozen
+            trusted = TrustedKeys([key.public_key])
+            result: list[VerifyResult] = []
 
-        async def run_verify() -> None:
-            jobs, from_rows = (walk_jobs, 1) if walk_jobs else (PARALLEL_JOBS, None)
-            result.append(await verify(url, trusted=trusted, jobs=jobs, parallel_rows=from_rows))
+            async def run_verify() -> None:
+                jobs, from_rows = (walk_jobs, 1) if walk_jobs else (PARALLEL_JOBS, None)
+                result.append(await verify(url, trusted=trusted, jobs=jobs, parallel_rows=from_rows))
 
-        cpu = _cpu_with_children()
-        if profile:
-            verify_s, p, t = await profiled(run_verify, "verify")
-            parts.update(p)
-            top += ["verify:", *t]
-            path = sqlite_path(url)
-            if path is not None:  # the chain walk runs in a worker thread, out of cProfile's sight: again, here
-                _s, p, t = await profiled(lambda: _walk_here(path), "verify")
-                parts.update({f"{k} [walk in this thread]": v for k, v in p.items()})
-                top += ["verify, the SQLite chain walk alone in the profiled thread:", *t]
-        else:
-            began = time.perf_counter()
-            await run_verify()
-            verify_s = time.perf_counter() - began
-        verify_cpu_s = _cpu_with_children() - cpu  # a long SQLite log is walked by child processes
-        res = result[0]
-        fl = await floor_verify(url)
-        times = []
-        for _ in range(5 if dossier else 0):
-            began = time.perf_counter()
-            await run_dossier(url, f"EV-{(rows // ROWS_PER_EVENT) // 2:06d}", Options())
-            times.append((time.perf_counter() - began) * 1000)
+            cpu = _cpu_with_children()
+            if profile:
+                verify_s, p, t = await profiled(run_verify, "verify")
+                parts.update(p)
+                top += ["verify:", *t]
+                path = sqlite_path(url)
+                if path is not None:  # the chain walk runs in a worker thread, out of cProfile's sight: again, here
+                    _s, p, t = await profiled(lambda: _walk_here(path), "verify")
+                    parts.update({f"{k} [walk in this thread]": v for k, v in p.items()})
+                    top += ["verify, the SQLite chain walk alone in the profiled thread:", *t]
+            else:
+                began = time.perf_counter()
+                with GcTimer() as collector:
+                    await run_verify()
+                verify_s = time.perf_counter() - began
+                out["verify_gc_ms"] = sum(collector.ms)
+            verify_cpu_s = _cpu_with_children() - cpu  # a long SQLite log is walked by child processes
+            res = result[0]
+            fl = await floor_verify(url)
+            times = []
+            for _ in range(5 if dossier else 0):
+                began = time.perf_counter()
+                await run_dossier(url, f"EV-{(rows // ROWS_PER_EVENT) // 2:06d}", Options())
+                times.append((time.perf_counter() - began) * 1000)
     appends = rows / append_s
     raw = raw_rows / max(raw_t.wall_s, 1e-9)
     verify_rate = res.rows / verify_s

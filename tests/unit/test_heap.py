@@ -8,7 +8,7 @@ import sys
 
 _SCRIPT = """
 import gc, json, weakref
-from gateway.heap import GcTimer, freeze_startup_heap
+from gateway.heap import GcTimer, freeze_startup_heap, thawed
 
 class Node:
     def __init__(self): self.me = self
@@ -21,14 +21,17 @@ kept = [[i] for i in range(50_000)]  # alive at the freeze: frozen
 before = len(gc.get_objects())
 frozen = freeze_startup_heap()
 after = len(gc.get_objects())
+frozen_count = gc.get_freeze_count()
 gc.enable()
+with thawed():
+    thawed_count = gc.get_freeze_count()
 with GcTimer() as timer:
     made = [[i] for i in range(200_000)]  # enough new containers for young passes
     gc.collect()  # and one full pass
 print(json.dumps({"objects": frozen.objects, "collect_ms": frozen.collect_ms, "before": before, "after": after,
-                  "freeze_count": gc.get_freeze_count(), "garbage_left": sum(r() is not None for r in refs),
+                  "freeze_count": frozen_count, "garbage_left": sum(r() is not None for r in refs),
                   "passes": timer.passes, "ms": timer.ms,
-                  "callbacks": len(gc.callbacks)}))
+                  "callbacks": len(gc.callbacks), "thawed": thawed_count, "refrozen": gc.get_freeze_count()}))
 """
 
 
@@ -51,3 +54,9 @@ def test_the_gc_timer_counts_and_times_passes_then_takes_itself_off() -> None:
     assert passes[0] > 0 and passes[2] >= 1  # type: ignore[index]
     assert all(t >= 0.0 for t in ms) and ms[2] > 0.0  # type: ignore[attr-defined,index]
     assert r["callbacks"] == 0
+
+
+def test_thawed_runs_its_block_with_nothing_frozen_and_freezes_again_after() -> None:
+    r = _run()
+    assert r["thawed"] == 0
+    assert r["refrozen"] >= r["objects"]  # type: ignore[operator]  # the same heap and what came since
