@@ -10,8 +10,10 @@ a permanent generation that no collection walks again; the collections after it 
 was made since. Objects freed by reference counting are freed as before; a frozen object left in
 a reference cycle later is not reclaimed (start-up objects live as long as the process anyway).
 
-``drgw run`` freezes once the site has started; the benches that measure the gateway do the same
-after their set-up, as they set the switch interval (``gateway.threads``).
+``drgw run`` freezes once the site has started (a standby node once, after its first role has
+started); ``drgw bench audit`` and ``drgw bench dispatch`` do the same after their set-up, as they
+set the switch interval (``gateway.threads``), and the audit bench thaws for verify, which runs
+in a command of its own that freezes nothing. The fleet bench freezes its set-up as well.
 """
 
 from __future__ import annotations
