@@ -1,4 +1,4 @@
-"""The heap the gateway builds at start-up, kept out of the garbage collector's full passes.
+"""The heap the gateway builds at start-up, kept out of the garbage collector's passes, and rarer young passes.
 
 By the time the site runs, the process holds the objects of every module it imported and of
 everything it built (config models, drivers, the planner's tables): well over a hundred thousand
@@ -10,10 +10,11 @@ a permanent generation that no collection walks again; the collections after it 
 was made since. Objects freed by reference counting are freed as before; a frozen object left in
 a reference cycle later is not reclaimed (start-up objects live as long as the process anyway).
 
-``drgw run`` freezes once the site has started (a standby node once, after its first role has
-started); ``drgw bench audit`` and ``drgw bench dispatch`` do the same after their set-up, as they
-set the switch interval (``gateway.threads``), and the audit bench thaws for verify, which runs
-in a command of its own that freezes nothing. The fleet bench freezes its set-up as well.
+Then the young generation is collected after more new objects than CPython's default
+(``settle_heap``). ``drgw run`` settles once the site has started (a standby node once, after its
+first role has started), ``drgw agent`` once it runs; the benches that measure them do the same
+after their set-up, their floors' processes too, as they set the switch interval
+(``gateway.threads``). The audit bench thaws for verify, which runs in a command of its own.
 """
 
 from __future__ import annotations
@@ -24,40 +25,57 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+YOUNG_PASS_OBJECTS = 10_000  # net new container objects between two young passes (CPython's default: 700)
+_DEFAULT_THRESHOLDS = (700, 10, 10)  # CPython's own, for a block run as a process that changed nothing
+
 
 @dataclass(frozen=True)
-class Frozen:
-    """What ``freeze_startup_heap`` did: objects now frozen and the collection before it (ms)."""
+class Settled:
+    """What ``settle_heap`` did: objects now frozen, the collection before it (ms), the young pass threshold."""
 
     objects: int
     collect_ms: float
+    young_pass_objects: int
 
 
-def freeze_startup_heap() -> Frozen:
-    """Collect what start-up left as garbage, then freeze every object still alive; return the counts."""
+def settle_heap() -> Settled:
+    """Collect what start-up left as garbage, freeze every object still alive, make young passes rarer.
+
+    The young generation is collected once ``YOUNG_PASS_OBJECTS`` more container objects exist
+    than at the last pass, instead of 700: a dispatch round to 10,000 GPUs makes and drops tens of
+    thousands of them, and at 700 the collector ran young passes several times a round, each
+    walking the round's live objects (``drgw bench fleet`` reports the collector's time per
+    round). Garbage in reference cycles waits for at most that many objects more.
+    """
     began = time.perf_counter()
     gc.collect()
     collect_ms = (time.perf_counter() - began) * 1000
     gc.freeze()
-    return Frozen(gc.get_freeze_count(), round(collect_ms, 1))
+    _mid, old = gc.get_threshold()[1:]
+    gc.set_threshold(YOUNG_PASS_OBJECTS, _mid, old)
+    return Settled(gc.get_freeze_count(), round(collect_ms, 1), YOUNG_PASS_OBJECTS)
 
 
 @contextlib.contextmanager
 def thawed() -> Iterator[None]:
-    """Run the block with nothing frozen, as a process that never froze (``drgw audit verify``); freeze again after.
+    """Run the block as a process that never settled (``drgw audit verify``); settle again after.
 
-    A frozen heap changes what the collector costs whatever builds many objects, so a bench that
-    measures in one process what runs in two (appends in ``drgw run``, verify in its own command)
-    thaws for the second. Nothing happens where nothing is frozen.
+    Nothing frozen and CPython's own thresholds: what the collector costs changes for whatever
+    builds many objects, so a bench that measures in one process what runs in two (appends in
+    ``drgw run``, verify in its own command) thaws for the second. Nothing happens where the
+    heap was not settled.
     """
-    frozen = gc.get_freeze_count() > 0
-    if frozen:
+    settled = gc.get_freeze_count() > 0
+    if settled:
+        thresholds = gc.get_threshold()
         gc.unfreeze()
+        gc.set_threshold(*_DEFAULT_THRESHOLDS)
     try:
         yield
     finally:
-        if frozen:
-            freeze_startup_heap()
+        if settled:
+            settle_heap()
+            gc.set_threshold(*thresholds)
 
 
 class GcTimer:

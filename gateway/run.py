@@ -16,7 +16,7 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
     from gateway.clock import SystemClock
     from gateway.compose import Site, build_site
     from gateway.fdbudget import ExhaustionLog, fit_caps, raise_soft_limit
-    from gateway.heap import freeze_startup_heap
+    from gateway.heap import settle_heap
     from gateway.preflight import startup_problems
     from gateway.threads import share_the_lock
 
@@ -43,7 +43,7 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await site.start()
-        heap = freeze_startup_heap()  # what start-up built stays: no full collection walks it again
+        heap = settle_heap()  # what start-up built stays: no collection walks it again; rarer young passes
         o = cfg.openadr
         log.info(
             "gateway running",

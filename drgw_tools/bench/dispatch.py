@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from drgw_tools.bench.dispatch_figures import floor_figures, percentile, summarize
-from gateway.heap import GcTimer, freeze_startup_heap
+from gateway.heap import GcTimer, settle_heap
 from gateway.model import BatteryState, DemandEvent, GpuState, Opt
 
 POLL_S = 1.0  # the VEN polls this often (the VTN asks for it; whole seconds in OpenADR 2.0b)
@@ -403,7 +403,7 @@ async def run_dispatch_bench(
             plan = kinds(events, scheduled, warmup)
             i = 0
             if gc_freeze:
-                freeze_startup_heap()
+                settle_heap()
             with GcTimer() as collector:
                 while i < len(plan):
                     s = await bench.measure("arrival" if plan[i] == "warmup" else plan[i])

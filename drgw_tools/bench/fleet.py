@@ -19,9 +19,10 @@ Where the agents run is a choice, and it changes what is measured:
 - ``agent_procs=K``: in K child processes, closer to a real site where agents are other hosts;
   the floor's responders run beside the agents, on their connections.
 
-Agents get one NATS connection each unless ``shared_connection``. Long-lived setup objects are
-moved out of the garbage collector's way (``gc.freeze``) once setup is done. The run stops by
-itself: rounds are counted and every wait is bounded.
+Agents get one NATS connection each unless ``shared_connection``. Once set up, every process
+settles its heap as ``drgw run`` and ``drgw agent`` do (``gateway.heap``: long-lived objects
+frozen, rarer young passes), the floor's too; the collector's time inside the gateway's rounds
+is reported. The run stops by itself: rounds are counted and every wait is bounded.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from drgw_tools.servers.nats import NatsServer
 from gateway.clock import SystemClock
 from gateway.config import GpuGroupConfig, GpusConfig
 from gateway.errors import GatewayError
+from gateway.heap import GcTimer, settle_heap
 from gateway.simulation.gpus import SimGpuFleet
 from protocols.fleet.agent import NodeAgent
 from protocols.fleet.client import NatsFleet
@@ -99,6 +101,8 @@ class BenchResult:
     cpu_ratio: float = 0.0  # cpu_ms_per_round / floor_cpu_ms_per_round, median over repetitions
     p99_ratio: float = 0.0  # p99_ms / floor_p99_ms, median over repetitions
     intake_cpu_ms_per_s: float = 0.0  # CPU time of the gateway's telemetry intake process per second (0: inline)
+    gc_ms_per_round: float = 0.0  # the collector's time inside the gateway's rounds, per round (this process)
+    gc_full_passes: int = 0  # full (oldest-generation) passes inside them
     request_bytes: float = 0.0  # mean size of one command, and of one ack: the floor's payloads
     reply_bytes: float = 0.0
     loadavg_start: list[float] = field(default_factory=list)  # 1, 5, 15 min
@@ -280,6 +284,7 @@ async def run_fleet_bench(
     children: list[asyncio.subprocess.Process] = []
     conns: list[Any] = []
     fleet = NatsFleet(url, SITE, request_timeout_s=timeout_s)
+    thresholds = gc.get_threshold()  # put back at the end, as the freeze is undone (a caller's process goes on)
     try:
         t_setup = time.perf_counter()
         if agent_procs:
@@ -310,8 +315,7 @@ async def run_fleet_bench(
         children.append(await _spawn(floor_args))
         floor = children[-1]
         setup_s = time.perf_counter() - t_setup
-        gc.collect()
-        gc.freeze()  # setup objects (agents, connections) live all run: keep them out of GC scans
+        settle_heap()  # as `drgw run` and `drgw agent` do: set-up objects out of the collector's passes
         await _floor_round(floor, timeout_s)  # warm the floor's path too
         all_ms: list[float] = []
         publish_ms: list[float] = []
@@ -320,36 +324,43 @@ async def run_fleet_bench(
         prof = cProfile.Profile() if profile else None
         await fleet.read()  # the intake process reports its CPU time when read() pulls from it
         intake_cpu0, wall0 = fleet.intake.cpu_s if fleet.intake else 0.0, time.perf_counter()
-        for rep in range(reps):
-            gw_ms: list[float] = []
-            gw_cpu: list[float] = []
-            fl_ms: list[float] = []
-            fl_cpu: list[float] = []
-            for i in range(rounds):
-                caps = cap_sets[(rep * rounds + i + warmup) % 2]
-                if prof is not None:
-                    prof.enable()
-                c0, t0 = time.process_time(), time.perf_counter()
-                enforced = await fleet.set_caps(caps, LEASE_S)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                if prof is not None:
-                    prof.disable()
-                gw_ms.append(dt * 1000)
-                gw_cpu.append(dc * 1000)
-                publish_ms.append(fleet.rpc.last_publish_s * 1000)
-                if enforced != caps or fleet.last_failed_nodes:
-                    failed += 1
-                fl = await _floor_round(floor, timeout_s)
-                fl_ms.append(fl["wall_ms"])
-                fl_cpu.append(fl["cpu_ms"])
-                floor_failed += fl["replies"] != n_agents
-            per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
-            all_ms.extend(gw_ms)
+        gc_in_rounds, full_in_rounds = 0.0, 0
+        with GcTimer() as collector:
+            for rep in range(reps):
+                gw_ms: list[float] = []
+                gw_cpu: list[float] = []
+                fl_ms: list[float] = []
+                fl_cpu: list[float] = []
+                for i in range(rounds):
+                    caps = cap_sets[(rep * rounds + i + warmup) % 2]
+                    if prof is not None:
+                        prof.enable()
+                    g0, f0 = sum(collector.ms), collector.passes[2]
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    enforced = await fleet.set_caps(caps, LEASE_S)
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                    gc_in_rounds += sum(collector.ms) - g0
+                    full_in_rounds += collector.passes[2] - f0
+                    if prof is not None:
+                        prof.disable()
+                    gw_ms.append(dt * 1000)
+                    gw_cpu.append(dc * 1000)
+                    publish_ms.append(fleet.rpc.last_publish_s * 1000)
+                    if enforced != caps or fleet.last_failed_nodes:
+                        failed += 1
+                    fl = await _floor_round(floor, timeout_s)
+                    fl_ms.append(fl["wall_ms"])
+                    fl_cpu.append(fl["cpu_ms"])
+                    floor_failed += fl["replies"] != n_agents
+                per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
+                all_ms.extend(gw_ms)
         spread = _spread(per_rep)
         await fleet.read()
         intake_cpu_s = (fleet.intake.cpu_s if fleet.intake else 0.0) - intake_cpu0
         return BenchResult(
             intake_cpu_ms_per_s=round(intake_cpu_s * 1000 / (time.perf_counter() - wall0), 1),
+            gc_ms_per_round=round(gc_in_rounds / max(1, len(all_ms)), 1),
+            gc_full_passes=full_in_rounds,
             gpus=gpus,
             agents=n_agents,
             rounds=rounds,
@@ -383,6 +394,7 @@ async def run_fleet_bench(
         if server is not None:
             server.close()
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def format_result(res: BenchResult) -> str:
@@ -408,6 +420,8 @@ def format_result(res: BenchResult) -> str:
         f"process: {res.intake_cpu_ms_per_s:g} ms CPU per s",
         f"command+ack messages: {res.msgs_per_s:g} msg/s; rounds with a failed node: {res.failed_rounds} "
         f"(floor: {res.floor_failed_rounds})",
+        f"the collector inside the gateway's rounds: {res.gc_ms_per_round:g} ms per round, "
+        f"{res.gc_full_passes} full passes in all",
     ]
     if res.profile:
         lines.append("busy CPU time of this process during the rounds (profiled):")
@@ -428,8 +442,7 @@ async def _serve_agents(args: argparse.Namespace) -> None:
     agents, conns = await _start_agents(
         args.url, args.first, args.last, args.gpus_per_agent, args.total_gpus, args.shared, args.telemetry_s, True
     )
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # as `drgw agent` does
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await _stop_agents(agents, conns)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import random
 import sys
@@ -27,6 +26,8 @@ import time
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+
+from gateway.heap import settle_heap
 
 SITE = "bench"
 FLOOR_PREFIX = "floor"
@@ -132,8 +133,7 @@ async def _serve(args: argparse.Namespace) -> None:
     requester = FloorRequester(nc, [floor_subject(i) for i in range(args.agents)], args.request_bytes, args.reply_bytes)
     await requester.start()
     await nc.flush()
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # the process settings the gateway's side has (gateway.heap), so that the ratio compares code
     print("ready", flush=True)
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)

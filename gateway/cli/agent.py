@@ -65,6 +65,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
     from gateway.clock import SystemClock
     from gateway.config import GpuGroupConfig, GpusConfig, TierConfig
+    from gateway.heap import settle_heap
     from protocols.fleet.agent import NodeAgent
     from protocols.fleet.labels import GpuLabels
 
@@ -112,6 +113,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     if not await _start_until_stopped(agent, stop):
         return 0
+    settle_heap()  # as `drgw run` does (gateway.heap)
     print(f"agent {args.node}: serving {len(await fleet.read())} GPUs on {agent.subject}", file=sys.stderr)
     try:
         await stop.wait()

@@ -333,7 +333,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
 
     from drgw_tools.bench.audit import as_dict, format_result, run_bench
     from gateway.cli.audit import cli_errors, print_error
-    from gateway.heap import freeze_startup_heap
+    from gateway.heap import settle_heap
     from gateway.threads import share_the_lock
 
     if args.rows < AUDIT_ROWS_MIN:
@@ -349,7 +349,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     if not args.no_gc_freeze:
-        freeze_startup_heap()  # as `drgw run` does once the site has started
+        settle_heap()  # as `drgw run` does once the site has started
     try:
         res = asyncio.run(
             run_bench(

@@ -347,7 +347,7 @@ async def run_standby(cfg: GatewayConfig, clock: Clock, source: str) -> None:
     """Run one hot-standby node until SIGINT/SIGTERM (``drgw run`` with ``[standby] enabled``)."""
     from gateway.audit import AuditLog
     from gateway.compose import build_devices
-    from gateway.heap import freeze_startup_heap
+    from gateway.heap import settle_heap
 
     preload(cfg)
     lease = LeaseManager.from_config(cfg, clock)
@@ -363,7 +363,7 @@ async def run_standby(cfg: GatewayConfig, clock: Clock, source: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await site.start()
         # Once, at the first role's start: what a later role change builds and drops stays collectable.
-        log.info("startup heap frozen", objects=freeze_startup_heap().objects)
+        log.info("startup heap frozen", objects=settle_heap().objects)
         await stop.wait()
         reason = "signal"
     finally:

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+from gateway.heap import YOUNG_PASS_OBJECTS
+
 _SCRIPT = """
 import gc, json, weakref
-from gateway.heap import GcTimer, freeze_startup_heap, thawed
+from gateway.heap import YOUNG_PASS_OBJECTS, GcTimer, settle_heap, thawed
 
 class Node:
     def __init__(self): self.me = self
@@ -16,22 +18,24 @@ class Node:
 garbage = [Node() for _ in range(1000)]  # cycles that only the collector frees
 refs = [weakref.ref(n) for n in garbage]
 del garbage
-gc.disable()  # no pass of its own before the freeze: only freeze_startup_heap's may free them
+gc.disable()  # no pass of its own before the freeze: only settle_heap's may free them
 kept = [[i] for i in range(50_000)]  # alive at the freeze: frozen
 before = len(gc.get_objects())
-frozen = freeze_startup_heap()
+frozen = settle_heap()
+thresholds = gc.get_threshold()
 after = len(gc.get_objects())
 frozen_count = gc.get_freeze_count()
 gc.enable()
 with thawed():
-    thawed_count = gc.get_freeze_count()
+    thawed_count, thawed_thresholds = gc.get_freeze_count(), gc.get_threshold()
 with GcTimer() as timer:
     made = [[i] for i in range(200_000)]  # enough new containers for young passes
     gc.collect()  # and one full pass
 print(json.dumps({"objects": frozen.objects, "collect_ms": frozen.collect_ms, "before": before, "after": after,
                   "freeze_count": frozen_count, "garbage_left": sum(r() is not None for r in refs),
                   "passes": timer.passes, "ms": timer.ms,
-                  "callbacks": len(gc.callbacks), "thawed": thawed_count, "refrozen": gc.get_freeze_count()}))
+                  "callbacks": len(gc.callbacks), "thawed": thawed_count, "refrozen": gc.get_freeze_count(),
+                  "thresholds": thresholds, "thawed_thresholds": thawed_thresholds, "after_thaw": gc.get_threshold()}))
 """
 
 
@@ -56,7 +60,13 @@ def test_the_gc_timer_counts_and_times_passes_then_takes_itself_off() -> None:
     assert r["callbacks"] == 0
 
 
-def test_thawed_runs_its_block_with_nothing_frozen_and_freezes_again_after() -> None:
+def test_young_passes_wait_for_more_objects_once_settled() -> None:
     r = _run()
-    assert r["thawed"] == 0
+    assert r["thresholds"][0] == YOUNG_PASS_OBJECTS  # type: ignore[index]
+
+
+def test_thawed_runs_its_block_as_a_process_that_never_settled_and_settles_again_after() -> None:
+    r = _run()
+    assert r["thawed"] == 0 and r["thawed_thresholds"] == [700, 10, 10]
+    assert r["after_thaw"] == r["thresholds"]
     assert r["refrozen"] >= r["objects"]  # type: ignore[operator]  # the same heap and what came since
