@@ -1,11 +1,11 @@
 """The heap the gateway builds at start-up, kept out of the garbage collector's passes, and rarer young passes.
 
 By the time the site runs, the process holds the objects of every module it imported and of
-everything it built (config models, drivers, the planner's tables): well over a hundred thousand
-objects (``drgw run`` logs the count), nearly all of them kept for the process's life. CPython's
-collector walks every tracked object at each full (oldest-generation) collection, and such a
-pass can fall at any moment, a dispatch's included (``drgw bench audit`` reports the collector's
-time with and without the freeze). ``gc.freeze`` moves the objects alive at that point to
+everything it built (config models, drivers, the planner's tables), nearly all of them kept
+for the process's life (``drgw run`` logs how many it froze). CPython's collector walks every
+tracked object at each full (oldest-generation) collection, and such a pass can fall at any
+moment, a dispatch's included (``drgw bench audit`` reports the collector's time with and without
+the freeze). ``gc.freeze`` moves the objects alive at that point to
 a permanent generation that no collection walks again; the collections after it walk only what
 was made since. Objects freed by reference counting are freed as before; a frozen object left in
 a reference cycle later is not reclaimed (start-up objects live as long as the process anyway).
@@ -23,37 +23,26 @@ import contextlib
 import gc
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 YOUNG_PASS_OBJECTS = 10_000  # net new container objects between two young passes (CPython's default: 700)
 _DEFAULT_THRESHOLDS = (700, 10, 10)  # CPython's own, for a block run as a process that changed nothing
 
 
-@dataclass(frozen=True)
-class Settled:
-    """What ``settle_heap`` did: objects now frozen, the collection before it (ms), the young pass threshold."""
-
-    objects: int
-    collect_ms: float
-    young_pass_objects: int
-
-
-def settle_heap() -> Settled:
+def settle_heap() -> int:
     """Collect what start-up left as garbage, freeze every object still alive, make young passes rarer.
 
+    Return the number of objects frozen.
+
     The young generation is collected once ``YOUNG_PASS_OBJECTS`` more container objects exist
-    than at the last pass, instead of 700: a dispatch round to 10,000 GPUs makes and drops tens of
-    thousands of them, and at 700 the collector ran young passes several times a round, each
+    than at the last pass, instead of 700: a dispatch round to 10,000 GPUs makes and drops many
+    of them, and at 700 the collector ran young passes several times a round, each
     walking the round's live objects (``drgw bench fleet`` reports the collector's time per
     round). Garbage in reference cycles waits for at most that many objects more.
     """
-    began = time.perf_counter()
     gc.collect()
-    collect_ms = (time.perf_counter() - began) * 1000
     gc.freeze()
-    _mid, old = gc.get_threshold()[1:]
-    gc.set_threshold(YOUNG_PASS_OBJECTS, _mid, old)
-    return Settled(gc.get_freeze_count(), round(collect_ms, 1), YOUNG_PASS_OBJECTS)
+    gc.set_threshold(YOUNG_PASS_OBJECTS, *gc.get_threshold()[1:])
+    return gc.get_freeze_count()
 
 
 @contextlib.contextmanager

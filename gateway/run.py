@@ -50,7 +50,7 @@ async def run_gateway(cfg: GatewayConfig, source: str = "<config>") -> list[Conf
             site=cfg.site.name,
             openadr=o.version,
             vtn=o.v3.base_url if o.version == "3.1" else o.vtn_url,
-            frozen_objects=heap.objects,
+            frozen_objects=heap,
         )
         await stop.wait()
         reason = "signal"

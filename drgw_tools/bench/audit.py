@@ -254,6 +254,7 @@ async def run_bench(
     length; 0 leaves it to the verifier's own rule.
     """
     load_start = [round(x, 2) for x in os.getloadavg()]
+    frozen = gc.get_freeze_count()  # before the reps (verify's thaw and settle again change it)
     per_rep: list[dict[str, Any]] = []
     for r in range(max(1, reps)):
         per_rep.append(await _one_rep(db, rows, batch_max, scratch=r > 0, dossier=r == reps - 1, walk_jobs=walk_jobs))
@@ -289,7 +290,7 @@ async def run_bench(
         verify_ratio=round(med["verify_ratio"], 3),
         walk_jobs=walk_jobs,
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 3),
-        gc_frozen_objects=gc.get_freeze_count(),
+        gc_frozen_objects=frozen,
         loadavg_start=load_start,
         loadavg_end=load_end,
         spread={k: [round(x, _digits(k)) for x in s] for k, s in spread.items()},

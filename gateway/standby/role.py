@@ -363,7 +363,7 @@ async def run_standby(cfg: GatewayConfig, clock: Clock, source: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await site.start()
         # Once, at the first role's start: what a later role change builds and drops stays collectable.
-        log.info("startup heap frozen", objects=settle_heap().objects)
+        log.info("startup heap frozen", objects=settle_heap())
         await stop.wait()
         reason = "signal"
     finally:
