@@ -97,6 +97,23 @@ async def operator_rows(site: DemoSite, event_id: str) -> list[tuple[str, str, d
         return [(k, a, json.loads(d)) for k, a, d in res.all()]
 
 
+async def _open_optout(page: Any, event_id: str) -> None:
+    """Click the event's opt-out button until its dialog is open.
+
+    The live table re-renders its rows as status arrives: a click whose press and release land on
+    two renderings of the row reaches no button, and the dialog stays shut (seen once in CI).
+    """
+    button = page.locator(f'tr[data-event="{event_id}"] button.optout')
+    for _ in range(5):
+        await button.click()
+        if await page.locator("#optout-dialog[open]").count():
+            return
+        await page.wait_for_timeout(200)
+        if await page.locator("#optout-dialog[open]").count():
+            return
+    raise AssertionError(f"the opt-out dialog of {event_id} did not open after 5 clicks")
+
+
 async def test_console_in_chromium(served: Served, tmp_path: Path) -> None:
     site, gw = served.site, served.site.gateway
     assert gw is not None
@@ -139,7 +156,7 @@ async def test_console_in_chromium(served: Served, tmp_path: Path) -> None:
             await plain.close()
 
             # Without a token: refused by the endpoint, nothing changes, the VTN hears nothing.
-            await row.locator("button.optout").click()
+            await _open_optout(page, event_id)
             await page.fill("#optout-reason", "chiller maintenance")
             await page.click("#optout-confirm")
             await page.wait_for_function("() => document.body.dataset.optout === 'refused:401'", timeout=30_000)
@@ -149,7 +166,7 @@ async def test_console_in_chromium(served: Served, tmp_path: Path) -> None:
 
             # With the operator's token: opted out, audited as the operator's, and sent to the VTN.
             await page.evaluate("document.body.removeAttribute('data-optout')")
-            await page.locator(f'tr[data-event="{event_id}"] button.optout').click()
+            await _open_optout(page, event_id)
             await page.fill("#optout-reason", "chiller maintenance")
             await page.fill("#token", served.token)
             await page.click("#optout-confirm")
