@@ -104,6 +104,15 @@ class Inbox:
 
 def record_text(kind: str, data: Mapping[str, Any], actor: str, event_id: str | None, device_id: str | None) -> str:
     """Validate one record and return its data as the stored text; raise AuditError when it cannot be stored."""
+    if (
+        actor in ACTORS
+        and type(kind) is str
+        and kind
+        and kind.isascii()
+        and (event_id is None or (type(event_id) is str and event_id.isascii()))
+        and (device_id is None or (type(device_id) is str and device_id.isascii()))
+    ):  # the common record, checked in one expression: plain ASCII names (the rules below say the same)
+        return encode_data(data)
     if not isinstance(kind, str) or not kind:
         raise AuditError(f"audit kind must be a non-empty string, got {kind!r}")
     if actor not in ACTORS:

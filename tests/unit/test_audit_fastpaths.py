@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import random
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -91,6 +92,8 @@ def test_lone_surrogates_are_refused_on_the_fast_path() -> None:
         datetime(2026, 3, 1, 12, 0, tzinfo=ZoneInfo("UTC")),
         datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC),
         datetime(1000, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 60, tzinfo=UTC),
     ],
 )
 def test_format_ts_fast_path_equals_the_general_rule(t: datetime) -> None:
@@ -101,6 +104,13 @@ def test_format_ts_fast_path_equals_the_general_rule(t: datetime) -> None:
         else u.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     )
     assert format_ts(t) == want
+
+
+def test_format_ts_fast_path_equals_isoformat_over_a_year_of_readings() -> None:
+    rng = random.Random(17)
+    for _ in range(2000):
+        t = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randrange(366 * 86_400_000_000))
+        assert format_ts(t) == t.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def test_format_ts_still_refuses_naive_times() -> None:
