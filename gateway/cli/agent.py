@@ -113,8 +113,12 @@ async def _run_agent(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     if not await _start_until_stopped(agent, stop):
         return 0
-    settle_heap()  # as `drgw run` does (gateway.heap)
-    print(f"agent {args.node}: serving {len(await fleet.read())} GPUs on {agent.subject}", file=sys.stderr)
+    frozen = settle_heap()  # as `drgw run` does (gateway.heap)
+    print(
+        f"agent {args.node}: serving {len(await fleet.read())} GPUs on {agent.subject} "
+        f"(start-up heap: {frozen} objects frozen)",
+        file=sys.stderr,
+    )
     try:
         await stop.wait()
     finally:
