@@ -52,6 +52,7 @@ class _SimGpu:
     change_t: float  # when the last change began
     lease_until: float | None = None  # None: at the default limit, nothing to expire
     settled_w: float | None = None  # target_w() for the present cap and job (None: not worked out since a change)
+    reading: GpuState | None = None  # the reading once settled, until the next change (None: work it out)
 
     @property
     def default_cap_w(self) -> float:
@@ -144,7 +145,7 @@ class SimGpuFleet:
         """Return every GPU's state now (the synchronous form of ``read``)."""
         now = self._clock.monotonic()
         self._expire_leases(now)
-        return tuple(self._state(gpu, now) for gpu in self._gpus.values())
+        return tuple([gpu.reading or self._state(gpu, now) for gpu in self._gpus.values()])
 
     def total_power_w(self) -> float:
         """Return the fleet's total draw (W) now."""
@@ -170,7 +171,7 @@ class SimGpuFleet:
             raise InputRejected(str(err)) from err
         if tier is not None:
             gpu.tier = tier
-        gpu.settled_w = None
+        gpu.settled_w = gpu.reading = None
         gpu.from_w = gpu.target_w()
         gpu.change_t = self._clock.monotonic()
 
@@ -192,7 +193,7 @@ class SimGpuFleet:
             gpu.from_w = self._power_w(gpu, at)
         gpu.change_t = at
         gpu.cap_w = cap_w
-        gpu.settled_w = None
+        gpu.settled_w = gpu.reading = None
 
     def _expire_leases(self, now: float) -> None:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""
@@ -211,10 +212,10 @@ class SimGpuFleet:
                 self._change(gpu, gpu.default_cap_w, lapsed_at)
 
     def _state(self, gpu: _SimGpu, now: float) -> GpuState:
-        """Return one GPU's reading at ``now``."""
+        """Return one GPU's reading at ``now``; once its draw has settled, keep it until the next change."""
         power_w = self._power_w(gpu, now)
         fraction = gpumodel.clock_for_cap(power_w, gpu.natural_w) ** gpu.job.beta
-        return GpuState(
+        state = GpuState(
             gpu_id=gpu.gpu_id,
             power_w=power_w,
             cap_w=gpu.cap_w,
@@ -226,3 +227,6 @@ class SimGpuFleet:
             host=gpu.host,
             throughput=THROUGHPUT_MAX[gpu.job.name] * fraction,
         )
+        if self._settle_s <= 0 or now - gpu.change_t >= self._settle_s:  # nothing in it moves until a change
+            gpu.reading = state
+        return state

@@ -173,3 +173,21 @@ async def test_set_job_changes_draw_and_class(fleet: SimGpuFleet) -> None:
         fleet.set_job("gpu-000", "mining")
     with pytest.raises(InputRejected, match="gpu-042"):
         fleet.set_job("gpu-042", "training")
+
+
+async def test_a_settled_reading_is_kept_until_the_next_change(fleet: SimGpuFleet, clock: ManualClock) -> None:
+    await fleet.set_caps({"gpu-000": 400.0}, lease_s=10.0)
+    clock.advance(SETTLE_S / 4)
+    settling = (await fleet.read())[0]
+    clock.advance(SETTLE_S / 4)
+    assert (await fleet.read())[0].power_w < settling.power_w  # still moving: worked out at every read
+    clock.advance(SETTLE_S)
+    settled = (await fleet.read())[0]
+    clock.advance(1.0)
+    assert (await fleet.read())[0] is settled  # nothing in it moves until a change: kept
+    clock.advance(10.0)  # the lease lapses: the default limit is back, and so is the draw
+    lapsed = (await fleet.read())[0]
+    assert (lapsed.cap_w, lapsed.power_w) == (700.0, pytest.approx(fleet.natural_w()["gpu-000"]))
+    fleet.set_job("gpu-000", "decode", "flex0")
+    changed = (await fleet.read())[0]
+    assert (changed.job_class, changed.throughput) == ("decode", pytest.approx(THROUGHPUT_MAX["decode"]))
