@@ -325,35 +325,34 @@ async def run_fleet_bench(
         await fleet.read()  # the intake process reports its CPU time when read() pulls from it
         intake_cpu0, wall0 = fleet.intake.cpu_s if fleet.intake else 0.0, time.perf_counter()
         gc_in_rounds, full_in_rounds = 0.0, 0
-        with GcTimer() as collector:
-            for rep in range(reps):
-                gw_ms: list[float] = []
-                gw_cpu: list[float] = []
-                fl_ms: list[float] = []
-                fl_cpu: list[float] = []
-                for i in range(rounds):
-                    caps = cap_sets[(rep * rounds + i + warmup) % 2]
-                    if prof is not None:
-                        prof.enable()
-                    g0, f0 = sum(collector.ms), collector.passes[2]
+        for rep in range(reps):
+            gw_ms: list[float] = []
+            gw_cpu: list[float] = []
+            fl_ms: list[float] = []
+            fl_cpu: list[float] = []
+            for i in range(rounds):
+                caps = cap_sets[(rep * rounds + i + warmup) % 2]
+                if prof is not None:
+                    prof.enable()
+                with GcTimer() as collector:
                     c0, t0 = time.process_time(), time.perf_counter()
                     enforced = await fleet.set_caps(caps, LEASE_S)
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                    gc_in_rounds += sum(collector.ms) - g0
-                    full_in_rounds += collector.passes[2] - f0
-                    if prof is not None:
-                        prof.disable()
-                    gw_ms.append(dt * 1000)
-                    gw_cpu.append(dc * 1000)
-                    publish_ms.append(fleet.rpc.last_publish_s * 1000)
-                    if enforced != caps or fleet.last_failed_nodes:
-                        failed += 1
-                    fl = await _floor_round(floor, timeout_s)
-                    fl_ms.append(fl["wall_ms"])
-                    fl_cpu.append(fl["cpu_ms"])
-                    floor_failed += fl["replies"] != n_agents
-                per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
-                all_ms.extend(gw_ms)
+                gc_in_rounds += sum(collector.ms)
+                full_in_rounds += collector.passes[2]
+                if prof is not None:
+                    prof.disable()
+                gw_ms.append(dt * 1000)
+                gw_cpu.append(dc * 1000)
+                publish_ms.append(fleet.rpc.last_publish_s * 1000)
+                if enforced != caps or fleet.last_failed_nodes:
+                    failed += 1
+                fl = await _floor_round(floor, timeout_s)
+                fl_ms.append(fl["wall_ms"])
+                fl_cpu.append(fl["cpu_ms"])
+                floor_failed += fl["replies"] != n_agents
+            per_rep.append(_rep_figures(gw_ms, gw_cpu, fl_ms, fl_cpu))
+            all_ms.extend(gw_ms)
         spread = _spread(per_rep)
         await fleet.read()
         intake_cpu_s = (fleet.intake.cpu_s if fleet.intake else 0.0) - intake_cpu0

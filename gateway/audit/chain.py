@@ -64,8 +64,8 @@ def canonical_json(obj: Any) -> bytes:
 def format_ts(t: datetime) -> str:
     """Return ``t`` as RFC 3339 UTC text with microseconds, e.g. 2026-01-01T00:00:00.000000Z."""
     if t.tzinfo is UTC and type(t) is datetime and t.year >= 1000:  # the clock's own readings: no conversion
-        # What isoformat(timespec="microseconds") writes, less "+00:00": one format of the fields
-        # costs about half as much as isoformat, which asks the time zone for its offset.
+        # What isoformat(timespec="microseconds") writes, less "+00:00", without isoformat asking
+        # the time zone for its offset.
         return _TS_FORMAT % (t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond)
     if t.tzinfo is None or t.utcoffset() is None:
         raise AuditError(f"timestamp {t!r} is naive; the audit log needs aware UTC datetimes")
@@ -196,7 +196,7 @@ def encode_data(data: Mapping[str, Any]) -> str:
     """Return the canonical JSON text stored in the ``data`` column for ``data``."""
     if type(data) is dict and _is_plain(data, 0):
         # Already plain JSON types (most records): to_jsonable would return an equal copy.
-        text = "".join(_C_ENCODE(data, 0)) if _C_ENCODE is not None else _ENCODER.encode(data)  # encode_plain
+        text = encode_plain(data)
         if text.isascii():
             return text
     else:

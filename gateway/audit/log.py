@@ -375,8 +375,7 @@ class AuditLog:
         self, kind: str, data: Mapping[str, Any], actor: str, event_id: str | None, device_id: str | None
     ) -> Pending:
         """Validate one record and return it ready for the queue."""
-        if self._closed or self._writer.done():  # _check_open, inline: once per record
-            raise AuditError("audit log is closed")
+        self._check_open()
         text = record_text(kind, data, actor, event_id, device_id)
         fut: asyncio.Future[int] = self._loop.create_future()
         return Pending(format_ts(self._clock.now()), kind, actor, event_id, device_id, text, fut)

@@ -103,13 +103,11 @@ async def _open_optout(page: Any, event_id: str) -> None:
     The live table re-renders its rows as status arrives: a click whose press and release land on
     two renderings of the row reaches no button, and the dialog stays shut (seen once in CI).
     """
-    button = page.locator(f'tr[data-event="{event_id}"] button.optout')
+    button, dialog = page.locator(f'tr[data-event="{event_id}"] button.optout'), page.locator("#optout-dialog[open]")
     for _ in range(5):
         await button.click()
-        if await page.locator("#optout-dialog[open]").count():
-            return
         await page.wait_for_timeout(200)
-        if await page.locator("#optout-dialog[open]").count():
+        if await dialog.count():
             return
     raise AssertionError(f"the opt-out dialog of {event_id} did not open after 5 clicks")
 
