@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway import gpumodel
 from gateway.clock import Clock
@@ -31,6 +31,7 @@ from gateway.model import GpuState
 THROUGHPUT_MAX: dict[str, float] = {"training": 1000.0, "batch_inference": 5000.0, "decode": 2000.0}
 NOISE_FRACTION = 0.02  # each GPU's natural draw differs from its class figure by up to +-2 %
 SETTLE_S = 0.3
+KEPT_READINGS = 8  # settled readings each GPU keeps, by cap, for its present job
 
 _log = get_logger("sim.gpus")
 
@@ -53,6 +54,7 @@ class _SimGpu:
     lease_until: float | None = None  # None: at the default limit, nothing to expire
     settled_w: float | None = None  # target_w() for the present cap and job (None: not worked out since a change)
     reading: GpuState | None = None  # the reading once settled, until the next change (None: work it out)
+    by_cap: dict[float, GpuState] = field(default_factory=dict)  # settled readings under caps held before, this job
 
     @property
     def default_cap_w(self) -> float:
@@ -80,6 +82,7 @@ class SimGpuFleet:
         rng = random.Random(seed)
         now = clock.monotonic()
         self._gpus: dict[str, _SimGpu] = {}
+        self._next_lapse = math.inf  # no lease lapses before this (a lower bound; set_caps_now lowers it)
         for group in config.groups:
             for _ in range(group.count):
                 gpu_id = f"gpu-{len(self._gpus):03d}"
@@ -126,11 +129,15 @@ class SimGpuFleet:
                 )
         now = self._clock.monotonic()
         self._expire_leases(now)
+        until = now + lease_s
+        self._next_lapse = min(self._next_lapse, until)
+        applied = {}
         for gpu_id, cap_w in caps_w.items():
             gpu = self._gpus[gpu_id]
             self._change(gpu, cap_w, now)
-            gpu.lease_until = now + lease_s
-        return {gpu_id: self._gpus[gpu_id].cap_w for gpu_id in caps_w}
+            gpu.lease_until = until
+            applied[gpu_id] = gpu.cap_w
+        return applied
 
     async def release(self) -> None:
         """Restore every GPU's default power limit and drop all leases."""
@@ -172,6 +179,7 @@ class SimGpuFleet:
         if tier is not None:
             gpu.tier = tier
         gpu.settled_w = gpu.reading = None
+        gpu.by_cap.clear()
         gpu.from_w = gpu.target_w()
         gpu.change_t = self._clock.monotonic()
 
@@ -197,6 +205,10 @@ class SimGpuFleet:
 
     def _expire_leases(self, now: float) -> None:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""
+        if now < self._next_lapse:
+            return
+        leases = [g.lease_until for g in self._gpus.values() if g.lease_until is not None]
+        self._next_lapse = min([u for u in leases if u > now], default=math.inf)
         for gpu in self._gpus.values():
             if gpu.lease_until is not None and now >= gpu.lease_until:
                 lapsed_at = gpu.lease_until
@@ -212,7 +224,18 @@ class SimGpuFleet:
                 self._change(gpu, gpu.default_cap_w, lapsed_at)
 
     def _state(self, gpu: _SimGpu, now: float) -> GpuState:
-        """Return one GPU's reading at ``now``; once its draw has settled, keep it until the next change."""
+        """Return one GPU's reading at ``now``; once its draw has settled, keep it until the next change.
+
+        A settled reading depends only on the cap and the job, so it is also kept by cap: a GPU whose
+        cap goes back to one it settled under before (a round trip to the default, caps alternating)
+        reads it again without working the model out.
+        """
+        settled = self._settle_s <= 0 or now - gpu.change_t >= self._settle_s  # nothing moves until a change
+        if settled:
+            kept = gpu.by_cap.get(gpu.cap_w)
+            if kept is not None:
+                gpu.reading = kept
+                return kept
         power_w = self._power_w(gpu, now)
         fraction = gpumodel.clock_for_cap(power_w, gpu.natural_w) ** gpu.job.beta
         state = GpuState(
@@ -227,6 +250,8 @@ class SimGpuFleet:
             host=gpu.host,
             throughput=THROUGHPUT_MAX[gpu.job.name] * fraction,
         )
-        if self._settle_s <= 0 or now - gpu.change_t >= self._settle_s:  # nothing in it moves until a change
-            gpu.reading = state
+        if settled:
+            if len(gpu.by_cap) >= KEPT_READINGS:
+                gpu.by_cap.clear()
+            gpu.reading = gpu.by_cap[gpu.cap_w] = state
         return state

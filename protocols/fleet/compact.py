@@ -41,6 +41,7 @@ _U32 = struct.Struct("<I")
 _NAN = math.nan
 _ARRAYS: dict[int, struct.Struct] = {}
 _ACK_HEADS: dict[int, bytes] = {}  # the first 6 bytes of an ack of so many caps
+_GPU_IDS: dict[bytes, tuple[str, ...]] = {}  # set_caps GPU id blobs seen (an agent gets the same one each time), split
 _SET_CAPS_KIND, _ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK
 
 
@@ -149,15 +150,15 @@ def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
         raise InputRejected(f"{what}: truncated set_caps header") from err
     at = _CMD.size
     cmd_id = decode(data[at : at + id_len], what, "id")
-    gpu_ids = decode(data[at + id_len : at + id_len + ids_len], what, "gpus").split("\n")
+    gpu_ids = _gpu_ids(data[at + id_len : at + id_len + ids_len], what)
     if not cmd_id or len(cmd_id.encode()) != id_len:
         raise InputRejected(f"{what} field 'id': empty or truncated")
     if not (math.isfinite(lease_s) and lease_s > 0):
         raise InputRejected(f"{what} field 'lease_s': must be positive, got {lease_s:g}")
     if not 0 < count <= MAX_CAPS:
         raise InputRejected(f"{what} field 'caps_w': {count} caps, want 1-{MAX_CAPS}")
-    if len(gpu_ids) != count or not all(gpu_ids):
-        raise InputRejected(f"{what} field 'gpus': {len(gpu_ids)} ids (some empty?) for {count} caps")
+    if len(gpu_ids) != count:
+        raise InputRejected(f"{what} field 'gpus': {len(gpu_ids)} ids for {count} caps")
     caps = _floats(data, at + id_len + ids_len, count, what, "caps_w")
     if not (math.isfinite(sum(caps)) and min(caps) > 0):
         bad = next(i for i, c in enumerate(caps) if not (math.isfinite(c) and c > 0))
@@ -167,6 +168,19 @@ def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
     if len(caps_w) != count:
         raise InputRejected(f"{what} field 'gpus': the same GPU id twice")
     return cmd_id, lease_s, caps_w
+
+
+def _gpu_ids(blob: bytes, what: str) -> tuple[str, ...]:
+    """Return the GPU ids of a set_caps blob; raise InputRejected if one is empty or it is not UTF-8."""
+    gpu_ids = _GPU_IDS.get(blob)
+    if gpu_ids is None:
+        gpu_ids = tuple(decode(blob, what, "gpus").split("\n"))
+        if not all(gpu_ids):
+            raise InputRejected(f"{what} field 'gpus': an empty GPU id")
+        if len(_GPU_IDS) >= 256:
+            _GPU_IDS.clear()
+        _GPU_IDS[blob] = gpu_ids
+    return gpu_ids
 
 
 # -- acks -----------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def _patched(data: bytes, at: int, fmt: str, value: object) -> bytes:
         (_patched(_good_caps(), len(_good_caps()) - 8, "<d", NAN), "field 'caps_w.gpu-001': must be a positive number"),
         (_patched(_good_caps(), len(_good_caps()) - 16, "<d", -5.0), "field 'caps_w.gpu-000'"),
         (_good_caps()[:-4], "bytes for 2 numbers"),
-        (_patched(_good_caps(), 4, "<H", 3), "2 ids (some empty?) for 3 caps"),
+        (_patched(_good_caps(), 4, "<H", 3), "2 ids for 3 caps"),
         (compact.set_caps_bytes(b"x", 5.0, b"gpu-000\n", compact.caps_bytes([1.0, 2.0])), "field 'gpus'"),
     ],
     ids=["truncated", "lease", "nan-cap", "negative-cap", "short", "count", "ids"],
@@ -165,6 +165,16 @@ def _patched(data: bytes, at: int, fmt: str, value: object) -> bytes:
 def test_malformed_compact_set_caps_is_refused_naming_the_field(data: bytes, expected: str) -> None:
     with pytest.raises(InputRejected, match=re.escape(expected)):
         messages.parse_command(data)
+
+
+def test_gpu_ids_seen_before_are_still_checked_against_each_command() -> None:
+    assert messages.parse_command(_good_caps()).caps_w == {"gpu-000": 450.0, "gpu-001": 500.0}
+    with pytest.raises(InputRejected, match="2 ids for 3 caps"):  # the same ids, kept split, another count
+        messages.parse_command(_patched(_good_caps(), 4, "<H", 3))
+    empty = compact.set_caps_bytes(b"x", 5.0, b"gpu-000\n", compact.caps_bytes([1.0, 2.0]))
+    for _ in range(2):  # refused ids are not kept: refused again
+        with pytest.raises(InputRejected, match="an empty GPU id"):
+            messages.parse_command(empty)
 
 
 def test_duplicate_gpu_ids_in_set_caps_are_refused() -> None:

@@ -148,6 +148,15 @@ async def test_lease_lapses_and_default_returns(fleet: SimGpuFleet, clock: Manua
     assert {s.gpu_id: s.cap_w for s in await fleet.read()}["gpu-002"] == 700.0
 
 
+async def test_a_shorter_lease_given_later_lapses_first(fleet: SimGpuFleet, clock: ManualClock) -> None:
+    await fleet.set_caps({"gpu-000": 300.0}, lease_s=60.0)
+    await fleet.read()  # nothing lapses before t = 60 ...
+    await fleet.set_caps({"gpu-001": 300.0}, lease_s=2.0)  # ... until this
+    clock.advance(3.0)
+    caps = {s.gpu_id: s.cap_w for s in await fleet.read()}
+    assert (caps["gpu-000"], caps["gpu-001"]) == (300.0, 700.0)
+
+
 async def test_release_restores_defaults(fleet: SimGpuFleet, clock: ManualClock) -> None:
     full_w = fleet.total_power_w()
     full_tp = fleet.total_throughput()
@@ -191,3 +200,26 @@ async def test_a_settled_reading_is_kept_until_the_next_change(fleet: SimGpuFlee
     fleet.set_job("gpu-000", "decode", "flex0")
     changed = (await fleet.read())[0]
     assert (changed.job_class, changed.throughput) == ("decode", pytest.approx(THROUGHPUT_MAX["decode"]))
+
+
+async def test_a_cap_settled_under_before_reads_the_same_as_a_fresh_fleet(clock: ManualClock) -> None:
+    fleet = SimGpuFleet(_config(), clock, seed=7, settle_s=0.0)
+    fresh = SimGpuFleet(_config(), clock, seed=7, settle_s=0.0)
+    await fleet.set_caps({"gpu-000": 400.0}, lease_s=10.0)
+    under_400 = (await fleet.read())[0]
+    await fleet.set_caps({"gpu-000": 500.0}, lease_s=10.0)
+    assert (await fleet.read())[0].power_w > under_400.power_w
+    await fleet.set_caps({"gpu-000": 400.0}, lease_s=10.0)
+    again = (await fleet.read())[0]
+    assert again is under_400  # kept by cap: the model is not worked out again
+    await fresh.set_caps({"gpu-000": 400.0}, lease_s=10.0)
+    assert again == (await fresh.read())[0]
+    fleet.set_job("gpu-000", "decode")  # another job: every kept reading is stale
+    fresh.set_job("gpu-000", "decode")
+    assert (await fleet.read())[0] == (await fresh.read())[0] != under_400
+    for cap in [*range(300, 700, 25)] * 2:  # more caps than it keeps, each twice: still right
+        await fleet.set_caps({"gpu-000": float(cap)}, lease_s=10.0)
+        ref = SimGpuFleet(_config(), clock, seed=7, settle_s=0.0)
+        ref.set_job("gpu-000", "decode")
+        await ref.set_caps({"gpu-000": float(cap)}, lease_s=10.0)
+        assert (await fleet.read())[0] == (await ref.read())[0]
