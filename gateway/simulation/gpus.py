@@ -207,8 +207,8 @@ class SimGpuFleet:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""
         if now < self._next_lapse:
             return
-        leases = [g.lease_until for g in self._gpus.values() if g.lease_until is not None]
-        self._next_lapse = min([u for u in leases if u > now], default=math.inf)
+        later = [g.lease_until for g in self._gpus.values() if g.lease_until is not None and g.lease_until > now]
+        self._next_lapse = min(later, default=math.inf)
         for gpu in self._gpus.values():
             if gpu.lease_until is not None and now >= gpu.lease_until:
                 lapsed_at = gpu.lease_until
