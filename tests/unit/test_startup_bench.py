@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
+from drgw_tools.bench.startup import ensure_bytecode
 from gateway.cli import main
 
 
@@ -20,6 +23,18 @@ def test_bench_startup_reports_each_command_beside_the_floors(capsys: pytest.Cap
             assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert set(res["commands"]) == set(names) and res["reps"] == 1
     assert isinstance(res["meets_goal"], bool) and len(res["loadavg_end"]) == 3
+    assert isinstance(res["bytecode_compiled_first"], int) and res["bytecode_compiled_first"] >= 0
+
+
+def test_bench_startup_compiles_missing_bytecode_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "drgw_probe_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for source in (pkg / "__init__.py", pkg / "sub" / "__init__.py", pkg / "sub" / "mod.py"):
+        source.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ensure_bytecode(("drgw_probe_pkg",)) == 3  # none had bytecode: all compiled
+    assert Path(importlib.util.cache_from_source(str(pkg / "sub" / "mod.py"))).is_file()
+    assert ensure_bytecode(("drgw_probe_pkg",)) == 0  # now all have it
 
 
 def test_bench_startup_refuses_a_missing_config(capsys: pytest.CaptureFixture[str]) -> None:
