@@ -12,7 +12,8 @@ Errors, mapped here and nowhere else:
   never asked);
 - an exception response from the device: ``ModbusDeviceRejected`` (a ``DeviceRejected``
   carrying the Modbus exception code);
-- no connection, a timeout, a garbled reply: ``DeviceUnavailable``;
+- no connection, a timeout, a garbled reply: ``DeviceUnavailable``, and the TCP session is
+  dropped (the next request opens a new one);
 - a strict ``read`` of a point the device reports as not available (a sentinel, NaN, or an
   invalid scale factor) or that reads outside its physical ``bounds``: ``InvalidReading``
   (a ``DeviceRejected``) naming why. ``read_values`` returns None for it instead.
@@ -285,6 +286,10 @@ class ModbusTransport:
         try:
             rr = await request()
         except (TimeoutError, ModbusException, OSError) as err:
+            # Drop the session: one that stopped answering (a hung device, a bridge or NAT that lost
+            # it) may never answer again, and a late reply must not meet the next request. pymodbus
+            # itself gives up on it only after retries + 3 silent requests; the next call reconnects.
+            self._client.close()
             raise DeviceUnavailable(self.device_id, f"{what} at {self._where}: {err}") from err
         if rr.isError():
             raise ModbusDeviceRejected(self.device_id, what, int(getattr(rr, "exception_code", 0)))

@@ -19,6 +19,7 @@ from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.meter import ModbusMeter
 from protocols.modbus.simulator import BatterySimulator, PointServer
 from protocols.modbus.ups import ModbusUps, UpsGuardedBattery, UpsState, discharge_allowance_w
+from tests.faults.proxy import FaultProxy
 
 
 @pytest.fixture(autouse=True)
@@ -198,3 +199,26 @@ async def test_polling_groups_are_read_at_their_own_periods(
     clock.advance(30.0)
     third = await meter.telemetry()
     assert third["energy_import_wh"] == 2_000.0
+
+
+async def test_a_session_that_stops_answering_is_dropped_and_a_new_one_opened() -> None:
+    """A device (or a bridge before it) that holds a TCP session open but never answers on it again."""
+    clock = ManualClock()
+    server = PointServer("meter_facility")
+    proxy = FaultProxy("127.0.0.1", await server.start())
+    port = await proxy.start()
+    meter = ModbusMeter("meter1", ModbusEndpoint("127.0.0.1", port, 1, timeout_s=0.2), "meter_facility", clock)
+    try:
+        server.set("total_active_power_w", 500_000.0)
+        await proxy.set_mode("blackhole")
+        await meter.connect()  # accepted while black-holed: this session never answers, even once healed
+        with pytest.raises(DeviceUnavailable, match="No response"):
+            await meter.read_facility_w()
+        await proxy.set_mode("pass")  # new sessions answer again
+        clock.advance(1.0)  # past the first backoff
+        assert await meter.read_facility_w() == pytest.approx(500_000.0)
+        assert len(proxy.accepted) == 2  # the silent session was given up at once, not kept for later requests
+    finally:
+        await meter.close()
+        await proxy.stop()
+        await server.stop()
