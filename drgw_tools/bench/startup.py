@@ -62,8 +62,8 @@ def ensure_bytecode(packages: tuple[str, ...] = PACKAGES) -> int:
                 cached = Path(importlib.util.cache_from_source(str(source)))
                 if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
                     missing += 1
-            if not compileall.compile_dir(root, quiet=1):
-                raise RuntimeError(f"bench startup: cannot compile {root} to bytecode")
+            if not compileall.compile_dir(root, quiet=2):
+                raise RuntimeError(f"cannot compile {root} to bytecode (syntax error? not writable?)")
     return missing
 
 
