@@ -14,9 +14,9 @@ missing or stale first, as an install does, and reports how many it compiled.
 
 from __future__ import annotations
 
-import compileall
 import importlib.util
 import os
+import py_compile
 import shutil
 import statistics
 import subprocess
@@ -53,18 +53,21 @@ def commands(config: str) -> dict[str, list[str]]:
 
 
 def ensure_bytecode(packages: tuple[str, ...] = PACKAGES) -> int:
-    """Compile the packages' modules whose bytecode is missing or stale; return how many had none or a stale one."""
-    missing = 0
+    """Compile the packages' modules whose bytecode is missing or older than the source; return how many."""
+    compiled = 0
     for name in packages:
         spec = importlib.util.find_spec(name)
         for root in (spec.submodule_search_locations or []) if spec is not None else []:
             for source in Path(root).rglob("*.py"):
                 cached = Path(importlib.util.cache_from_source(str(source)))
-                if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
-                    missing += 1
-            if not compileall.compile_dir(root, quiet=2):
-                raise RuntimeError(f"cannot compile {root} to bytecode (syntax error? not writable?)")
-    return missing
+                if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
+                    continue
+                try:
+                    py_compile.compile(str(source), doraise=True)
+                except (py_compile.PyCompileError, OSError) as err:
+                    raise RuntimeError(f"cannot compile {source} to bytecode: {err}") from err
+                compiled += 1
+    return compiled
 
 
 def _time_once(cmd: list[str]) -> float:

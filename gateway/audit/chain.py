@@ -197,8 +197,6 @@ def encode_data(data: Mapping[str, Any]) -> str:
     if type(data) is dict and _is_plain(data, 0):
         # Already plain JSON types (most records): to_jsonable would return an equal copy.
         text = encode_plain(data)
-        if text.isascii():
-            return text
     else:
         if not isinstance(data, Mapping):
             raise AuditError(f"data must be a mapping, got {type(data).__name__}")
@@ -245,16 +243,23 @@ def row_hash_input(
     data: str,
 ) -> bytes:
     """Return the bytes the row hash is taken over: ``0x00 || prev_hash || canonical_json(row)``."""
-    # Equal to canonical_json({seq, ts, kind, actor, event_id, device_id, data}), spelt out with
-    # the keys already in sorted order: this runs once per row written and once per row verified.
-    enc = encode_basestring
-    body = (
-        f'{{"actor":{enc(actor)},"data":{enc(data)},'
-        f'"device_id":{"null" if device_id is None else enc(device_id)},'
-        f'"event_id":{"null" if event_id is None else enc(event_id)},'
-        f'"kind":{enc(kind)},"seq":{int(seq)},"ts":{enc(ts)}}}'
-    )
+    head, mid = _row_parts(actor, device_id, event_id, kind)
+    body = f'{head}{encode_basestring(data)}{mid}{int(seq)},"ts":{encode_basestring(ts)}}}'
     return b"\x00" + bytes.fromhex(prev_hash) + body.encode("utf-8")
+
+
+def _row_parts(actor: str, device_id: str | None, event_id: str | None, kind: str) -> tuple[str, str]:
+    """Return the canonical row's JSON text before ``data``'s value, and between it and ``seq``'s.
+
+    canonical_json({seq, ts, kind, actor, event_id, device_id, data}) spelt out with the keys
+    already in sorted order: this runs once per row written and once per row verified.
+    """
+    enc = encode_basestring
+    return (
+        f'{{"actor":{enc(actor)},"data":',
+        f',"device_id":{"null" if device_id is None else enc(device_id)}'
+        f',"event_id":{"null" if event_id is None else enc(event_id)},"kind":{enc(kind)},"seq":',
+    )
 
 
 class RowHasher:
@@ -276,13 +281,7 @@ class RowHasher:
         """Return the canonical row's text before ``data``'s value and between it and ``seq``'s, kept."""
         if len(self._parts) >= self._MAX_NAMES:
             self._parts.clear()
-        actor, device_id, event_id, kind = key
-        enc = encode_basestring
-        out = self._parts[key] = (
-            f'{{"actor":{enc(actor)},"data":',
-            f',"device_id":{"null" if device_id is None else enc(device_id)}'
-            f',"event_id":{"null" if event_id is None else enc(event_id)},"kind":{enc(kind)},"seq":',
-        )
+        out = self._parts[key] = _row_parts(*key)
         return out
 
     def row_hash(
