@@ -8,7 +8,7 @@ is the console script beside it (or ``python -m gateway.cli`` where there is non
 The commands start as an installed gateway's do: with the project's modules already compiled to
 bytecode (``pip install`` compiles them; the floors' standard library has its bytecode too). A
 source tree whose bytecode was never written (``PYTHONDONTWRITEBYTECODE`` set, as on the CI
-machines) would otherwise compile some 300 modules at every start, so the bench compiles what is
+machines) would otherwise compile every project module it imports at every start, so the bench compiles what is
 missing or stale first, as an install does, and reports how many it compiled.
 """
 
