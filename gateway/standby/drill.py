@@ -34,16 +34,20 @@ def _say(event: str, **data: Any) -> None:
     print(json.dumps({"event": event, "t": time.monotonic(), **data}), flush=True)
 
 
-async def node(db_url: str, name: str, lease_s: float, margin_s: float, tick_s: float) -> None:
-    """Run one node until SIGTERM: contend for the lease; while active, record and tick."""
+async def node(
+    db_url: str, name: str, lease_s: float, margin_s: float, tick_s: float, stop: asyncio.Event | None = None
+) -> None:
+    """Run one node until SIGTERM (or ``stop`` is set): contend for the lease; while active, record and tick."""
     from gateway.audit.log import AuditLog
     from gateway.standby.lease import LeaseManager
     from gateway.standby.records import record_active, record_standby
 
     lease = LeaseManager.open(db_url, name, lease_s=lease_s, margin_s=margin_s)
     audit = await AuditLog.open(db_url, fence=lease.fence)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    recorded: list[int] = [0]  # the token whose standby.active row is in the log: ticks wait for it
 
     async def changed(change: RoleChange) -> None:
         if change.role is Role.ACTIVE:
@@ -52,6 +56,7 @@ async def node(db_url: str, name: str, lease_s: float, margin_s: float, tick_s: 
             except AuditError as err:
                 _say("refused", token=change.token, error=str(err))
                 return
+            recorded[0] = change.token
             _say("active", token=change.token, sent=change.at_mono, seq=seq, reason=change.reason)
         else:
             _say("standby", token=change.token, reason=change.reason)
@@ -60,7 +65,9 @@ async def node(db_url: str, name: str, lease_s: float, margin_s: float, tick_s: 
     await lease.start()
     _say("ready", pid=os.getpid())
     while not stop.is_set():
-        if lease.acting:
+        # Like the gateway (role.py), act only once this term's first row says who acts: the role
+        # change reaches the callbacks from a queue, so ``acting`` can turn true before it is recorded.
+        if lease.acting and lease.token == recorded[0]:
             with contextlib.suppress(AuditError):  # refused: the lease was lost; the role change says so
                 await audit.append("drill.tick", {"node": name, "token": lease.token})
         with contextlib.suppress(TimeoutError):

@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 
 from gateway.audit.chain import parse_ts
-from gateway.standby.drill import Node, first_active
+from gateway.audit.log import AuditLog
+from gateway.standby import records
+from gateway.standby.drill import Node, first_active, node
+from gateway.standby.rows import RoleChange
 from tests.gwproc import DRGW
 from tests.pgdb import fetch, fresh_pg_database
 from tests.protocols.standby_helpers import until
@@ -100,6 +103,29 @@ async def test_two_processes_started_at_once_one_acts_and_kill_9_hands_over_afte
     finally:
         for n in nodes:
             await n.stop()
+
+
+async def test_a_node_ticks_only_once_its_active_row_is_recorded(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The role change reaches the callback from a queue, after ``acting`` is already true: a slow
+    # first row must still come first (a CI run once saw a tick ahead of it).
+    real = records.record_active
+
+    async def slow(audit: Any, change: RoleChange) -> int:
+        await asyncio.sleep(0.5)  # five tick periods
+        return await real(audit, change)
+
+    monkeypatch.setattr(records, "record_active", slow)
+    await (await AuditLog.open(pg_url)).close()  # the schema first, so the test can read the table at once
+    stop = asyncio.Event()
+    task = asyncio.create_task(node(pg_url, "solo", LEASE_S, MARGIN_S, 0.1, stop))
+    try:
+        await until(lambda: _ticked(pg_url, 1), WAIT_S, "the node ticks")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT_S)
+    kinds = [k for _, k, _ in await rows(pg_url)]
+    assert kinds[0] == "standby.active" and kinds[1] == "drill.tick"
+    assert kinds[-1] == "standby.standby"
 
 
 async def _changed(url: str, before: list[tuple[object, ...]]) -> bool:
