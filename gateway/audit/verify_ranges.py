@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import GENESIS_HASH
-from gateway.audit.walk import COLUMNS, SELECT_ALL, Walk, walk_page
+from gateway.audit.walk import COLUMNS, SELECT_ALL, Walk, walk_page_bytes
 from gateway.errors import AuditError
 
 # `drgw bench audit --walk-jobs 1` against `--walk-jobs 2` on 2 cores (2026-12-06, chunks taken from
@@ -53,7 +53,7 @@ def walk_sqlite_file(
     ``parallel_rows`` rows or more is walked by ``jobs`` processes instead.
     """
     w = Walk()
-    con = sqlite3.connect(str(path), timeout=10.0)
+    con = _connect(str(path))
     try:
         if jobs > 1:
             last = int(con.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0])
@@ -62,7 +62,7 @@ def walk_sqlite_file(
         cur = con.execute(SELECT_ALL)
         while True:
             page = cur.fetchmany(page_rows)
-            if not page or not walk_page(w, page, wanted):
+            if not page or not walk_page_bytes(w, page, wanted):
                 return w
     except sqlite3.Error as err:
         raise AuditError(f"cannot read the audit log: {err}") from err
@@ -172,13 +172,25 @@ def join(bounds: list[tuple[int, int]], parts: list[Part | None]) -> Walk:
     return w
 
 
+def _connect(database: str, uri: bool = False) -> sqlite3.Connection:
+    """Open the file for a walk: text handed back undecoded, as ``walk_page_bytes`` reads it."""
+    con = sqlite3.connect(database, uri=uri, timeout=10.0)
+    con.text_factory = bytes
+    return con
+
+
+def _hash_text(v: object) -> str:
+    """Return a stored prev_hash read as bytes as text (a value that is not text never equals a hash)."""
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
 def walk_range(path: str, bounds: tuple[int, int], page_rows: int, wanted: set[int]) -> Part:
     """Walk seqs ``bounds`` (inclusive) from the prev_hash the first stored; return the walk and that hash."""
     first, last = bounds
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    con = _connect(f"file:{path}?mode=ro", uri=True)
     try:
         row = con.execute("SELECT prev_hash FROM audit_log WHERE seq = ?", (first,)).fetchone()
-        first_prev = None if row is None else row[0]
+        first_prev = None if row is None or row[0] is None else _hash_text(row[0])
         w = Walk(rows=first - 1, head=GENESIS_HASH if first == 1 else (first_prev or ""))
         cur = con.execute(_SELECT_RANGE, (first, last))
         while True:
@@ -188,7 +200,7 @@ def walk_range(path: str, bounds: tuple[int, int], page_rows: int, wanted: set[i
                     nxt = con.execute("SELECT min(seq) FROM audit_log WHERE seq > ?", (w.rows,)).fetchone()[0]
                     w.bad_seq, w.reason = w.rows + 1, f"row {w.rows + 1} is missing (the next stored row is {nxt})"
                 return w, first_prev
-            if not walk_page(w, page, wanted):
+            if not walk_page_bytes(w, page, wanted):
                 return w, first_prev
     except sqlite3.Error as err:
         raise AuditError(f"cannot read the audit log: {err}") from err

@@ -75,6 +75,10 @@ def _forge(seq: int) -> Callable[[sqlite3.Connection], None]:
     return go
 
 
+def _not_utf8(seq: int) -> Callable[[sqlite3.Connection], None]:
+    return lambda con: con.execute("UPDATE audit_log SET actor = CAST(X'FFFE' AS TEXT) WHERE seq = ?", (seq,))
+
+
 CASES = {
     "intact": lambda con: None,
     **{f"altered-{s}": _alter(s) for s in (1, 5, 20, 21, 40, 41, 60)},
@@ -82,6 +86,7 @@ CASES = {
     **{f"relinked-{s}": _relink(s) for s in (21, 41, 30)},
     **{f"forged-{s}": _forge(s) for s in (20, 40, 33)},
     "relinked-and-altered-21": lambda con: (_relink(21)(con), _alter(21)(con)),
+    **{f"not-utf8-{s}": _not_utf8(s) for s in (21, 40)},
 }
 
 
@@ -120,3 +125,18 @@ async def test_a_helper_that_fails_costs_only_time(
     monkeypatch.setattr(verify_ranges, "walk_from_back", dying_helper)
     helpers_first(monkeypatch, 2, taken=1)
     assert await verify(str(path), jobs=2, parallel_rows=1) == one
+
+
+async def test_a_field_that_is_not_utf8_is_its_rows_failure_and_a_blob_of_the_same_text_reads_as_it(
+    pristine: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.db"
+    shutil.copy(pristine, path)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE audit_log SET actor = CAST(actor AS BLOB) WHERE seq = 7")  # the same bytes, as a BLOB
+    _not_utf8(30)(con)
+    con.commit()
+    con.close()
+    res = await verify(str(path), jobs=1)
+    assert (res.first_bad_seq, res.rows) == (30, 29)
+    assert res.reason.startswith("row cannot be hashed (prev_hash not hexadecimal or a field not text)")
