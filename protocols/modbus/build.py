@@ -17,18 +17,21 @@ from protocols.modbus.battery import ModbusBattery
 from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import load_mapping
 from protocols.modbus.meter import ModbusMeter
-from protocols.modbus.sunspec_battery import SunspecBattery
 from protocols.modbus.ups import ModbusUps, UpsGuardedBattery
 
 if TYPE_CHECKING:
     from protocols.modbus.bms_server import BmsServer, OptOutHook
+    from protocols.modbus.sunspec_battery import SunspecBattery
 
 
 def build_battery(cfg: BatteryConfig, clock: Clock) -> ModbusBattery | SunspecBattery:
     """Return the battery driver its mapping calls for (SunSpec maps get the SunSpec driver)."""
     m = load_mapping(cfg.mapping)
-    driver = SunspecBattery if m.sunspec is not None else ModbusBattery
-    return driver(cfg.device_id, ModbusEndpoint.of(cfg), m, cfg.revert_s, clock)
+    if m.sunspec is None:
+        return ModbusBattery(cfg.device_id, ModbusEndpoint.of(cfg), m, cfg.revert_s, clock)
+    from protocols.modbus.sunspec_battery import SunspecBattery  # pysunspec2's definitions: SunSpec maps only
+
+    return SunspecBattery(cfg.device_id, ModbusEndpoint.of(cfg), m, cfg.revert_s, clock)
 
 
 def build_modbus_meter(cfg: MeterConfig, clock: Clock) -> ModbusMeter:

@@ -28,3 +28,18 @@ def test_help_of_every_command_group_still_works() -> None:
     for argv in (["--help"], ["agent", "--help"], ["audit", "verify", "--help"], ["openadr", "--help"]):
         out = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage: drgw" in out.stdout, (argv, out.stderr)
+
+
+def test_a_battery_with_a_plain_register_map_loads_no_sunspec_definitions() -> None:
+    code = (
+        "from gateway.clock import SystemClock\n"
+        "from gateway.config import BatteryConfig\n"
+        "from protocols.modbus.build import build_battery\n"
+        "from protocols.modbus.battery import ModbusBattery\n"
+        "import asyncio\n"
+        "async def main():\n"
+        "    cfg = BatteryConfig(enabled=True, mapping='bess_generic')\n"
+        "    assert type(build_battery(cfg, SystemClock())) is ModbusBattery\n"
+        "asyncio.run(main())"
+    )
+    assert [m for m in _loaded_after(code) if m.startswith("sunspec2")] == []
