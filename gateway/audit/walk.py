@@ -152,7 +152,7 @@ def walk_page_bytes(w: Walk, page: list[Any], wanted: set[int]) -> bool:
     special = _SPECIAL_BYTES
     expected = first = w.rows + 1
     prev = w.head.encode()
-    for row in page:
+    for row in page:  # seq is SQLite's rowid, so always an int: "%d" writes it as the text walk does
         seq, ts, kind, actor, event_id, device_id, data, prev_hash, stored = row
         try:
             ok = (
@@ -174,7 +174,7 @@ def walk_page_bytes(w: Walk, page: list[Any], wanted: set[int]) -> bool:
                     w.batches.append((seq, json.loads(data)))
                 else:
                     w.life.append((seq, kind.decode(), data.decode()))
-        except (ValueError, TypeError, AttributeError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        except (ValueError, TypeError, AttributeError):  # binascii.Error and UnicodeDecodeError are ValueErrors
             ok = False
         if not ok:  # walk_page says what is wrong, if anything
             if w.first_ts is None and expected > first:
