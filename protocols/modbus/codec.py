@@ -15,24 +15,31 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-
-from pymodbus.client.mixin import ModbusClientMixin
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from protocols.modbus.mapping import Point
 
 Value = float | str | None  # None: the device says "not available"
 
-_DT = ModbusClientMixin.DATATYPE
-DATATYPES = {
-    "int16": _DT.INT16,
-    "uint16": _DT.UINT16,
-    "int32": _DT.INT32,
-    "uint32": _DT.UINT32,
-    "int64": _DT.INT64,
-    "uint64": _DT.UINT64,
-    "float32": _DT.FLOAT32,
-    "float64": _DT.FLOAT64,
-}
+if TYPE_CHECKING:
+    from pymodbus.client.mixin import ModbusClientMixin
+
+_NUMERIC = ("int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")  # pymodbus converts these
+
+
+@cache
+def _converters() -> tuple[type[ModbusClientMixin], dict[str, Any]]:
+    """Return pymodbus' register converters and its data type per numeric point type.
+
+    pymodbus is imported at the first conversion: ``check-config`` builds the drivers but converts nothing.
+    """
+    from pymodbus.client.mixin import ModbusClientMixin
+
+    dt = ModbusClientMixin.DATATYPE
+    return ModbusClientMixin, {name: dt[name.upper()] for name in _NUMERIC}
+
+
 RAW_RANGE: dict[str, tuple[int, int]] = {
     "int16": (-(2**15), 2**15 - 1),
     "uint16": (0, 2**16 - 1),
@@ -107,11 +114,9 @@ def encode(point: Point, value: float | str, sf: int = 0) -> list[int]:
     else:
         if isinstance(value, str):
             raise ValueError(f"{point.name}: a {point.type} point takes a number, not text")
-        regs = list(
-            ModbusClientMixin.convert_to_registers(
-                to_raw(point, value, sf), DATATYPES[point.type], word_order=point.word_order
-            )
-        )
+        mixin, types = _converters()
+        raw = to_raw(point, value, sf)
+        regs = list(mixin.convert_to_registers(raw, types[point.type], word_order=point.word_order))
     return swap_bytes(regs) if point.byte_order == "little" else regs
 
 
@@ -119,7 +124,8 @@ def encode_raw(point: Point, raw: int) -> list[int]:
     """Return the registers (wire order) carrying the unscaled integer ``raw`` (a sentinel, say)."""
     if point.type == "string" or point.type in _FLOAT_MAX:
         raise ValueError(f"{point.name}: raw integers are for integer points")
-    regs = list(ModbusClientMixin.convert_to_registers(raw, DATATYPES[point.type], word_order=point.word_order))
+    mixin, types = _converters()
+    regs = list(mixin.convert_to_registers(raw, types[point.type], word_order=point.word_order))
     return swap_bytes(regs) if point.byte_order == "little" else regs
 
 
@@ -128,9 +134,8 @@ def encode_invalid(point: Point) -> list[int]:
     if point.type == "string":
         return [0] * point.count
     if point.type in _FLOAT_MAX:
-        regs = list(
-            ModbusClientMixin.convert_to_registers(math.nan, DATATYPES[point.type], word_order=point.word_order)
-        )
+        mixin, types = _converters()
+        regs = list(mixin.convert_to_registers(math.nan, types[point.type], word_order=point.word_order))
     elif point.invalid:
         return encode_raw(point, point.invalid[0])
     else:
@@ -146,7 +151,8 @@ def raw_value(point: Point, registers: Sequence[int]) -> int | float | str:
     if point.type == "string":
         data = b"".join(r.to_bytes(2, "big") for r in regs)
         return data.split(b"\0", 1)[0].decode("ascii", errors="replace").strip()
-    raw = ModbusClientMixin.convert_from_registers(regs, DATATYPES[point.type], word_order=point.word_order)
+    mixin, types = _converters()
+    raw = mixin.convert_from_registers(regs, types[point.type], word_order=point.word_order)
     if not isinstance(raw, int | float):
         raise TypeError(f"{point.name}: pymodbus returned {type(raw).__name__}, not a number")
     return raw

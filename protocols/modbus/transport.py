@@ -29,16 +29,16 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
-
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected, InvalidReading
 from protocols.modbus import codec
 from protocols.modbus.codec import Value
 from protocols.modbus.endpoint import ModbusEndpoint
 from protocols.modbus.mapping import Mapping, Point, Table
+
+if TYPE_CHECKING:
+    from pymodbus.client import AsyncModbusTcpClient
 
 MAX_WRITE_REGISTERS = 123  # the most registers one FC 16 request may carry
 
@@ -134,31 +134,46 @@ class ModbusTransport:
         self.device_id = device_id
         self.unit = endpoint.unit
         self.mapping = mapping
-        # reconnect_delay=0: no background reconnect loop; the caller's backoff decides when to retry.
-        self._client = AsyncModbusTcpClient(
-            endpoint.host, port=endpoint.port, timeout=endpoint.timeout_s, retries=endpoint.retries, reconnect_delay=0
-        )
+        self._endpoint = endpoint
+        self._client_made: AsyncModbusTcpClient | None = None  # at first use: building a driver imports no pymodbus
+        self._failures: tuple[type[BaseException], ...] = (TimeoutError, OSError)  # and pymodbus' own, with it
         self._where = str(endpoint)
         self._sf: dict[str, int | None] = {}  # scale-factor point -> exponent last read (None: invalid)
         self._sf_names = {p.scale_factor for p in mapping.points.values() if p.scale_factor}
 
     @property
+    def _client(self) -> AsyncModbusTcpClient:
+        """Return the pymodbus client, made (and pymodbus imported) at first use."""
+        if self._client_made is None:
+            from pymodbus.client import AsyncModbusTcpClient
+            from pymodbus.exceptions import ModbusException
+
+            e = self._endpoint
+            # reconnect_delay=0: no background reconnect loop; the caller's backoff decides when to retry.
+            self._client_made = AsyncModbusTcpClient(
+                e.host, port=e.port, timeout=e.timeout_s, retries=e.retries, reconnect_delay=0
+            )
+            self._failures = (TimeoutError, ModbusException, OSError)
+        return self._client_made
+
+    @property
     def connected(self) -> bool:
         """Return whether the TCP connection is up."""
-        return self._client.connected
+        return self._client_made is not None and self._client_made.connected
 
     async def connect(self) -> None:
         """Open the TCP connection; raise DeviceUnavailable if the device does not accept it."""
         try:
             ok = await self._client.connect()
-        except (TimeoutError, ModbusException, OSError) as err:
+        except self._failures as err:
             raise DeviceUnavailable(self.device_id, f"cannot connect to {self._where}: {err}") from err
         if not ok:
             raise DeviceUnavailable(self.device_id, f"cannot connect to {self._where}")
 
     def close(self) -> None:
         """Close the TCP connection."""
-        self._client.close()
+        if self._client_made is not None:
+            self._client_made.close()
 
     def remap(self, mapping: Mapping) -> None:
         """Speak ``mapping`` from now on (after SunSpec discovery found where the models really are)."""
@@ -281,11 +296,11 @@ class ModbusTransport:
 
     async def _call(self, what: str, request: Callable[[], Awaitable[Any]]) -> Any:
         """Send one request (connecting first if needed) and translate pymodbus' failures."""
-        if not self._client.connected:
+        if not self.connected:
             await self.connect()
         try:
             rr = await request()
-        except (TimeoutError, ModbusException, OSError) as err:
+        except self._failures as err:
             # Drop the session: one that stopped answering (a hung device, a bridge or NAT that lost
             # it) may never answer again, and a late reply must not meet the next request. pymodbus
             # itself gives up on it only after retries + 3 silent requests; the next call reconnects.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("asyncio", "pydantic", "sqlalchemy", "structlog", "pymodbus", "asyncua", "openleadr", "aiohttp", "nats",
          "urllib.request", "ssl")  # fmt: skip
@@ -28,6 +29,16 @@ def test_help_of_every_command_group_still_works() -> None:
     for argv in (["--help"], ["agent", "--help"], ["audit", "verify", "--help"], ["openadr", "--help"]):
         out = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage: drgw" in out.stdout, (argv, out.stderr)
+
+
+def test_check_config_builds_the_modbus_battery_without_pymodbus() -> None:
+    # The example config has a Modbus battery: its driver is built (map loaded, roles checked), and
+    # pymodbus is left for the first connection or conversion.
+    config = Path(__file__).resolve().parents[2] / "etc" / "gateway.example.toml"
+    code = f"from gateway.cli.main import main\nassert main(['check-config', {str(config)!r}]) == 0"
+    loaded = _loaded_after(code)
+    assert "protocols.modbus.battery" in loaded
+    assert [m for m in loaded if m.startswith("pymodbus")] == []
 
 
 def test_a_battery_with_a_plain_register_map_loads_no_sunspec_definitions() -> None:
