@@ -83,7 +83,7 @@ async def equipment_problems(cfg: GatewayConfig, source: str) -> list[ConfigErro
     """Build (never connect) each device driver ``build_devices`` would; return what any refuses.
 
     Maps are loaded and checked against their schema and the driver's roles, the OPC UA password
-    file is read and its certificates and key parsed. Runs in an event loop, as the drivers are built in `run`.
+    file is read and its certificates and key parsed. Runs in an event loop, as the drivers are built in ``run``.
     """
     from gateway.clock import SystemClock
 
