@@ -5,7 +5,8 @@ prints the takeover times (from the kill to the new active's lease, and to its f
 committed) with p50/p99, and whether ``drgw audit verify`` finds the one chain whole.
 
 ``python -m gateway.standby.drill node --db URL --node NAME`` is one node: a LeaseManager and an
-audit log fenced by it; while active it appends a ``drill.tick`` row every ``--tick-s``. It prints
+audit log fenced by it; while active, once its ``standby.active`` row for the term is in the log
+(as the gateway acts only then), it appends a ``drill.tick`` row every ``--tick-s``. It prints
 one JSON line per event on stdout (``ready``, ``active``, ``standby``, ``refused``) with monotonic
 times (one clock for every process on a host), and stops cleanly on SIGTERM.
 """
