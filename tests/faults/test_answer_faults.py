@@ -10,6 +10,7 @@ the answer from the store once it can, and the battery acts only on what was ans
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -21,17 +22,29 @@ from .db_faults import SqliteWriteError
 from .harness import Site, report
 
 
-def _read(site: Site, query: str) -> list[tuple[Any, ...]]:
-    """Run a query on the gateway's database through a read-only connection."""
-    with sqlite3.connect(f"file:{site.db}?mode=ro", uri=True, timeout=5.0) as conn:
-        return conn.execute(query).fetchall()
+def _stored_and_decided(site: Site) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], str]]:
+    """Return the event store's versions and the opt.decided rows, read in one snapshot.
+
+    The gateway writes a version and its opt.decided row in one transaction; two separate reads
+    could fall either side of it (a CI run once saw the row without the version, read a moment earlier).
+    """
+    conn = sqlite3.connect(f"file:{site.db}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.execute("BEGIN")  # one read transaction for both tables
+        stored = conn.execute("SELECT event_id, modification_number, opt FROM demand_events").fetchall()
+        decided = conn.execute("SELECT event_id, data FROM audit_log WHERE kind = 'opt.decided'").fetchall()
+    finally:
+        conn.close()
+    by_version = {(e, int(m)): o for e, m, o in stored}
+    rows = [(e, json.loads(d)) for e, d in decided]
+    return by_version, {(e, int(d["modification_number"])): d["opt"] for e, d in rows}
 
 
 def _agree(site: Site) -> dict[tuple[str, int], str]:
     """Assert store, opt.decided rows and the VTN's answers agree; return the answers by version."""
-    stored = {(e, int(m)): o for e, m, o in _read(site, "SELECT event_id, modification_number, opt FROM demand_events")}
-    decided = {(r["event_id"], r["data"]["modification_number"]): r["data"]["opt"] for r in site.rows("opt.decided")}
+    # The answers first: each was stored before it was sent, so the snapshot read after holds it.
     answered = {(str(r["event_id"]), int(r["modification_number"])): r["opt_type"] for r in site.vtn.event_responses}
+    stored, decided = _stored_and_decided(site)
     assert stored == decided, f"event store {stored} and opt.decided rows {decided} disagree"
     wrong = {k: (v, stored.get(k)) for k, v in answered.items() if stored.get(k) != v}
     assert not wrong, f"the VTN was told what the gateway did not store (answer, stored): {wrong}"
