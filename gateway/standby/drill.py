@@ -48,16 +48,17 @@ async def node(
     if stop is None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    recorded: list[int] = [0]  # the token whose standby.active row is in the log: ticks wait for it
+    recorded = 0  # the token whose standby.active row is in the log: ticks wait for it
 
     async def changed(change: RoleChange) -> None:
+        nonlocal recorded
         if change.role is Role.ACTIVE:
             try:
                 seq = await record_active(audit, change)
             except AuditError as err:
                 _say("refused", token=change.token, error=str(err))
                 return
-            recorded[0] = change.token
+            recorded = change.token
             _say("active", token=change.token, sent=change.at_mono, seq=seq, reason=change.reason)
         else:
             _say("standby", token=change.token, reason=change.reason)
@@ -68,7 +69,7 @@ async def node(
     while not stop.is_set():
         # Like the gateway (role.py), act only once this term's first row says who acts: the role
         # change reaches the callbacks from a queue, so ``acting`` can turn true before it is recorded.
-        if lease.acting and lease.token == recorded[0]:
+        if lease.acting and lease.token == recorded:
             with contextlib.suppress(AuditError):  # refused: the lease was lost; the role change says so
                 await audit.append("drill.tick", {"node": name, "token": lease.token})
         with contextlib.suppress(TimeoutError):
