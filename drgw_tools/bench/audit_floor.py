@@ -210,7 +210,7 @@ _PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "append: row hashes": (("audit/chain.py", "compute_row_hash"), ("audit/chain.py", "row_hash")),
     "verify: chain walk (walk_page: encode, hash, compare)": (("audit/walk.py", "walk_page"),),
     "verify: fetching rows (sqlite3 fetchmany)": (("~", "<method 'fetchmany' of 'sqlite3.Cursor' objects>"),),
-    "verify: measurement seals (batch_digest)": (("audit/measurements.py", "batch_digest"),),
+    "verify: measurement seals (batch_digest)": (("audit/seals.py", "batch_digest"),),
     "idle: waiting for the database (epoll)": (("~", "<method 'poll' of 'select.epoll' objects>"),),
 }
 

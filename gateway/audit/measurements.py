@@ -10,7 +10,6 @@ Power in W, facility import positive, battery discharge positive.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.audit.chain import encode_data, encode_plain, format_ts, parse_ts
+from gateway.audit.chain import encode_data, format_ts, parse_ts
 from gateway.audit.kinds import MEASUREMENTS_BATCH
 from gateway.audit.schema import measurements
+from gateway.audit.seals import batch_digest, stored_float  # the seal rule, with its judge (no SQLAlchemy there)
 from gateway.errors import AuditError
 
 BATCH_KIND = MEASUREMENTS_BATCH
@@ -99,23 +99,6 @@ def encode_row(m: Measurement, mseq: int) -> MeasurementRow:
     )
 
 
-def batch_digest(rows: Iterable[Sequence[Any]]) -> str:
-    """Return the hex SHA-256 sealing a batch of stored rows (in mseq order): each row's line and a newline.
-
-    Each line is canonical_json of a fresh list (no cycles possible), by the encoder built once;
-    the lines are hashed as one text (the same bytes as one update per line, in one call).
-    """
-    enc = encode_plain
-    lines = [enc([int(r[0]), r[1], r[2], *map(_f, r[3:8]), r[8]]) for r in rows]
-    lines.append("")  # the last line's newline
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
-def _f(v: Any) -> float | None:
-    """Return a stored reading as a float (SQLite may hand back an int for a whole REAL)."""
-    return None if v is None else float(v)
-
-
 def batch_record(rows: Sequence[MeasurementRow]) -> dict[str, Any]:
     """Return the data of the audit row that seals ``rows``."""
     return {
@@ -131,7 +114,7 @@ def batch_record(rows: Sequence[MeasurementRow]) -> dict[str, Any]:
 def row_dicts(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """Return stored measurement rows as plain dicts (for JSON output and bundles)."""
     keys = ("mseq", "ts", "event_id", *POINTS, "extra")
-    return [dict(zip(keys, (r[0], r[1], r[2], *(_f(v) for v in r[3:8]), r[8]), strict=True)) for r in rows]
+    return [dict(zip(keys, (r[0], r[1], r[2], *(stored_float(v) for v in r[3:8]), r[8]), strict=True)) for r in rows]
 
 
 _COLUMNS = [measurements.c[name] for name in ("mseq", "ts", "event_id", *POINTS, "extra")]

@@ -31,10 +31,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.audit.chain import GENESIS_HASH
-from gateway.audit.measurements import batch_digest, rows_by_mseq
+from gateway.audit.measurements import rows_by_mseq
 from gateway.audit.migrate import open_existing, sqlite_path
 from gateway.audit.proof import check_checkpoints
 from gateway.audit.schema import audit_checkpoints, measurements, missing_guards, table_exists
+from gateway.audit.seals import MEAS_SELECT, judge_group, seal_groups, span
 from gateway.audit.signing import Checkpoint, TrustedKeys
 from gateway.audit.verify_pg_ranges import PG_PARALLEL_ROWS, walk_pg_parallel
 from gateway.audit.verify_ranges import PARALLEL_JOBS, PARALLEL_ROWS, walk_sqlite_file
@@ -43,11 +44,6 @@ from gateway.audit.witness import disagreement, load_marker
 from gateway.errors import AuditError
 
 PAGE_ROWS = 20000
-MEASUREMENT_PAGE_BATCHES = 200
-_MEAS_SELECT = (
-    "SELECT mseq, ts, event_id, facility_w, limit_w, battery_w, gpu_w, gpu_natural_w, extra "
-    "FROM measurements WHERE mseq >= {first} AND mseq <= {last} ORDER BY mseq"
-)
 
 
 @dataclass(frozen=True)
@@ -236,33 +232,35 @@ def _asyncpg_args(engine: AsyncEngine) -> dict[str, Any]:
 
 
 async def _check_measurements(conn: AsyncConnection, walk: Walk) -> tuple[int, list[str]]:
-    """Recompute every seal over the stored measurement rows; return (rows verified, problems)."""
+    """Recompute every seal over the stored measurement rows; return (rows verified, problems).
+
+    The walkers of a long log judged the seals of their chunks (``walk.seals``); the others are
+    judged here, the same way, and the seals' spans must follow each other from mseq 1.
+    """
     if not await table_exists(conn, "measurements"):
+        if walk.batches:  # dropped: the chain still names what it held
+            first = walk.batches[0][0]
+            return 0, [f"row {first}: the chain holds {len(walk.batches)} measurement seals, but no measurements table"]
         return 0, []
+    verdicts = dict(walk.seals)
+    for group, first, last in seal_groups([b for b in walk.batches if b[0] not in verdicts]):
+        verdicts.update(judge_group(group, await _measurement_rows(conn, first, last)))
     problems: list[str] = []
     verified = 0
     expected_first = 1
-    for i in range(0, len(walk.batches), MEASUREMENT_PAGE_BATCHES):
-        group = walk.batches[i : i + MEASUREMENT_PAGE_BATCHES]
+    for seq, rec in walk.batches:
         try:
-            first = int(group[0][1]["first_mseq"])
-            last = int(group[-1][1]["last_mseq"])
-        except (KeyError, TypeError, ValueError):
-            return verified, [f"row {group[0][0]}: measurement seal lacks first_mseq/last_mseq"]
-        rows = await _measurement_rows(conn, first, last)
-        by_mseq = {int(r[0]): r for r in rows}
-        for seq, rec in group:
-            lo, hi = int(rec["first_mseq"]), int(rec["last_mseq"])
-            if lo != expected_first:
-                problems.append(f"row {seq}: measurement seal starts at mseq {lo}, expected {expected_first}")
-            expected_first = hi + 1
-            batch = [by_mseq[m] for m in range(lo, hi + 1) if m in by_mseq]
-            if len(batch) != hi - lo + 1 or len(batch) != int(rec.get("count", -1)):
-                problems.append(f"row {seq}: measurement rows {lo}..{hi} sealed here are missing ({len(batch)} found)")
-            elif batch_digest(batch) != rec.get("sha256"):
-                problems.append(f"row {seq}: measurement rows {lo}..{hi} do not match their seal (altered)")
-            else:
-                verified += len(batch)
+            lo, hi = span(rec)
+        except (KeyError, TypeError, ValueError):  # the rest cannot be followed from here
+            problems.append(f"row {seq}: measurement seal lacks first_mseq/last_mseq")
+            return verified, problems
+        if lo != expected_first:
+            problems.append(f"row {seq}: measurement seal starts at mseq {lo}, expected {expected_first}")
+        expected_first = hi + 1
+        n, problem = verdicts[seq]
+        verified += n
+        if problem is not None:
+            problems.append(problem)
     res = await conn.execute(
         sa.select(sa.func.count(), sa.func.max(measurements.c.mseq)).where(measurements.c.mseq >= expected_first)
     )
@@ -275,7 +273,7 @@ async def _check_measurements(conn: AsyncConnection, walk: Walk) -> tuple[int, l
 async def _measurement_rows(conn: AsyncConnection, first: int, last: int) -> list[Any]:
     """Return stored measurement rows first..last in mseq order, as the driver's own tuples where it can."""
     raw = (await conn.get_raw_connection()).driver_connection
-    sql = _MEAS_SELECT.format(first=int(first), last=int(last))
+    sql = MEAS_SELECT.format(first=int(first), last=int(last))
     if conn.dialect.name == "sqlite" and raw is not None:
         return list(await raw.execute_fetchall(sql))
     if conn.dialect.name == "postgresql" and raw is not None:

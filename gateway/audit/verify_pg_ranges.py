@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.audit import verify_ranges as ranges
 from gateway.audit.chain import GENESIS_HASH
+from gateway.audit.seals import MEAS_SELECT, judge_group, seal_groups
 from gateway.audit.verify_ranges import Part
 from gateway.audit.walk import SELECT_PAGE, Walk, walk_page
 
@@ -105,4 +106,20 @@ async def walk_pg_chunk(con: Any, bounds: tuple[int, int], page_rows: int, wante
     if w.bad_seq is None and w.rows < last:  # the chunk's last rows are missing
         nxt_seq = await con.fetchval("SELECT min(seq) FROM audit_log WHERE seq > $1", w.rows)
         w.bad_seq, w.reason = w.rows + 1, f"row {w.rows + 1} is missing (the next stored row is {nxt_seq})"
+    await _judge_seals(con, w)
     return w, first_prev
+
+
+async def _judge_seals(con: Any, w: Walk) -> None:
+    """Judge the measurement seals of a walked chunk over their stored rows (none, if those cannot be read)."""
+    import asyncpg  # loaded already: ``con`` is one of its connections
+
+    if not w.batches:
+        return
+    try:
+        async with con.transaction():  # a savepoint where a transaction is open: a refused read must not end it
+            for group, first, last in seal_groups(w.batches):
+                rows = await con.fetch(MEAS_SELECT.format(first=int(first), last=int(last)))
+                w.seals.update(judge_group(group, rows))
+    except asyncpg.PostgresError:  # no measurements table, say: the verifier reads them again and says what is wrong
+        w.seals.clear()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import GENESIS_HASH
+from gateway.audit.seals import MEAS_SELECT, judge_group, seal_groups
 from gateway.audit.walk import COLUMNS, SELECT_ALL, Walk, walk_page_bytes
 from gateway.errors import AuditError
 
@@ -159,6 +160,7 @@ def join(bounds: list[tuple[int, int]], parts: list[Part | None]) -> Walk:
             w.reason = f"prev_hash does not match row {first - 1}'s hash (that row may have been rewritten)"
             return w
         w.batches += part.batches
+        w.seals.update(part.seals)
         w.life += part.life
         w.hashes.update(part.hashes)
         w.ts_of.update(part.ts_of)
@@ -199,10 +201,23 @@ def walk_range(path: str, bounds: tuple[int, int], page_rows: int, wanted: set[i
                 if w.bad_seq is None and w.rows < last:  # the range's last rows are missing
                     nxt = con.execute("SELECT min(seq) FROM audit_log WHERE seq > ?", (w.rows,)).fetchone()[0]
                     w.bad_seq, w.reason = w.rows + 1, f"row {w.rows + 1} is missing (the next stored row is {nxt})"
-                return w, first_prev
+                break
             if not walk_page_bytes(w, page, wanted):
-                return w, first_prev
+                break
+        _judge_seals(con, w)
+        return w, first_prev
     except sqlite3.Error as err:
         raise AuditError(f"cannot read the audit log: {err}") from err
     finally:
         con.close()
+
+
+def _judge_seals(con: sqlite3.Connection, w: Walk) -> None:
+    """Judge the measurement seals of a walked chunk over their stored rows (none, if those cannot be read)."""
+    con.text_factory = str  # as the verifier's own reads hand them to batch_digest
+    try:
+        for group, first, last in seal_groups(w.batches):
+            rows = con.execute(MEAS_SELECT.format(first=int(first), last=int(last))).fetchall()
+            w.seals.update(judge_group(group, rows))
+    except sqlite3.Error:  # no measurements table, say: the verifier reads them again and says what is wrong
+        w.seals.clear()

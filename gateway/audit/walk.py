@@ -41,6 +41,7 @@ class Walk:
     first_ts: str | None = None
     last_ts: str | None = None
     life: list[tuple[int, str, str]] = field(default_factory=list)  # (seq, kind, data) of LIFE_KINDS rows
+    seals: dict[int, tuple[int, str | None]] = field(default_factory=dict)  # seals judged by a chunk's walker
 
 
 class _Encoded(dict):  # type: ignore[type-arg]

@@ -21,10 +21,11 @@ import pytest
 from gateway.audit import AuditLog, compute_row_hash, verify_ranges
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
-from tests.protocols.walk_helpers import dying_helper, helpers_first
+from tests.protocols.walk_helpers import dying_helper, helpers_first, spy_on_judged_seals
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SEALED_AFTER = (12, 33)  # measurement seals after these rows, and one more near the end: mseqs 1-3, 4-6, 7-11
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,18 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     async def fill() -> None:
         log = await AuditLog.open(str(path), clock=ManualClock(T0))
-        for i in range(ROWS - 2):
+        for i in range(ROWS - 4):
             await log.append("test.row", {"i": i}, event_id=f"e{i % 3}")
+            if i in SEALED_AFTER:  # seals in several chunks
+                await log.record_measurements([{"t": T0, "facility_w": 1000.0 + i + k} for k in range(3)])
         await log.record_measurements([{"t": T0, "facility_w": 1000.0 + i} for i in range(5)])
         await log.append("test.row", {"i": "last"})
         await log.close()
 
     asyncio.run(fill())
     con = sqlite3.connect(path)
-    con.execute("DROP TRIGGER audit_log_no_update")
-    con.execute("DROP TRIGGER audit_log_no_delete")
+    for trigger in ("audit_log_no_update", "audit_log_no_delete", "measurements_no_update", "measurements_no_delete"):
+        con.execute(f"DROP TRIGGER {trigger}")
     con.commit()
     con.close()
     return path
@@ -140,3 +143,46 @@ async def test_a_field_that_is_not_utf8_is_its_rows_failure_and_a_blob_of_the_sa
     res = await verify(str(path), jobs=1)
     assert (res.first_bad_seq, res.rows) == (30, 29)
     assert res.reason.startswith("row cannot be hashed (prev_hash not hexadecimal or a field not text)")
+
+
+MEASUREMENT_CASES = {
+    "intact": "",
+    **{f"altered-mseq-{m}": f"UPDATE measurements SET facility_w = 1.5 WHERE mseq = {m}" for m in (1, 5, 11)},
+    **{f"deleted-mseq-{m}": f"DELETE FROM measurements WHERE mseq = {m}" for m in (3, 7)},
+    "not-a-number-mseq-4": "UPDATE measurements SET facility_w = 'lots' WHERE mseq = 4",
+    "unsealed-row": (
+        "INSERT INTO measurements (mseq, ts, facility_w, extra) "
+        "SELECT 12, ts, 1.0, extra FROM measurements WHERE mseq = 1"
+    ),
+    "table-dropped": "DROP TABLE measurements",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEASUREMENT_CASES))
+async def test_walkers_judge_the_measurement_seals_of_their_chunks_as_verify_does_after_one_walk(
+    pristine: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.db"
+    shutil.copy(pristine, path)
+    con = sqlite3.connect(path)
+    if MEASUREMENT_CASES[case]:
+        con.execute(MEASUREMENT_CASES[case])
+    con.commit()
+    con.close()
+    judged = spy_on_judged_seals(monkeypatch)
+    one = await verify(str(path), jobs=1)
+    assert (one.first_bad_seq, one.rows) == (None, ROWS), one  # the chain itself is whole
+    seal_problems = [p for p in one.problems if "measurement" in p and not p.startswith("append-only guards")]
+    if case == "intact":
+        assert (one.measurements, seal_problems) == (11, []), one
+    elif case == "table-dropped":
+        assert seal_problems == ["row 14: the chain holds 3 measurement seals, but no measurements table"], one
+    else:
+        assert seal_problems, one
+    assert judged == [0]  # one walk: verify judged every seal itself
+    assert await verify(str(path), jobs=2, parallel_rows=1) == one
+    for jobs in (2, 3):
+        with monkeypatch.context() as m:
+            helpers_first(m, jobs)
+            assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
+    assert judged[1:] == [0 if case == "table-dropped" else 3] * 3  # every seal judged by a walker

@@ -17,10 +17,11 @@ from gateway.audit import verify as verify_module
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 from tests.pgdb import fetch, fresh_pg_database, raw
-from tests.protocols.walk_helpers import helpers_first
+from tests.protocols.walk_helpers import helpers_first, spy_on_judged_seals
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SEALED_AFTER = (12, 33)  # measurement seals after these rows, and one more near the end: mseqs 1-3, 4-6, 7-11
 OFF = "SET session_replication_role = replica"  # this session's writes skip the append-only triggers
 
 
@@ -29,8 +30,10 @@ async def log_url() -> AsyncIterator[str]:
     """A fresh 60-row log (measurement seals among the rows) on the test server."""
     async with fresh_pg_database() as url:
         log = await AuditLog.open(url, clock=ManualClock(T0))
-        for i in range(ROWS - 2):
+        for i in range(ROWS - 4):
             await log.append("test.row", {"i": i}, event_id=f"e{i % 3}")
+            if i in SEALED_AFTER:  # seals in several chunks
+                await log.record_measurements([{"t": T0, "facility_w": 1000.0 + i + k} for k in range(3)])
         await log.record_measurements([{"t": T0, "facility_w": 1000.0 + i} for i in range(5)])
         await log.append("test.row", {"i": "last"})
         await log.close()
@@ -88,3 +91,39 @@ async def test_a_helper_that_fails_costs_only_time(log_url: str, monkeypatch: py
     with monkeypatch.context() as m:
         helpers_first(m, 2, taken=1)
         assert await verify(log_url, jobs=2, parallel_rows=1) == one
+
+
+MEASUREMENT_CASES = {
+    "intact": "",
+    **{f"altered-mseq-{m}": f"UPDATE measurements SET facility_w = 1.5 WHERE mseq = {m}" for m in (1, 5, 11)},
+    **{f"deleted-mseq-{m}": f"DELETE FROM measurements WHERE mseq = {m}" for m in (3, 7)},
+    "unsealed-row": (
+        "INSERT INTO measurements (mseq, ts, facility_w, extra) "
+        "SELECT 12, ts, 1.0, extra FROM measurements WHERE mseq = 1"
+    ),
+    "table-dropped": "DROP TABLE measurements",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEASUREMENT_CASES))
+async def test_walkers_judge_the_measurement_seals_of_their_chunks_as_verify_does_after_one_walk(
+    log_url: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if MEASUREMENT_CASES[case]:
+        await raw(log_url, OFF, MEASUREMENT_CASES[case])
+    judged = spy_on_judged_seals(monkeypatch)
+    one = await verify(log_url, jobs=1)
+    assert (one.first_bad_seq, one.rows) == (None, ROWS), one  # the chain itself is whole
+    if case == "intact":
+        assert (one.ok, one.measurements) == (True, 11), one
+    elif case == "table-dropped":
+        assert one.problems == ("row 14: the chain holds 3 measurement seals, but no measurements table",), one
+    else:
+        assert not one.ok and all("measurement" in p for p in one.problems), one
+    assert judged == [0]  # one walk: verify judged every seal itself
+    assert await verify(log_url, jobs=2, parallel_rows=1) == one
+    for jobs in (2, 3):
+        with monkeypatch.context() as m:
+            helpers_first(m, jobs)
+            assert await verify(log_url, jobs=jobs, parallel_rows=1) == one, jobs
+    assert judged[1:] == [0 if case == "table-dropped" else 3] * 3  # every seal judged by a walker

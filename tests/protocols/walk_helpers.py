@@ -31,3 +31,18 @@ def dying_helper(path: str, bounds: list[tuple[int, int]], page_rows: int, wante
     """Stand in for ``walk_from_back`` in a helper process: take one chunk from the back, and die on it."""
     verify_ranges.take(verify_ranges.helper_ends(), front=False)
     raise RuntimeError("helper died")
+
+
+def spy_on_judged_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Return a list that gets, at each verify, how many measurement seals the chunks' walkers judged."""
+    from gateway.audit import verify as verify_module
+
+    judged: list[int] = []
+    real = verify_module._check_measurements
+
+    async def check(conn: Any, walk: Any) -> Any:
+        judged.append(len(walk.seals))
+        return await real(conn, walk)
+
+    monkeypatch.setattr(verify_module, "_check_measurements", check)
+    return judged
