@@ -45,3 +45,17 @@ async def fetch(url: str, sql: str) -> list[tuple[object, ...]]:
             return [tuple(r) for r in await conn.execute(sa.text(sql))]
     finally:
         await engine.dispose()
+
+
+async def fetch_together(url: str, *sql: str) -> list[list[tuple[object, ...]]]:
+    """Return the rows of each query, all read in one snapshot (a writer's commit falls before or after all)."""
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":  # one snapshot per transaction, not per statement
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            else:  # the sqlite3 module begins no transaction for a read: begin one
+                await conn.exec_driver_sql("BEGIN")
+            return [[tuple(r) for r in await conn.execute(sa.text(q))] for q in sql]
+    finally:
+        await engine.dispose()

@@ -33,7 +33,7 @@ from protocols.modbus.bms_server import register
 from protocols.openadr import SimVtn
 from tests.faults.harness import report
 from tests.gwproc import until
-from tests.pgdb import fetch, fresh_pg_database, raw
+from tests.pgdb import fetch, fetch_together, fresh_pg_database, raw
 
 VEN = "truth-ven"
 # Refuse the opt.decided row at the SQL layer, as a full disk refuses the commit (SQLite, PostgreSQL).
@@ -73,14 +73,8 @@ class Site:
 
     async def rows(self, kind: str, event_id: str | None = None) -> list[dict[str, Any]]:
         """Return (seq, actor, event id, data) of the committed audit rows of one kind, oldest first."""
-        got = await fetch(
-            self.url, f"SELECT seq, actor, event_id, data FROM audit_log WHERE kind = '{kind}' ORDER BY seq"
-        )
-        return [
-            {"seq": s, "actor": a, "event_id": e, "data": json.loads(str(d))}
-            for s, a, e, d in got
-            if event_id in (None, e)
-        ]
+        got = await fetch(self.url, _ROWS.format(kind=kind))
+        return [r for r in _rows(got) if event_id in (None, r["event_id"])]
 
     async def state(self, key: str) -> dict[str, Any]:
         """Return one stored VEN state value, decoded."""
@@ -100,34 +94,24 @@ class Site:
 
     async def stored(self) -> dict[tuple[str, int], str]:
         """Return the opt stored with each event version."""
-        got = await fetch(self.url, "SELECT event_id, modification_number, opt FROM demand_events")
-        return {(str(e), int(str(m))): str(o) for e, m, o in got}
-
-    async def decided(self) -> dict[tuple[str, int], str]:
-        """Return the opt of each committed opt.decided row, by (event id, modification)."""
-        rows = await self.rows("opt.decided")
-        return {(r["event_id"], r["data"]["modification_number"]): r["data"]["opt"] for r in rows}
+        return _by_version(await fetch(self.url, _STORED))
 
     def in_book(self) -> dict[str, tuple[int, str]]:
         """Return the version and opt the event book acts on, by event id."""
         return {ev.event_id: (ev.modification_number, opt.value) for ev, opt in self.gw.book.events()}
 
-    async def in_force(self) -> dict[tuple[str, int], str]:
-        """Return the stored opt of each version, with a stored override applied to each event's latest one."""
-        stored = await self.stored()
-        got = await fetch(self.url, "SELECT key, value FROM ven_state WHERE key LIKE 'override:%'")
-        for key, value in got:
-            event_id, override = str(key).split(":", 1)[1], json.loads(str(value))
-            mods = [m for e, m in stored if e == event_id]
-            if override and mods:
-                stored[(event_id, max(mods))] = override["opt"]
-        return stored
-
     async def assert_agree(self) -> None:
-        """Store, audit, VTN and book agree: every stored version has its row, every answer is stored as sent."""
-        stored, decided, answered = await self.stored(), await self.decided(), self.answered()
+        """Store, audit, VTN and book agree: every stored version has its row, every answer is stored as sent.
+
+        The answers are taken first (each is stored before it is sent), then the store, the rows and
+        the overrides in one snapshot: the gateway writes a version and its row in one transaction.
+        """
+        answered = self.answered()
+        versions, decided_rows, overrides = await fetch_together(self.url, _STORED, _DECIDED, _OVERRIDES)
+        stored = _by_version(versions)
+        decided = {(r["event_id"], r["data"]["modification_number"]): r["data"]["opt"] for r in _rows(decided_rows)}
         assert stored == decided, f"event store and opt.decided rows differ: {stored} != {decided}"
-        in_force = await self.in_force()
+        in_force = _with_overrides(stored, overrides)
         wrong = {k: (v, in_force.get(k)) for k, v in answered.items() if in_force.get(k) != v}
         assert not wrong, f"answered to the VTN (answer, stored): {wrong}"
         for event_id, (mod, opt) in self.in_book().items():
@@ -143,6 +127,33 @@ class Site:
         """Queue a 10-minute SIMPLE level-2 event starting ``start_in_s`` from now."""
         start = (datetime.now(UTC) + timedelta(seconds=start_in_s)).replace(microsecond=0)
         return self.vtn.add_event(self.ven_id, signal="SIMPLE", value=2, start=start, duration_s=600, **kw)
+
+
+_ROWS = "SELECT seq, actor, event_id, data FROM audit_log WHERE kind = '{kind}' ORDER BY seq"
+_STORED = "SELECT event_id, modification_number, opt FROM demand_events"
+_DECIDED = _ROWS.format(kind="opt.decided")
+_OVERRIDES = "SELECT key, value FROM ven_state WHERE key LIKE 'override:%'"
+
+
+def _rows(got: list[tuple[object, ...]]) -> list[dict[str, Any]]:
+    """Return audit rows read by ``_ROWS`` as dicts, their data decoded."""
+    return [{"seq": s, "actor": a, "event_id": e, "data": json.loads(str(d))} for s, a, e, d in got]
+
+
+def _by_version(got: list[tuple[object, ...]]) -> dict[tuple[str, int], str]:
+    """Return the opt stored with each event version, from rows read by ``_STORED``."""
+    return {(str(e), int(str(m))): str(o) for e, m, o in got}
+
+
+def _with_overrides(stored: dict[tuple[str, int], str], got: list[tuple[object, ...]]) -> dict[tuple[str, int], str]:
+    """Return the stored opts, each stored override (rows read by ``_OVERRIDES``) on its event's latest version."""
+    in_force = dict(stored)
+    for key, value in got:
+        event_id, override = str(key).split(":", 1)[1], json.loads(str(value))
+        mods = [m for e, m in stored if e == event_id]
+        if override and mods:
+            in_force[(event_id, max(mods))] = override["opt"]
+    return in_force
 
 
 def _in_force(site: Any) -> str | None:
