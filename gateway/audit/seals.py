@@ -1,8 +1,9 @@
 """Measurement seals judged one at a time: the rows a seal names, found, counted and hashed.
 
 A ``measurements.batch`` row in the chain seals measurement rows ``first_mseq..last_mseq``: their
-``count`` and the SHA-256 of their canonical lines (``batch_digest``, the rule in
-``gateway.audit.measurements``). ``judge`` gives one seal's verdict over the stored rows.
+``count`` and the SHA-256 of their canonical lines (``batch_digest``; the rule is described in
+``gateway.audit.measurements``, which seals with it). ``judge`` gives one seal's verdict over the
+stored rows.
 
 This module loads no SQLAlchemy: the helper processes of a long log's walk
 (``gateway.audit.verify_ranges``, ``gateway.audit.verify_pg_ranges``) judge the seals of the
