@@ -10,19 +10,18 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gateway.audit.urls import normalise_db_url
 from gateway.errors import AuditError
 from gateway.logs import get_logger
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = get_logger("gateway.audit.migrate")
 
@@ -92,6 +91,8 @@ def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def alembic_config(url: str) -> Config:
     """Return an Alembic Config built in code, pointing at the installed ``migrations`` package."""
+    from alembic.config import Config  # Alembic only where the schema is looked at: `drgw audit verify` needs none
+
     location = resources.files("migrations")
     if not isinstance(location, Path):
         raise AuditError(f"migrations package is not on a filesystem ({location!r}); install unzipped")
@@ -103,6 +104,8 @@ def alembic_config(url: str) -> Config:
 
 def head_revision() -> str:
     """Return the newest migration revision shipped with this code."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     if head is None:
         raise AuditError("no migrations found in the migrations package")
@@ -111,6 +114,8 @@ def head_revision() -> str:
 
 async def current_revision(engine: AsyncEngine) -> str | None:
     """Return the revision the database is at, or None before the first migration."""
+    from alembic.runtime.migration import MigrationContext
+
     async with engine.connect() as conn:
         return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
 
@@ -145,6 +150,8 @@ async def upgrade(db_url: str | Path | AsyncEngine) -> None:
 
 def _run_upgrade(connection: sa.Connection, cfg: Config) -> None:
     """Run ``alembic upgrade head`` on an open synchronous connection."""
+    from alembic import command
+
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")
 

@@ -20,16 +20,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.audit.migrate import normalise_db_url, sqlite_path
 from gateway.audit.schema import audit_log, table_exists
-from gateway.config import AuditConfig
 from gateway.errors import AuditError
 from gateway.logs import get_logger
+
+if TYPE_CHECKING:  # the config's models only in annotations: `drgw audit verify --db` loads no pydantic
+    from gateway.config import AuditConfig
 
 log = get_logger("gateway.audit.witness")
 
