@@ -64,7 +64,6 @@ async def _run_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from gateway.clock import SystemClock
-    from gateway.config import GpuGroupConfig, GpusConfig, TierConfig
     from gateway.heap import settle_heap
     from protocols.fleet.agent import NodeAgent
     from protocols.fleet.labels import GpuLabels
@@ -72,6 +71,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
     clock = SystemClock()
     fleet: Any
     if args.simulate is not None:
+        from gateway.config import GpuGroupConfig, GpusConfig, TierConfig  # the NVML agent needs no config models
         from gateway.simulation.gpus import SimGpuFleet
 
         if args.simulate < 1:

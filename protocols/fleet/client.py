@@ -25,9 +25,9 @@ import math
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
+from typing import TYPE_CHECKING
 
 from gateway.clock import Clock, SystemClock
-from gateway.config import GpusConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.logs import get_logger
 from gateway.model import GpuState
@@ -37,6 +37,9 @@ from protocols.fleet.intake import IntakeProcess, TelemetryIntake
 from protocols.fleet.node import Node
 from protocols.fleet.roster import Group, LeaseLapse, Roster
 from protocols.fleet.rpc import Failure, NatsRpc
+
+if TYPE_CHECKING:  # an annotation only: an agent (which imports this package) loads no config models
+    from gateway.config import GpusConfig
 
 __all__ = ["LeaseLapse", "NatsFleet"]
 

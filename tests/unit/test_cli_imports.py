@@ -72,3 +72,18 @@ def test_verify_of_a_log_by_path_loads_neither_alembic_nor_the_config_models(tmp
     loaded = _loaded_after(code)
     assert "gateway.audit.verify" in loaded
     assert [m for m in loaded if m.split(".")[0] in ("alembic", "pydantic")] == []
+
+
+def test_an_agent_on_nvml_loads_no_config_models() -> None:
+    # NVML stands in as finding no GPU (this test must not touch a real one): the agent has then
+    # imported all it serves with, and says there is nothing to serve.
+    code = (
+        "import protocols.nvml\n"
+        "protocols.nvml.NvmlFleet.open = lambda self: None\n"
+        "from gateway.cli.main import main\n"
+        "argv = ['agent', '--nats', 'nats://127.0.0.1:1', '--site', 's', '--hall', 'h', '--rack', 'r', '--node', 'n']\n"
+        "assert main(argv) == 3\n"
+    )
+    loaded = _loaded_after(code)
+    assert "protocols.fleet.agent" in loaded
+    assert [m for m in loaded if m.split(".")[0] == "pydantic" or m.startswith("gateway.config")] == []
