@@ -86,23 +86,19 @@ def seal_groups(
     Each group comes with the mseqs to read for it: from its lowest first_mseq to its highest
     last_mseq. Seals that do not name their span are left out: the verifier says what is wrong.
     """
-    named = [(seq, rec) for seq, rec in batches if _names_span(rec)]
+    named = []
+    for seq, rec in batches:
+        try:
+            named.append((seq, rec, span(rec)))
+        except (KeyError, TypeError, ValueError):
+            continue
     for i in range(0, len(named), SEALS_PER_READ):
         group = named[i : i + SEALS_PER_READ]
-        spans = [span(rec) for _, rec in group]
-        yield group, min(lo for lo, _ in spans), max(hi for _, hi in spans)
+        spans = [s for _, _, s in group]
+        yield [(seq, rec) for seq, rec, _ in group], min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
 def judge_group(group: Iterable[tuple[int, Mapping[str, Any]]], rows: Iterable[Sequence[Any]]) -> dict[int, Verdict]:
     """Judge each seal of a group from ``seal_groups`` over the rows read for it; return the verdicts by seq."""
     by_mseq = {int(r[0]): r for r in rows}
     return {seq: judge(seq, rec, by_mseq) for seq, rec in group}
-
-
-def _names_span(rec: Mapping[str, Any]) -> bool:
-    """Tell whether a seal names its span."""
-    try:
-        span(rec)
-    except (KeyError, TypeError, ValueError):
-        return False
-    return True

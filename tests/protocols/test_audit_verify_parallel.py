@@ -21,7 +21,13 @@ import pytest
 from gateway.audit import AuditLog, compute_row_hash, verify_ranges
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
-from tests.protocols.walk_helpers import dying_helper, helpers_first, spy_on_judged_seals
+from tests.protocols.walk_helpers import (
+    MEASUREMENT_CASES,
+    assert_parallel_walks_give,
+    dying_helper,
+    helpers_first,
+    spy_on_judged_seals,
+)
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -47,6 +53,17 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     con = sqlite3.connect(path)
     for trigger in ("audit_log_no_update", "audit_log_no_delete", "measurements_no_update", "measurements_no_delete"):
         con.execute(f"DROP TRIGGER {trigger}")
+    con.commit()
+    con.close()
+    return path
+
+
+def _tampered(pristine: Path, tmp_path: Path, change: Callable[[sqlite3.Connection], object]) -> Path:
+    """Return a copy of the pristine log with ``change`` made to it (and committed)."""
+    path = tmp_path / "audit.db"
+    shutil.copy(pristine, path)
+    con = sqlite3.connect(path)
+    change(con)
     con.commit()
     con.close()
     return path
@@ -97,32 +114,18 @@ CASES = {
 async def test_the_parallel_walk_gives_the_single_walks_result(
     pristine: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "audit.db"
-    shutil.copy(pristine, path)
-    con = sqlite3.connect(path)
-    CASES[case](con)
-    con.commit()
-    con.close()
+    path = _tampered(pristine, tmp_path, CASES[case])
     one = await verify(str(path), jobs=1)
     # (the guards are dropped, so even the intact log is not ok: the chain is what is compared)
     intact = (one.first_bad_seq, one.rows) == (None, ROWS)
     assert intact if case == "intact" else one.first_bad_seq is not None, one
-    assert await verify(str(path), jobs=2, parallel_rows=1) == one  # this process walks first
-    for jobs in (2, 3):
-        with monkeypatch.context() as m:
-            helpers_first(m, jobs)
-            assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
+    await assert_parallel_walks_give(one, lambda jobs: verify(str(path), jobs=jobs, parallel_rows=1), monkeypatch)
 
 
 async def test_a_helper_that_fails_costs_only_time(
     pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "audit.db"
-    shutil.copy(pristine, path)
-    con = sqlite3.connect(path)
-    _delete(ROWS - 2)(con)  # in the last chunk: the one the helper takes
-    con.commit()
-    con.close()
+    path = _tampered(pristine, tmp_path, _delete(ROWS - 2))  # in the last chunk: the one the helper takes
     one = await verify(str(path), jobs=1)
     assert one.first_bad_seq == ROWS - 2, one
     monkeypatch.setattr(verify_ranges, "walk_from_back", dying_helper)
@@ -133,42 +136,29 @@ async def test_a_helper_that_fails_costs_only_time(
 async def test_a_field_that_is_not_utf8_is_its_rows_failure_and_a_blob_of_the_same_text_reads_as_it(
     pristine: Path, tmp_path: Path
 ) -> None:
-    path = tmp_path / "audit.db"
-    shutil.copy(pristine, path)
-    con = sqlite3.connect(path)
-    con.execute("UPDATE audit_log SET actor = CAST(actor AS BLOB) WHERE seq = 7")  # the same bytes, as a BLOB
-    _not_utf8(30)(con)
-    con.commit()
-    con.close()
+
+    def change(con: sqlite3.Connection) -> None:
+        con.execute("UPDATE audit_log SET actor = CAST(actor AS BLOB) WHERE seq = 7")  # the same bytes, as a BLOB
+        _not_utf8(30)(con)
+
+    path = _tampered(pristine, tmp_path, change)
     res = await verify(str(path), jobs=1)
     assert (res.first_bad_seq, res.rows) == (30, 29)
     assert res.reason.startswith("row cannot be hashed (prev_hash not hexadecimal or a field not text)")
 
 
-MEASUREMENT_CASES = {
-    "intact": "",
-    **{f"altered-mseq-{m}": f"UPDATE measurements SET facility_w = 1.5 WHERE mseq = {m}" for m in (1, 5, 11)},
-    **{f"deleted-mseq-{m}": f"DELETE FROM measurements WHERE mseq = {m}" for m in (3, 7)},
-    "not-a-number-mseq-4": "UPDATE measurements SET facility_w = 'lots' WHERE mseq = 4",
-    "unsealed-row": (
-        "INSERT INTO measurements (mseq, ts, facility_w, extra) "
-        "SELECT 12, ts, 1.0, extra FROM measurements WHERE mseq = 1"
-    ),
-    "table-dropped": "DROP TABLE measurements",
+SQLITE_MEASUREMENT_CASES = {
+    **MEASUREMENT_CASES,
+    "not-a-number-mseq-4": "UPDATE measurements SET facility_w = 'lots' WHERE mseq = 4",  # text in a REAL column
 }
 
 
-@pytest.mark.parametrize("case", sorted(MEASUREMENT_CASES))
+@pytest.mark.parametrize("case", sorted(SQLITE_MEASUREMENT_CASES))
 async def test_walkers_judge_the_measurement_seals_of_their_chunks_as_verify_does_after_one_walk(
     pristine: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "audit.db"
-    shutil.copy(pristine, path)
-    con = sqlite3.connect(path)
-    if MEASUREMENT_CASES[case]:
-        con.execute(MEASUREMENT_CASES[case])
-    con.commit()
-    con.close()
+    sql = SQLITE_MEASUREMENT_CASES[case]
+    path = _tampered(pristine, tmp_path, lambda con: con.execute(sql) if sql else None)
     judged = spy_on_judged_seals(monkeypatch)
     one = await verify(str(path), jobs=1)
     assert (one.first_bad_seq, one.rows) == (None, ROWS), one  # the chain itself is whole
@@ -180,9 +170,5 @@ async def test_walkers_judge_the_measurement_seals_of_their_chunks_as_verify_doe
     else:
         assert seal_problems, one
     assert judged == [0]  # one walk: verify judged every seal itself
-    assert await verify(str(path), jobs=2, parallel_rows=1) == one
-    for jobs in (2, 3):
-        with monkeypatch.context() as m:
-            helpers_first(m, jobs)
-            assert await verify(str(path), jobs=jobs, parallel_rows=1) == one, jobs
+    await assert_parallel_walks_give(one, lambda jobs: verify(str(path), jobs=jobs, parallel_rows=1), monkeypatch)
     assert judged[1:] == [0 if case == "table-dropped" else 3] * 3  # every seal judged by a walker

@@ -17,7 +17,12 @@ from gateway.audit import verify as verify_module
 from gateway.audit.verify import verify
 from gateway.clock import ManualClock
 from tests.pgdb import fetch, fresh_pg_database, raw
-from tests.protocols.walk_helpers import helpers_first, spy_on_judged_seals
+from tests.protocols.walk_helpers import (
+    MEASUREMENT_CASES,
+    assert_parallel_walks_give,
+    helpers_first,
+    spy_on_judged_seals,
+)
 
 ROWS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -71,11 +76,7 @@ async def test_the_parallel_walk_gives_the_single_walks_result_on_postgresql(
     one = await verify(log_url, jobs=1)
     intact = (one.first_bad_seq, one.rows) == (None, ROWS)
     assert (one.ok and intact) if case == "intact" else one.first_bad_seq is not None, one
-    assert await verify(log_url, jobs=2, parallel_rows=1) == one  # this process walks first
-    for jobs in (2, 3):
-        with monkeypatch.context() as m:
-            helpers_first(m, jobs)
-            assert await verify(log_url, jobs=jobs, parallel_rows=1) == one, jobs
+    await assert_parallel_walks_give(one, lambda jobs: verify(log_url, jobs=jobs, parallel_rows=1), monkeypatch)
 
 
 async def test_a_helper_that_fails_costs_only_time(log_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,18 +92,6 @@ async def test_a_helper_that_fails_costs_only_time(log_url: str, monkeypatch: py
     with monkeypatch.context() as m:
         helpers_first(m, 2, taken=1)
         assert await verify(log_url, jobs=2, parallel_rows=1) == one
-
-
-MEASUREMENT_CASES = {
-    "intact": "",
-    **{f"altered-mseq-{m}": f"UPDATE measurements SET facility_w = 1.5 WHERE mseq = {m}" for m in (1, 5, 11)},
-    **{f"deleted-mseq-{m}": f"DELETE FROM measurements WHERE mseq = {m}" for m in (3, 7)},
-    "unsealed-row": (
-        "INSERT INTO measurements (mseq, ts, facility_w, extra) "
-        "SELECT 12, ts, 1.0, extra FROM measurements WHERE mseq = 1"
-    ),
-    "table-dropped": "DROP TABLE measurements",
-}
 
 
 @pytest.mark.parametrize("case", sorted(MEASUREMENT_CASES))
@@ -121,9 +110,5 @@ async def test_walkers_judge_the_measurement_seals_of_their_chunks_as_verify_doe
     else:
         assert not one.ok and all("measurement" in p for p in one.problems), one
     assert judged == [0]  # one walk: verify judged every seal itself
-    assert await verify(log_url, jobs=2, parallel_rows=1) == one
-    for jobs in (2, 3):
-        with monkeypatch.context() as m:
-            helpers_first(m, jobs)
-            assert await verify(log_url, jobs=jobs, parallel_rows=1) == one, jobs
+    await assert_parallel_walks_give(one, lambda jobs: verify(log_url, jobs=jobs, parallel_rows=1), monkeypatch)
     assert judged[1:] == [0 if case == "table-dropped" else 3] * 3  # every seal judged by a walker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -46,3 +47,28 @@ def spy_on_judged_seals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(verify_module, "_check_measurements", check)
     return judged
+
+
+# Measurement tamperings for a log sealed in three chunks (mseqs 1-3, 4-6, 7-11), in SQL both backends take.
+MEASUREMENT_CASES = {
+    "intact": "",
+    **{f"altered-mseq-{m}": f"UPDATE measurements SET facility_w = 1.5 WHERE mseq = {m}" for m in (1, 5, 11)},
+    **{f"deleted-mseq-{m}": f"DELETE FROM measurements WHERE mseq = {m}" for m in (3, 7)},
+    "unsealed-row": (
+        "INSERT INTO measurements (mseq, ts, facility_w, extra) "
+        "SELECT 12, ts, 1.0, extra FROM measurements WHERE mseq = 1"
+    ),
+    "table-dropped": "DROP TABLE measurements",
+}
+
+
+async def assert_parallel_walks_give(
+    one: Any, verify_with: Callable[[int], Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assert ``verify_with(jobs)`` gives ``one`` (the one walk's result) with 2 and 3 walkers, this
+    process walking first and the helpers first."""
+    assert await verify_with(2) == one  # this process walks first
+    for jobs in (2, 3):
+        with monkeypatch.context() as m:
+            helpers_first(m, jobs)
+            assert await verify_with(jobs) == one, jobs
