@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from gateway import gpumodel
 from gateway.clock import Clock
@@ -36,7 +37,7 @@ KEPT_READINGS = 8  # settled readings each GPU keeps, by cap, for its present jo
 _log = get_logger("sim.gpus")
 
 
-@dataclass
+@dataclass(slots=True)
 class _SimGpu:
     """One simulated GPU's mutable state; power values in W, times in clock.monotonic() seconds."""
 
@@ -116,28 +117,33 @@ class SimGpuFleet:
         """The synchronous form of ``set_caps`` (for simulators driving the GPUs from their own code)."""
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise InputRejected(f"lease_s must be a positive number of seconds, got {lease_s}")
-        for gpu_id, cap_w in caps_w.items():
-            gpu = self._gpus.get(gpu_id)
-            if gpu is None:
-                raise InputRejected(f"unknown gpu id {gpu_id!r}")
-            if not math.isfinite(cap_w):
-                raise InputRejected(f"{gpu_id}: cap must be a finite number of watts, got {cap_w}")
-            if not gpu.min_cap_w <= cap_w <= gpu.max_cap_w:
-                raise DeviceRejected(
-                    gpu_id,
-                    f"cap {cap_w:g} W outside the allowed range [{gpu.min_cap_w:g}, {gpu.max_cap_w:g}] W",
-                )
+        gpus, chosen = self._gpus, []
+        for gpu_id, cap_w in caps_w.items():  # every cap checked before any is applied
+            gpu = gpus.get(gpu_id)
+            if gpu is None or not gpu.min_cap_w <= cap_w <= gpu.max_cap_w:  # NaN fails the comparison too
+                self._refuse(gpu, gpu_id, cap_w)
+            chosen.append((gpu, cap_w))
         now = self._clock.monotonic()
         self._expire_leases(now)
         until = now + lease_s
         self._next_lapse = min(self._next_lapse, until)
-        applied = {}
-        for gpu_id, cap_w in caps_w.items():
-            gpu = self._gpus[gpu_id]
-            self._change(gpu, cap_w, now)
+        change, applied = self._change, {}
+        for gpu, cap_w in chosen:
+            change(gpu, cap_w, now)
             gpu.lease_until = until
-            applied[gpu_id] = gpu.cap_w
+            applied[gpu.gpu_id] = cap_w
         return applied
+
+    @staticmethod
+    def _refuse(gpu: _SimGpu | None, gpu_id: str, cap_w: float) -> NoReturn:
+        """Raise the error NVML gives for ``cap_w`` on ``gpu`` (None: no such GPU)."""
+        if gpu is None:
+            raise InputRejected(f"unknown gpu id {gpu_id!r}")
+        if not math.isfinite(cap_w):
+            raise InputRejected(f"{gpu_id}: cap must be a finite number of watts, got {cap_w}")
+        raise DeviceRejected(
+            gpu_id, f"cap {cap_w:g} W outside the allowed range [{gpu.min_cap_w:g}, {gpu.max_cap_w:g}] W"
+        )
 
     async def release(self) -> None:
         """Restore every GPU's default power limit and drop all leases."""
@@ -201,7 +207,9 @@ class SimGpuFleet:
             gpu.from_w = self._power_w(gpu, at)
         gpu.change_t = at
         gpu.cap_w = cap_w
-        gpu.settled_w = gpu.reading = None
+        gpu.settled_w = None
+        # With no settling the reading is final at once: one kept under this cap before serves as it is.
+        gpu.reading = None if self._settle_s > 0 else gpu.by_cap.get(cap_w)
 
     def _expire_leases(self, now: float) -> None:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""

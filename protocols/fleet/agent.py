@@ -22,6 +22,7 @@ import math
 import random
 import secrets
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 import nats
@@ -39,6 +40,10 @@ from protocols.fleet.labels import GpuLabels
 
 HOLD_S = 10 * 365 * 86_400.0  # what the backend is told; the agent's own lease decides
 _log = get_logger("fleet.agent")
+_SET_CAPS_KIND = compact.MAGIC + compact.SET_CAPS
+# What telemetry takes from each reading: the head's part (changes rarely), then the numbers' part.
+_STATIC = attrgetter("gpu_id", "min_cap_w", "max_cap_w", "default_cap_w", "job_class", "tier")
+_NUMBERS = attrgetter("gpu_id", "power_w", "cap_w", "throughput")
 
 
 class NodeAgent:
@@ -174,13 +179,27 @@ class NodeAgent:
         cmd_id: str | None = None
         op: str | None = None
         try:
+            if data[:4] == _SET_CAPS_KIND and not broadcast:  # the command at scale: no Command, a slim ack
+                cmd_id, lease_s, caps_w = compact.parse_set_caps(data)
+                op = "set_caps"
+                async with self._lock:
+                    if self._clock.monotonic() >= self._soonest:
+                        await self._expire_quietly()  # a lapse is restored (and reported) before anything new
+                    applied = await self._set_caps_locked(caps_w, lease_s)
+                try:
+                    caps = list(map(applied.__getitem__, caps_w))
+                except KeyError as err:
+                    body = {"error": {"type": "AgentError", "message": f"backend did not report the cap of {err}"}}
+                    return self._reply(False, cmd_id, op, body)
+                lapse = self._take_lapse_json()
+                return compact.ack_bytes(cmd_id, self._node_b, self._boot_b, self.state_seq, caps, lapse)
             cmd = m.parse_command(data)
             cmd_id, op = cmd.id, cmd.op
             if broadcast and cmd.op == "set_caps":
                 raise InputRejected("set_caps must be sent to a node subject, not a broadcast subject")
             async with self._lock:
                 if self._clock.monotonic() >= self._soonest:
-                    await self._expire_quietly()  # a lapse is restored (and reported) before anything new
+                    await self._expire_quietly()
                 body = await self._apply_locked(cmd)
         except GatewayError as err:
             body = {"error": {"type": type(err).__name__, "message": str(err)}}
@@ -189,34 +208,31 @@ class NodeAgent:
             _log.exception("command failed", node=self.node, op=op)
             body = {"error": {"type": "AgentError", "message": f"{type(err).__name__}: {err}"}}
             return self._reply(False, cmd_id, op, body)
-        if cmd.compact:
-            try:
-                applied = list(map(body["applied_w"].__getitem__, cmd.caps_w))
-            except KeyError as err:
-                body = {"error": {"type": "AgentError", "message": f"backend did not report the cap of {err}"}}
-                return self._reply(False, cmd_id, op, body)
-            lapse = self._take_lapse_json()
-            return compact.ack_bytes(cmd.id, self._node_b, self._boot_b, self.state_seq, applied, lapse)
         return self._reply(True, cmd_id, op, body)
 
+    async def _set_caps_locked(self, caps_w: dict[str, float], lease_s: float) -> dict[str, float]:
+        """Apply caps leased for ``lease_s`` (lock held); return what the backend enforces."""
+        if not self._default_w.keys() >= caps_w.keys():
+            unknown = sorted(set(caps_w) - set(self._default_w))
+            raise InputRejected(f"caps_w: unknown gpu id {unknown[0]!r} on node {self.node}")
+        until = self._clock.monotonic() + lease_s
+        self.state_seq += 1
+        try:
+            applied = await self.fleet.set_caps(caps_w, HOLD_S)
+        except GatewayError:
+            await self._lease_strays(until)
+            raise
+        self._lease_until.update(dict.fromkeys(caps_w, until))
+        if until < self._soonest:
+            self._soonest = until
+        return applied
+
     async def _apply_locked(self, cmd: m.Command) -> dict[str, Any]:
-        """Apply a validated command (lock held); return the reply body."""
-        now = self._clock.monotonic()
+        """Apply a validated JSON command (lock held); return the reply body."""
         if cmd.op == "set_caps":
-            if not self._default_w.keys() >= cmd.caps_w.keys():
-                unknown = sorted(set(cmd.caps_w) - set(self._default_w))
-                raise InputRejected(f"caps_w: unknown gpu id {unknown[0]!r} on node {self.node}")
             assert cmd.lease_s is not None
-            until = now + cmd.lease_s
-            self.state_seq += 1
-            try:
-                applied = await self.fleet.set_caps(cmd.caps_w, HOLD_S)
-            except GatewayError:
-                await self._lease_strays(until)
-                raise
-            self._lease_until.update(dict.fromkeys(cmd.caps_w, until))
-            self._soonest = min(self._soonest, until)
-            return {"applied_w": applied, "lease_s": cmd.lease_s}
+            return {"applied_w": await self._set_caps_locked(cmd.caps_w, cmd.lease_s), "lease_s": cmd.lease_s}
+        now = self._clock.monotonic()
         if cmd.op == "renew":
             assert cmd.lease_s is not None
             wanted = cmd.gpus if cmd.gpus is not None else tuple(self._lease_until)
@@ -337,7 +353,7 @@ class NodeAgent:
             states = await self.fleet.read()
             self.labels.refresh()
             now = self._clock.monotonic()
-            static = tuple((s.gpu_id, s.min_cap_w, s.max_cap_w, s.default_cap_w, s.job_class, s.tier) for s in states)
+            static = tuple(map(_STATIC, states))
             key = (static, self.labels.version, self.lease_lapsed_at, tuple(self.lapsed_gpus))
             if key != self._head_key:
                 lookup = self.labels.lookup
@@ -347,10 +363,10 @@ class NodeAgent:
                 self._head_key = key
             leases, nan = self._lease_until, math.nan
             nums: list[float] = []
-            for s in states:
-                until = leases.get(s.gpu_id)
-                lease_s = nan if until is None else max(0.0, until - now)
-                nums += (s.power_w, s.cap_w, nan if s.throughput is None else s.throughput, lease_s)
+            for gpu_id, power_w, cap_w, throughput in map(_NUMBERS, states):
+                until = leases.get(gpu_id)
+                lease_s = nan if until is None else until - now if until > now else 0.0
+                nums += (power_w, cap_w, nan if throughput is None else throughput, lease_s)
             self._seq += 1
             data = compact.telemetry_bytes(self._head, self._seq, self.state_seq, self._clock.now().timestamp(), nums)
             self.telemetry_bytes = len(data)

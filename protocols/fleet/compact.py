@@ -148,6 +148,8 @@ def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
         _magic, count, lease_s, id_len, ids_len = _CMD.unpack_from(data)
     except struct.error as err:
         raise InputRejected(f"{what}: truncated set_caps header") from err
+    if id_len > MAX_ID_BYTES:  # an ack could not carry it back
+        raise InputRejected(f"{what} field 'id': {id_len} bytes, more than {MAX_ID_BYTES}")
     at = _CMD.size
     cmd_id = decode(data[at : at + id_len], what, "id")
     gpu_ids = _gpu_ids(data[at + id_len : at + id_len + ids_len], what)

@@ -22,7 +22,7 @@ from gateway.config import GpuGroupConfig, GpusConfig
 from gateway.model import GpuState
 from gateway.simulation.gpus import SimGpuFleet
 from protocols.fleet import NatsFleet, NodeAgent, subjects
-from tests.protocols.test_fleet_nats import SITE, THREE, nats_url, site  # noqa: F401 - nats_url is a fixture
+from tests.protocols.fleet_site import SITE, THREE, nats_url, site  # noqa: F401 - nats_url is a fixture
 
 __all__ = ["nats_url"]
 

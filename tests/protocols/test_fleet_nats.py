@@ -11,7 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -19,115 +19,23 @@ import pytest
 
 from drgw_tools.servers.nats import NatsServer
 from gateway.clock import SystemClock
-from gateway.config import GpuGroupConfig, GpusConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable, InputRejected
 from gateway.simulation.gpus import SimGpuFleet
-from protocols.fleet import GpuLabels, NatsFleet, NodeAgent, messages, subjects
+from protocols.fleet import GpuLabels, NatsFleet, NodeAgent, subjects
 from protocols.nvml import FakeGpu, FakeNvml, NvmlFleet
+from tests.protocols.fleet_site import (  # noqa: F401 - nats_url is a fixture
+    DEFAULT_W,
+    SITE,
+    THREE,
+    caps_of,
+    nats_url,
+    sim_gpus,
+    site,
+    until,
+    until_heard,
+)
 
-SITE = "s1"
-DEFAULT_W = 700.0
-Layout = list[tuple[str, str, str]]  # (hall, rack, node)
-THREE: Layout = [("h1", "r1", "n0"), ("h1", "r2", "n1"), ("h2", "r3", "n2")]
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    """Return the URL of a private nats-server for this module (or DRGW_TEST_NATS_URL if given)."""
-    given = os.environ.get("DRGW_TEST_NATS_URL")
-    if given:
-        yield given
-        return
-    with NatsServer() as server:
-        yield server.url
-
-
-def _sim(count: int = 4) -> SimGpuFleet:
-    """Return simulated H100-class GPUs (200-700 W, default 700 W)."""
-    return SimGpuFleet(GpusConfig(groups=[GpuGroupConfig(count=count)]), SystemClock(), settle_s=0.0)
-
-
-def _caps(sim: SimGpuFleet) -> list[float]:
-    """Return the caps (W) the simulated GPUs enforce now."""
-    return [s.cap_w for s in sim.states()]
-
-
-async def _until(predicate: object, timeout_s: float = 3.0) -> None:
-    """Wait (bounded) until ``predicate()`` is true."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
-async def _until_heard(url: str, subject: str, timeout_s: float = 10.0) -> None:
-    """Wait until the server routes ``subject`` to a subscriber: a probe request times out, not "no responders"."""
-    probe = await nats.connect(url)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            try:
-                await probe.request(subject, b"", timeout=0.1)
-            except nats.errors.NoRespondersError:
-                assert loop.time() < deadline, f"no subscriber for {subject} within {timeout_s} s"
-                await asyncio.sleep(0.02)
-                continue
-            except nats.errors.TimeoutError:
-                return
-            raise AssertionError(f"the silent subscriber on {subject} answered")
-    finally:
-        await probe.close()
-
-
-@contextlib.asynccontextmanager
-async def site(
-    url: str,
-    layout: Layout = THREE,
-    *,
-    timeout_s: float = 0.5,
-    labels: GpuLabels | None = None,
-    intake: str = "process",
-) -> AsyncIterator[tuple[NatsFleet, dict[str, NodeAgent]]]:
-    """Run agents (4 simulated GPUs each) and a connected NatsFleet under a subject prefix of their own."""
-    prefix = f"t{secrets.token_hex(4)}"
-    clock = SystemClock()
-    agents = {
-        node: NodeAgent(
-            url,
-            SITE,
-            hall,
-            rack,
-            node,
-            _sim(),
-            clock,
-            0.02,
-            prefix=prefix,
-            telemetry_s=0.2,
-            labels=labels,
-            reconnect_wait_s=0.05,
-        )
-        for hall, rack, node in layout
-    }
-    fleet = NatsFleet(
-        url,
-        SITE,
-        prefix=prefix,
-        request_timeout_s=timeout_s,
-        reconnect_wait_s=0.05,
-        tiers={"flex0", "flex1", "flex2"},
-        intake=intake,
-    )
-    try:
-        for agent in agents.values():
-            await agent.start()
-        await fleet.connect()
-        yield fleet, agents
-    finally:
-        await fleet.close()
-        for agent in agents.values():
-            await agent.stop(release=False)
+__all__ = ["nats_url"]
 
 
 async def test_caps_applied_and_acknowledged_across_agents(nats_url: str) -> None:
@@ -141,7 +49,7 @@ async def test_caps_applied_and_acknowledged_across_agents(nats_url: str) -> Non
         assert fleet.last_failed_nodes == {}
         for node, agent in agents.items():
             assert isinstance(agent.fleet, SimGpuFleet)
-            assert _caps(agent.fleet) == [caps[f"{node}/gpu-00{i}"] for i in range(4)]
+            assert caps_of(agent.fleet) == [caps[f"{node}/gpu-00{i}"] for i in range(4)]
             assert set(agent.leased) == {f"gpu-00{i}" for i in range(4)}
         assert {s.gpu_id: s.cap_w for s in await fleet.read()} == caps  # the acks update the reading
 
@@ -152,20 +60,20 @@ async def test_out_of_range_cap_is_refused_before_anything_is_sent(nats_url: str
             await fleet.set_caps({"n0/gpu-000": 500.0, "n0/gpu-001": 50.0}, lease_s=30)
         with pytest.raises(InputRejected, match="unknown gpu id"):
             await fleet.set_caps({"n9/gpu-000": 500.0}, lease_s=30)
-        assert _caps(agents["n0"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n0"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
 
 
 async def test_hall_wide_broadcast_release(nats_url: str) -> None:
     async with site(nats_url) as (fleet, agents):
         await fleet.set_caps({s.gpu_id: 400.0 for s in await fleet.read()}, lease_s=30)
         await fleet.release(hall="h1")
-        assert _caps(agents["n0"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
-        assert _caps(agents["n1"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
-        assert _caps(agents["n2"].fleet) == [400.0] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n0"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n1"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n2"].fleet) == [400.0] * 4  # type: ignore[arg-type]
         assert agents["n0"].leased == {} and len(agents["n2"].leased) == 4
         assert {s.cap_w for s in await fleet.read() if s.host != "n2"} == {DEFAULT_W}  # the acks tell
         await fleet.release(hall="h2", rack="r3")
-        assert _caps(agents["n2"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n2"].fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
         assert fleet.last_failed_nodes == {}
 
 
@@ -182,9 +90,9 @@ async def test_lease_lapse_restores_defaults_and_is_reported_on_return(nats_url:
         caps = {s.gpu_id: 450.0 for s in await fleet.read() if s.host == "n0"}
         await fleet.set_caps(caps, lease_s=0.15)
         n0 = agents["n0"]
-        assert _caps(n0.fleet) == [450.0] * 4  # type: ignore[arg-type]
+        assert caps_of(n0.fleet) == [450.0] * 4  # type: ignore[arg-type]
         # The backend holds caps far longer (HOLD_S): only the agent can restore them this soon.
-        await _until(lambda: _caps(n0.fleet) == [DEFAULT_W] * 4, timeout_s=2.0)  # type: ignore[arg-type]
+        await until(lambda: caps_of(n0.fleet) == [DEFAULT_W] * 4, timeout_s=2.0)  # type: ignore[arg-type]
         assert n0.lease_lapsed_at is not None and n0.lapsed_gpus == [f"gpu-00{i}" for i in range(4)]
         fleet.take_lease_lapses()  # telemetry may have told already; the ack must tell too
         enforced = await fleet.set_caps({"n0/gpu-000": 500.0}, lease_s=30)
@@ -208,12 +116,12 @@ async def test_restarted_agent_starts_at_defaults_and_gets_caps_again(nats_url: 
 
         async def spy_release() -> None:
             await real_release()
-            released.append(_caps(new.fleet))  # type: ignore[arg-type]
+            released.append(caps_of(new.fleet))  # type: ignore[arg-type]
 
         new.fleet.release = spy_release  # type: ignore[method-assign]
         await new.start()
         assert released[0] == [DEFAULT_W] * 4  # restored at start, before serving
-        await _until(lambda: _caps(new.fleet) == [350.0] * 4)  # type: ignore[arg-type]
+        await until(lambda: caps_of(new.fleet) == [350.0] * 4)  # type: ignore[arg-type]
         assert set(new.leased) == {f"gpu-00{i}" for i in range(4)}
 
 
@@ -230,33 +138,9 @@ async def test_agent_serves_nvml_gpus_and_reverts_them_when_the_lease_lapses(nat
         assert ids == [f"nv0/{g.uuid}" for g in gpus]
         assert await fleet.set_caps({ids[0]: 450.0}, lease_s=0.15) == {ids[0]: 450.0}
         assert gpus[0].limit_mw == 450_000 and gpus[1].set_calls == []
-        await _until(lambda: gpus[0].enforced_mw() == 700_000, timeout_s=2.0)  # the agent restored it
+        await until(lambda: gpus[0].enforced_mw() == 700_000, timeout_s=2.0)  # the agent restored it
     finally:
         await fleet.close()
-        await agent.stop()
-
-
-class _HalfFleet(SimGpuFleet):
-    """Simulated GPUs whose batch write fails after the first GPU, like NVML without transactions."""
-
-    async def set_caps(self, caps_w: Mapping[str, float], lease_s: float) -> dict[str, float]:
-        """Apply the first cap, then fail."""
-        first = next(iter(caps_w))
-        await super().set_caps({first: caps_w[first]}, lease_s)
-        raise DeviceUnavailable(first, "fell off the bus")
-
-
-async def test_a_batch_that_fails_half_way_still_reverts_when_its_lease_lapses(nats_url: str) -> None:
-    sim = _HalfFleet(GpusConfig(groups=[GpuGroupConfig(count=2)]), SystemClock(), settle_s=0.0)
-    agent = NodeAgent(nats_url, SITE, "h1", "r1", "half", sim, SystemClock(), 0.02, prefix=f"t{secrets.token_hex(4)}")
-    await agent.start()
-    try:
-        cmd = messages.command_bytes("set_caps", "c1", caps_w={"gpu-000": 400.0, "gpu-001": 400.0}, lease_s=0.1)
-        reply = json.loads(await agent.handle(cmd))
-        assert reply["ok"] is False and reply["error"]["type"] == "DeviceUnavailable"
-        assert _caps(sim) == [400.0, DEFAULT_W]  # half applied ...
-        await _until(lambda: _caps(sim) == [DEFAULT_W, DEFAULT_W], timeout_s=2.0)  # ... and still leased
-    finally:
         await agent.stop()
 
 
@@ -271,7 +155,7 @@ async def test_node_that_does_not_answer_is_reported_and_others_applied(nats_url
             if silent:
                 await nc.subscribe(dead.subject)  # hears the command, never answers
                 await nc.flush()
-                await _until_heard(nats_url, dead.subject)
+                await until_heard(nats_url, dead.subject)
             enforced = await fleet.set_caps(caps, lease_s=30)
         finally:
             await nc.close()
@@ -279,7 +163,7 @@ async def test_node_that_does_not_answer_is_reported_and_others_applied(nats_url
         assert list(fleet.last_failed_nodes) == ["n2"]
         reason = fleet.last_failed_nodes["n2"]
         assert ("no reply within 0.3 s" in reason) if silent else ("no responders" in reason)
-        assert _caps(agents["n0"].fleet) == [420.0] * 4  # type: ignore[arg-type]
+        assert caps_of(agents["n0"].fleet) == [420.0] * 4  # type: ignore[arg-type]
         assert {s.host for s in await fleet.read()} == {"n0", "n1"}  # planning goes on without n2
 
 
@@ -291,7 +175,7 @@ async def test_set_caps_succeeds_after_nats_server_restart(nats_url: str) -> Non
             port = server.port
             server.restart()
             assert server.port == port
-            await _until(
+            await until(
                 lambda: fleet.rpc.connected and all(a._nc and a._nc.is_connected for a in agents.values()),
                 timeout_s=5.0,
             )
@@ -305,69 +189,12 @@ async def test_command_sent_during_an_outage_is_delivered_after_reconnect(nats_u
     with NatsServer() as server:
         async with site(server.url, THREE[:1], timeout_s=1.0) as (fleet, agents):
             server.stop()
-            await _until(lambda: not fleet.rpc.connected)
+            await until(lambda: not fleet.rpc.connected)
             pending = asyncio.create_task(fleet.set_caps({"n0/gpu-000": 333.0}, lease_s=30))
             await asyncio.sleep(0.05)  # a settle so the command goes out during the outage (kept: no hook to await)
             server.start()
             assert await asyncio.wait_for(pending, 5.0) == {"n0/gpu-000": 333.0}
-            assert _caps(agents["n0"].fleet)[0] == 333.0  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "expected a JSON object"),
-        (b'{"v": 1, "op": "read", "id": "x"}', "field 'v' must be 2, got 1"),  # the old wire format
-        (b'{"v": 3, "op": "read", "id": "x"}', "field 'v' must be 2, got 3"),
-        (b'{"v": 2, "op": "explode", "id": "x"}', "field 'op'"),
-        (
-            b'{"v": 2, "op": "set_caps", "id": "x", "caps_w": {"gpu-000": 400, "gpu-001": "abc"}, "lease_s": 5}',
-            "caps_w.gpu-001",
-        ),
-        (b'{"v": 2, "op": "set_caps", "id": "x", "caps_w": {"gpu-000": 400}, "lease_s": -1}', "lease_s"),
-        (
-            b'{"v": 2, "op": "set_caps", "id": "x", "caps_w": {"gpu-000": 400}, "lease_s": 5, "extra": 1}',
-            "unknown field 'extra'",
-        ),
-        (
-            b'{"v": 2, "op": "set_caps", "id": "x", "caps_w": {"gpu-000": 400, "gpu-777": 400}, "lease_s": 5}',
-            "unknown gpu id 'gpu-777'",
-        ),
-        (
-            b'{"v": 2, "op": "set_caps", "id": "x", "caps_w": {"gpu-000": 400, "gpu-001": 90}, "lease_s": 5}',
-            "outside the allowed range",
-        ),
-    ],
-)
-async def test_malformed_command_gets_an_error_reply_and_changes_nothing(
-    nats_url: str, payload: bytes, expected: str
-) -> None:
-    async with site(nats_url, THREE[:1]) as (_fleet, agents):
-        agent = agents["n0"]
-        nc = await nats.connect(nats_url)
-        try:
-            msg = await nc.request(agent.subject, payload, timeout=2.0)
-        finally:
-            await nc.close()
-        reply = json.loads(msg.data)
-        assert reply["ok"] is False and reply["node"] == "n0"
-        assert expected in reply["error"]["message"], reply
-        assert _caps(agent.fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
-        assert agent.leased == {}
-
-
-async def test_set_caps_on_a_broadcast_subject_is_refused(nats_url: str) -> None:
-    async with site(nats_url, THREE[:1]) as (_fleet, agents):
-        agent = agents["n0"]
-        nc = await nats.connect(nats_url)
-        try:
-            payload = messages.command_bytes("set_caps", "x", caps_w={"gpu-000": 400.0}, lease_s=5.0)
-            msg = await nc.request(subjects.broadcast_cmd(agent.prefix, SITE, "h1"), payload, timeout=2.0)
-        finally:
-            await nc.close()
-        assert "node subject" in json.loads(msg.data)["error"]["message"]
-        assert _caps(agent.fleet) == [DEFAULT_W] * 4  # type: ignore[arg-type]
+            assert caps_of(agents["n0"].fleet)[0] == 333.0  # type: ignore[arg-type]
 
 
 async def test_labels_from_the_workload_manager_reach_the_gateway(nats_url: str, tmp_path: Path) -> None:

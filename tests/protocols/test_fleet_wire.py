@@ -159,8 +159,12 @@ def _patched(data: bytes, at: int, fmt: str, value: object) -> bytes:
         (_good_caps()[:-4], "bytes for 2 numbers"),
         (_patched(_good_caps(), 4, "<H", 3), "2 ids for 3 caps"),
         (compact.set_caps_bytes(b"x", 5.0, b"gpu-000\n", compact.caps_bytes([1.0, 2.0])), "field 'gpus'"),
+        (
+            compact.set_caps_bytes(b"x" * 129, 5.0, b"gpu-000", compact.caps_bytes([400.0])),
+            "field 'id': 129 bytes, more than 128",  # an ack could not carry it back
+        ),
     ],
-    ids=["truncated", "lease", "nan-cap", "negative-cap", "short", "count", "ids"],
+    ids=["truncated", "lease", "nan-cap", "negative-cap", "short", "count", "ids", "long-id"],
 )
 def test_malformed_compact_set_caps_is_refused_naming_the_field(data: bytes, expected: str) -> None:
     with pytest.raises(InputRejected, match=re.escape(expected)):
