@@ -11,11 +11,12 @@ then the variable parts in that order. Integers are unsigned little-endian, text
     telemetry "DG" 2 "T"  H head_len | head JSON  I seq  I state_seq  d t  n x (d power_w, d cap_w,
                           d throughput, d lease_s)
 
-An ack's caps are in its command's order: the caps the GPUs enforce now, read back. In
-telemetry, NaN stands for "none" (no throughput known, no lease held); the head names the node
-and its GPUs (``[id, min_cap_w, max_cap_w, default_cap_w, job_class, tier]`` each) and changes
-only when they or a pending lapse report change, so a receiver that has seen the same head bytes
-before decodes only the numbers. Anything malformed raises InputRejected naming what is wrong.
+A command id is 1-``MAX_ID_BYTES`` bytes (an ack carries it back). An ack's caps are in its
+command's order: the caps the GPUs enforce now, read back. In telemetry, NaN stands for "none" (no
+throughput known, no lease held); the head names the node and its GPUs (``[id, min_cap_w,
+max_cap_w, default_cap_w, job_class, tier]`` each) and changes only when they or a pending lapse
+report change, so a receiver that has seen the same head bytes before decodes only the numbers.
+Anything malformed raises InputRejected naming what is wrong.
 """
 
 from __future__ import annotations
