@@ -178,29 +178,25 @@ class NodeAgent:
         """Validate and apply one command; return the encoded reply (an error reply changes nothing)."""
         cmd_id: str | None = None
         op: str | None = None
+        cmd: m.Command | None = None  # None: a compact set_caps (the command at scale), answered by a slim ack
         try:
-            if data[:4] == _SET_CAPS_KIND and not broadcast:  # the command at scale: no Command, a slim ack
+            if data[:4] == _SET_CAPS_KIND and not broadcast:
                 cmd_id, lease_s, caps_w = compact.parse_set_caps(data)
                 op = "set_caps"
-                async with self._lock:
-                    if self._clock.monotonic() >= self._soonest:
-                        await self._expire_quietly()  # a lapse is restored (and reported) before anything new
-                    applied = await self._set_caps_locked(caps_w, lease_s)
-                try:
-                    caps = list(map(applied.__getitem__, caps_w))
-                except KeyError as err:
-                    body = {"error": {"type": "AgentError", "message": f"backend did not report the cap of {err}"}}
-                    return self._reply(False, cmd_id, op, body)
-                lapse = self._take_lapse_json()
-                return compact.ack_bytes(cmd_id, self._node_b, self._boot_b, self.state_seq, caps, lapse)
-            cmd = m.parse_command(data)
-            cmd_id, op = cmd.id, cmd.op
-            if broadcast and cmd.op == "set_caps":
-                raise InputRejected("set_caps must be sent to a node subject, not a broadcast subject")
+            else:
+                cmd = m.parse_command(data)
+                cmd_id, op = cmd.id, cmd.op
+                if broadcast and cmd.op == "set_caps":
+                    raise InputRejected("set_caps must be sent to a node subject, not a broadcast subject")
             async with self._lock:
                 if self._clock.monotonic() >= self._soonest:
-                    await self._expire_quietly()
-                body = await self._apply_locked(cmd)
+                    await self._expire_quietly()  # a lapse is restored (and reported) before anything new
+                if cmd is None:
+                    applied = await self._set_caps_locked(caps_w, lease_s)
+                else:
+                    body = await self._apply_locked(cmd)
+            if cmd is None:
+                return self._ack(cmd_id, caps_w, applied)
         except GatewayError as err:
             body = {"error": {"type": type(err).__name__, "message": str(err)}}
             return self._reply(False, cmd_id, op, body)
@@ -209,6 +205,15 @@ class NodeAgent:
             body = {"error": {"type": "AgentError", "message": f"{type(err).__name__}: {err}"}}
             return self._reply(False, cmd_id, op, body)
         return self._reply(True, cmd_id, op, body)
+
+    def _ack(self, cmd_id: str, caps_w: dict[str, float], applied: dict[str, float]) -> bytes:
+        """Encode the slim ack of a compact set_caps: the enforced caps in the command's order."""
+        try:
+            caps = list(map(applied.__getitem__, caps_w))
+        except KeyError as err:
+            body = {"error": {"type": "AgentError", "message": f"backend did not report the cap of {err}"}}
+            return self._reply(False, cmd_id, "set_caps", body)
+        return compact.ack_bytes(cmd_id, self._node_b, self._boot_b, self.state_seq, caps, self._take_lapse_json())
 
     async def _set_caps_locked(self, caps_w: dict[str, float], lease_s: float) -> dict[str, float]:
         """Apply caps leased for ``lease_s`` (lock held); return what the backend enforces."""
@@ -365,7 +370,7 @@ class NodeAgent:
             nums: list[float] = []
             for gpu_id, power_w, cap_w, throughput in map(_NUMBERS, states):
                 until = leases.get(gpu_id)
-                lease_s = nan if until is None else until - now if until > now else 0.0
+                lease_s = nan if until is None else max(0.0, until - now)
                 nums += (power_w, cap_w, nan if throughput is None else throughput, lease_s)
             self._seq += 1
             data = compact.telemetry_bytes(self._head, self._seq, self.state_seq, self._clock.now().timestamp(), nums)
