@@ -141,7 +141,7 @@ class BatteryState:
     online: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GpuState:
     """One reading of a GPU: power, cap, limits and the job on it."""
 

@@ -122,17 +122,17 @@ class SimGpuFleet:
             gpu = gpus.get(gpu_id)
             if gpu is None or not gpu.min_cap_w <= cap_w <= gpu.max_cap_w:  # NaN fails the comparison too
                 self._refuse(gpu, gpu_id, cap_w)
-            chosen.append((gpu, cap_w))
+            chosen.append(gpu)
         now = self._clock.monotonic()
         self._expire_leases(now)
         until = now + lease_s
-        self._next_lapse = min(self._next_lapse, until)
-        change, applied = self._change, {}
-        for gpu, cap_w in chosen:
+        if until < self._next_lapse:
+            self._next_lapse = until
+        change = self._change
+        for gpu, cap_w in zip(chosen, caps_w.values(), strict=True):  # the same order: caps_w has not changed
             change(gpu, cap_w, now)
             gpu.lease_until = until
-            applied[gpu.gpu_id] = cap_w
-        return applied
+        return dict(caps_w)  # what NVML enforces: exactly what was asked
 
     @staticmethod
     def _refuse(gpu: _SimGpu | None, gpu_id: str, cap_w: float) -> NoReturn:
@@ -207,9 +207,7 @@ class SimGpuFleet:
             gpu.from_w = self._power_w(gpu, at)
         gpu.change_t = at
         gpu.cap_w = cap_w
-        gpu.settled_w = None
-        # With no settling the reading is final at once: one kept under this cap before serves as it is.
-        gpu.reading = None if self._settle_s > 0 else gpu.by_cap.get(cap_w)
+        gpu.settled_w = gpu.reading = None  # the next read works it out, or takes one kept under this cap
 
     def _expire_leases(self, now: float) -> None:
         """Restore the default limit on every GPU whose lease lapsed by ``now``."""

@@ -196,7 +196,7 @@ class NodeAgent:
                 else:
                     body = await self._apply_locked(cmd)
             if cmd is None:
-                return self._ack(cmd_id, caps_w, applied)
+                return self._ack(data, cmd_id, caps_w, applied)
         except GatewayError as err:
             body = {"error": {"type": type(err).__name__, "message": str(err)}}
             return self._reply(False, cmd_id, op, body)
@@ -206,8 +206,10 @@ class NodeAgent:
             return self._reply(False, cmd_id, op, body)
         return self._reply(True, cmd_id, op, body)
 
-    def _ack(self, cmd_id: str, caps_w: dict[str, float], applied: dict[str, float]) -> bytes:
-        """Encode the slim ack of a compact set_caps: the enforced caps in the command's order."""
+    def _ack(self, data: bytes, cmd_id: str, caps_w: dict[str, float], applied: dict[str, float]) -> bytes:
+        """Encode the slim ack of the compact set_caps ``data``: the enforced caps in the command's order."""
+        if applied == caps_w:  # the usual case: every cap as asked, so the command's own bytes say it
+            return compact.echo_ack(data, self._node_b, self._boot_b, self.state_seq, self._take_lapse_json())
         try:
             caps = list(map(applied.__getitem__, caps_w))
         except KeyError as err:

@@ -152,9 +152,10 @@ def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
     if id_len > MAX_ID_BYTES:  # an ack could not carry it back
         raise InputRejected(f"{what} field 'id': {id_len} bytes, more than {MAX_ID_BYTES}")
     at = _CMD.size
-    cmd_id = decode(data[at : at + id_len], what, "id")
-    gpu_ids = _gpu_ids(data[at + id_len : at + id_len + ids_len], what)
-    if not cmd_id or len(cmd_id.encode()) != id_len:
+    ids_at = at + id_len
+    cmd_id = decode(data[at:ids_at], what, "id")
+    gpu_ids = _gpu_ids(data[ids_at : ids_at + ids_len], what)
+    if not id_len or len(data) < ids_at:
         raise InputRejected(f"{what} field 'id': empty or truncated")
     if not (math.isfinite(lease_s) and lease_s > 0):
         raise InputRejected(f"{what} field 'lease_s': must be positive, got {lease_s:g}")
@@ -162,7 +163,7 @@ def parse_set_caps(data: bytes) -> tuple[str, float, dict[str, float]]:
         raise InputRejected(f"{what} field 'caps_w': {count} caps, want 1-{MAX_CAPS}")
     if len(gpu_ids) != count:
         raise InputRejected(f"{what} field 'gpus': {len(gpu_ids)} ids for {count} caps")
-    caps = _floats(data, at + id_len + ids_len, count, what, "caps_w")
+    caps = _floats(data, ids_at + ids_len, count, what, "caps_w")
     if not (math.isfinite(sum(caps)) and min(caps) > 0):
         bad = next(i for i, c in enumerate(caps) if not (math.isfinite(c) and c > 0))
         where = f"command field 'caps_w.{gpu_ids[bad]}'"
@@ -196,6 +197,15 @@ def ack_bytes(
     raw_id = command_id(cmd_id)
     head = _ACK.pack(MAGIC + ACK, len(applied_w), state_seq, len(raw_id), len(node), len(boot), len(lapse_json))
     return b"".join((head, raw_id, node, boot, lapse_json, _packer(len(applied_w)).pack(*applied_w)))
+
+
+def echo_ack(command: bytes, node: bytes, boot: bytes, state_seq: int, lapse_json: bytes = b"") -> bytes:
+    """Return the slim ack of a set_caps ``command`` (checked by ``parse_set_caps``) whose GPUs enforce
+    every cap as asked: its id and caps are copied from the command, not encoded again."""
+    _magic, count, _lease_s, id_len, _ids_len = _CMD.unpack_from(command)
+    head = _ACK.pack(_ACK_KIND, count, state_seq, id_len, len(node), len(boot), len(lapse_json))
+    at = _CMD.size
+    return b"".join((head, command[at : at + id_len], node, boot, lapse_json, command[len(command) - 8 * count :]))
 
 
 def ack_shape(cmd_id: bytes, node: bytes, boot: bytes, count: int) -> bytes:

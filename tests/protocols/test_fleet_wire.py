@@ -119,6 +119,18 @@ OLD_TELEMETRY = json.dumps(
 ).encode()
 
 
+@pytest.mark.parametrize("lapse", [b"", b'{"lease_lapsed_at": "2026-01-01T00:00:00+00:00", "lapsed_gpus": ["g1"]}'])
+@pytest.mark.parametrize("cmd_id", ["x", "ab-7", "é" * 64])
+def test_an_ack_echoed_from_its_command_is_the_ack_encoded_afresh(cmd_id: str, lapse: bytes) -> None:
+    asked = {"gpu-000": 450.0, "gpu-001": 512.5, "g2": 1e-3}
+    cmd = _set_caps(asked, cmd_id=cmd_id)
+    echoed = compact.echo_ack(cmd, b"n0", b"b00t", 70_000, lapse)
+    assert echoed == compact.ack_bytes(cmd_id, b"n0", b"b00t", 70_000, list(asked.values()), lapse)
+    ack = compact.parse_ack(echoed)
+    expected = (cmd_id.encode(), 70_000, lapse, (450.0, 512.5, 1e-3))
+    assert (ack.id, ack.state_seq, ack.lapse_json, ack.applied_w()) == expected
+
+
 @pytest.mark.parametrize(
     ("parse", "data", "expected"),
     [
