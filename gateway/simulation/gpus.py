@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -86,7 +87,7 @@ class SimGpuFleet:
         self._next_lapse = math.inf  # no lease lapses before this (a lower bound; set_caps_now lowers it)
         for group in config.groups:
             for _ in range(group.count):
-                gpu_id = f"gpu-{len(self._gpus):03d}"
+                gpu_id = sys.intern(f"gpu-{len(self._gpus):03d}")  # one object per id name, however many fleets
                 gpu = _SimGpu(
                     gpu_id=gpu_id,
                     host=group.host,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from typing import NamedTuple
 
 from gateway.errors import InputRejected
@@ -178,7 +179,8 @@ def _gpu_ids(blob: bytes, what: str) -> tuple[str, ...]:
     """Return the GPU ids of a set_caps blob; raise InputRejected if one is empty or it is not UTF-8."""
     gpu_ids = _GPU_IDS.get(blob)
     if gpu_ids is None:
-        gpu_ids = tuple(decode(blob, what, "gpus").split("\n"))
+        # interned: where the backend interns its ids too (the simulated GPUs do), looking them up compares no text
+        gpu_ids = tuple(map(sys.intern, decode(blob, what, "gpus").split("\n")))
         if not all(gpu_ids):
             raise InputRejected(f"{what} field 'gpus': an empty GPU id")
         if len(_GPU_IDS) >= 256:
