@@ -133,7 +133,7 @@ class SimGpuFleet:
         for gpu, cap_w in zip(chosen, caps_w.values(), strict=True):  # the same order: caps_w has not changed
             change(gpu, cap_w, now)
             gpu.lease_until = until
-        return dict(caps_w)  # what NVML enforces: exactly what was asked
+        return dict(caps_w)  # the simulated GPUs enforce exactly what they accept
 
     @staticmethod
     def _refuse(gpu: _SimGpu | None, gpu_id: str, cap_w: float) -> NoReturn:
