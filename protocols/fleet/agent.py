@@ -40,7 +40,6 @@ from protocols.fleet.labels import GpuLabels
 
 HOLD_S = 10 * 365 * 86_400.0  # what the backend is told; the agent's own lease decides
 _log = get_logger("fleet.agent")
-_SET_CAPS_KIND = compact.MAGIC + compact.SET_CAPS
 # What telemetry takes from each reading: the head's part (changes rarely), then the numbers' part.
 _STATIC = attrgetter("gpu_id", "min_cap_w", "max_cap_w", "default_cap_w", "job_class", "tier")
 _NUMBERS = attrgetter("gpu_id", "power_w", "cap_w", "throughput")
@@ -180,7 +179,7 @@ class NodeAgent:
         op: str | None = None
         cmd: m.Command | None = None  # None: a compact set_caps (the command at scale), answered by a slim ack
         try:
-            if data[:4] == _SET_CAPS_KIND and not broadcast:
+            if data[:4] == compact.SET_CAPS_KIND and not broadcast:
                 cmd_id, lease_s, caps_w = compact.parse_set_caps(data)
                 op = "set_caps"
             else:

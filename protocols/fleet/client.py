@@ -46,7 +46,6 @@ __all__ = ["LeaseLapse", "NatsFleet"]
 _log = get_logger("fleet.client")
 SEP = m.SEP
 _REFUSALS = ("InputRejected", "DeviceRejected", "PermissionDenied", "ReadbackMismatch")
-_ACK_KIND = compact.MAGIC + compact.ACK
 
 
 class NatsFleet:
@@ -421,7 +420,7 @@ class NatsFleet:
 
     def _parse(self, data: bytes) -> m.Reply | None:
         """Parse one JSON reply (or take in a late slim ack) and its report; log (once) and return None if malformed."""
-        if data[:4] == _ACK_KIND:
+        if data[:4] == compact.ACK_KIND:
             try:
                 ack = compact.parse_ack(data)
             except InputRejected as err:

@@ -44,7 +44,7 @@ _NAN = math.nan
 _ARRAYS: dict[int, struct.Struct] = {}
 _ACK_HEADS: dict[int, bytes] = {}  # the first 6 bytes of an ack of so many caps
 _GPU_IDS: dict[bytes, tuple[str, ...]] = {}  # set_caps GPU id blobs seen (an agent gets the same one each time), split
-_SET_CAPS_KIND, _ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK
+SET_CAPS_KIND, ACK_KIND = MAGIC + SET_CAPS, MAGIC + ACK  # the first 4 bytes of each
 
 
 class Ack(NamedTuple):
@@ -139,7 +139,7 @@ def caps_bytes(caps_w: list[float]) -> bytes:
 
 def set_caps_bytes(cmd_id: bytes, lease_s: float, ids_blob: bytes, caps: bytes) -> bytes:
     """Encode one set_caps command; ``cmd_id`` from ``command_id``, caps from ``caps_bytes`` in ``ids_blob`` order."""
-    head = _CMD.pack(_SET_CAPS_KIND, len(caps) // 8, lease_s, len(cmd_id), len(ids_blob))
+    head = _CMD.pack(SET_CAPS_KIND, len(caps) // 8, lease_s, len(cmd_id), len(ids_blob))
     return b"".join((head, cmd_id, ids_blob, caps))
 
 
@@ -196,24 +196,28 @@ def ack_bytes(
     cmd_id: str, node: bytes, boot: bytes, state_seq: int, applied_w: list[float], lapse_json: bytes = b""
 ) -> bytes:
     """Encode a slim set_caps ack (node and boot as UTF-8), caps in the command's order."""
-    raw_id = command_id(cmd_id)
-    head = _ACK.pack(MAGIC + ACK, len(applied_w), state_seq, len(raw_id), len(node), len(boot), len(lapse_json))
-    return b"".join((head, raw_id, node, boot, lapse_json, _packer(len(applied_w)).pack(*applied_w)))
+    caps = _packer(len(applied_w)).pack(*applied_w)
+    return _ack_frame(command_id(cmd_id), node, boot, state_seq, len(applied_w), lapse_json, caps)
 
 
 def echo_ack(command: bytes, node: bytes, boot: bytes, state_seq: int, lapse_json: bytes = b"") -> bytes:
     """Return the slim ack of a set_caps ``command`` (checked by ``parse_set_caps``) whose GPUs enforce
     every cap as asked: its id and caps are copied from the command, not encoded again."""
     _magic, count, _lease_s, id_len, _ids_len = _CMD.unpack_from(command)
-    head = _ACK.pack(_ACK_KIND, count, state_seq, id_len, len(node), len(boot), len(lapse_json))
-    at = _CMD.size
-    return b"".join((head, command[at : at + id_len], node, boot, lapse_json, command[len(command) - 8 * count :]))
+    raw_id, caps = command[_CMD.size : _CMD.size + id_len], command[len(command) - 8 * count :]
+    return _ack_frame(raw_id, node, boot, state_seq, count, lapse_json, caps)
+
+
+def _ack_frame(raw_id: bytes, node: bytes, boot: bytes, state_seq: int, count: int, lapse: bytes, caps: bytes) -> bytes:
+    """Return an ack from its parts, ``caps`` already packed (``count`` float64 values)."""
+    head = _ACK.pack(ACK_KIND, count, state_seq, len(raw_id), len(node), len(boot), len(lapse))
+    return b"".join((head, raw_id, node, boot, lapse, caps))
 
 
 def ack_shape(cmd_id: bytes, node: bytes, boot: bytes, count: int) -> bytes:
     """Return what an ack from ``node`` that enforces ``count`` caps as asked and has no news holds after its
     state_seq (its length follows from that and ``count``)."""
-    return _ACK.pack(_ACK_KIND, count, 0, len(cmd_id), len(node), len(boot), 0)[10:] + cmd_id + node + boot
+    return _ACK.pack(ACK_KIND, count, 0, len(cmd_id), len(node), len(boot), 0)[10:] + cmd_id + node + boot
 
 
 def is_expected_ack(data: bytes, shape: bytes, caps: bytes) -> bool:
@@ -221,7 +225,7 @@ def is_expected_ack(data: bytes, shape: bytes, caps: bytes) -> bool:
     count = len(caps) // 8
     head = _ACK_HEADS.get(count)
     if head is None:
-        head = _ACK_HEADS[count] = _ACK_KIND + _U16.pack(count)
+        head = _ACK_HEADS[count] = ACK_KIND + _U16.pack(count)
     return (
         len(data) == 10 + len(shape) + len(caps)
         and data.startswith(head)
@@ -242,7 +246,7 @@ def parse_ack(data: bytes) -> Ack:
         magic, count, state_seq, id_len, node_len, boot_len, lapse_len = _ACK.unpack_from(data)
     except struct.error as err:
         raise InputRejected("ack: truncated header") from err
-    if magic != _ACK_KIND:
+    if magic != ACK_KIND:
         raise refuse_other(data, "ack")
     a = _ACK.size
     b, c, d, e = a + id_len, a + id_len + node_len, a + id_len + node_len + boot_len, len(data) - 8 * count
